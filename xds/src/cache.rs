@@ -1,0 +1,445 @@
+//! The versioned resource cache: *what exists and at which version*.
+//!
+//! One [`CacheWriter`] changes it, any number of [`Cache`] handles read it. Readers never see a
+//! half-applied batch: every write builds a new immutable [`Snapshot`] (persistent maps, so a
+//! write costs `O(log n)`, not a copy) and publishes it through a `tokio::sync::watch` channel.
+//! A stream that falls behind simply sees the newest snapshot next time it looks, so
+//! notifications coalesce by construction and a slow stream holds at most one old snapshot.
+//!
+//! The cache knows no resource type: a resource is a name, a type URL and the bytes of an
+//! `Any`. Versions are derived from those bytes ([`Version::of_bytes`]).
+
+use std::sync::Arc;
+
+use envoy_types::pb::google::protobuf::Any;
+use imbl::OrdMap;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::types::{Partition, ResourceName, TypeUrl, Version};
+
+/// One resource as stored: its name, content-derived version and body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    /// The resource name within its type.
+    pub name: ResourceName,
+    /// Hash of `body.value`.
+    pub version: Version,
+    /// The resource itself, packed.
+    pub body: Any,
+}
+
+impl Resource {
+    /// Packs `body` under `name`, computing the version from the body's bytes.
+    pub fn new(name: ResourceName, body: Any) -> Self {
+        let version = Version::of_bytes(&body.value);
+        Self {
+            name,
+            version,
+            body,
+        }
+    }
+}
+
+/// Which partitions a stream reads, in order of precedence.
+///
+/// When two partitions hold a resource of the same type and name, the first one listed wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    partitions: Vec<Partition>,
+}
+
+impl View {
+    /// A view over the given partitions, first one winning on a name clash.
+    pub fn new(partitions: impl IntoIterator<Item = Partition>) -> Self {
+        Self {
+            partitions: partitions.into_iter().collect(),
+        }
+    }
+
+    /// The partitions, in order of precedence.
+    pub fn partitions(&self) -> &[Partition] {
+        &self.partitions
+    }
+}
+
+/// The resources of one type in one partition.
+#[derive(Debug, Clone, Default)]
+struct TypeEntry {
+    /// The snapshot sequence number of the last change to this entry.
+    generation: u64,
+    resources: OrdMap<ResourceName, Arc<Resource>>,
+}
+
+/// An immutable state of the whole cache.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    seq: u64,
+    entries: OrdMap<(Partition, TypeUrl), TypeEntry>,
+}
+
+impl Snapshot {
+    /// A number that grows with every write that changed something.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The last change to `type_url` as seen through `view`: equal numbers mean nothing that
+    /// the view can see of this type has changed.
+    ///
+    /// Generations come from one counter shared by all entries, so a change in any partition
+    /// of the view raises the maximum.
+    pub fn generation(&self, view: &View, type_url: &TypeUrl) -> u64 {
+        view.partitions
+            .iter()
+            .filter_map(|p| self.entries.get(&(p.clone(), type_url.clone())))
+            .map(|e| e.generation)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The resource `name` of `type_url` as seen through `view`.
+    pub fn get(&self, view: &View, type_url: &TypeUrl, name: &str) -> Option<&Arc<Resource>> {
+        view.partitions.iter().find_map(|p| {
+            self.entries
+                .get(&(p.clone(), type_url.clone()))
+                .and_then(|e| e.resources.get(name))
+        })
+    }
+
+    /// Every resource of `type_url` visible through `view`, ordered by name.
+    pub fn resources(&self, view: &View, type_url: &TypeUrl) -> Vec<&Arc<Resource>> {
+        let mut entries = view
+            .partitions
+            .iter()
+            .filter_map(|p| self.entries.get(&(p.clone(), type_url.clone())));
+        match (entries.next(), entries.next()) {
+            (None, _) => Vec::new(),
+            (Some(only), None) => only.resources.values().collect(),
+            (Some(first), Some(second)) => {
+                let mut merged = std::collections::BTreeMap::new();
+                // Later partitions first, so earlier ones overwrite them on a clash.
+                let rest: Vec<_> = std::iter::once(second).chain(entries).collect();
+                for entry in rest.into_iter().rev().chain(std::iter::once(first)) {
+                    for (name, resource) in entry.resources.iter() {
+                        merged.insert(name, resource);
+                    }
+                }
+                merged.into_values().collect()
+            }
+        }
+    }
+
+    /// The number of resources of `type_url` in `partition`.
+    pub fn len(&self, partition: &Partition, type_url: &TypeUrl) -> usize {
+        self.entries
+            .get(&(partition.clone(), type_url.clone()))
+            .map_or(0, |e| e.resources.len())
+    }
+
+    /// Every `(partition, type URL)` that holds at least one resource.
+    pub fn keys(&self) -> impl Iterator<Item = (&Partition, &TypeUrl)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| !e.resources.is_empty())
+            .map(|((p, t), _)| (p, t))
+    }
+
+    /// Every resource of `type_url` in `partition`, ordered by name.
+    pub fn partition_resources(
+        &self,
+        partition: &Partition,
+        type_url: &TypeUrl,
+    ) -> impl Iterator<Item = &Arc<Resource>> {
+        self.entries
+            .get(&(partition.clone(), type_url.clone()))
+            .into_iter()
+            .flat_map(|e| e.resources.values())
+    }
+}
+
+/// One change to apply with [`CacheWriter::apply`].
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// Insert or replace a resource. A put of identical bytes changes nothing.
+    Put {
+        /// Where the resource lives.
+        partition: Partition,
+        /// Its type URL; also `body.type_url` for well-formed resources.
+        type_url: TypeUrl,
+        /// Its name.
+        name: ResourceName,
+        /// Its content.
+        body: Any,
+    },
+    /// Remove a resource, if present.
+    Delete {
+        /// Where the resource lives.
+        partition: Partition,
+        /// Its type URL.
+        type_url: TypeUrl,
+        /// Its name.
+        name: ResourceName,
+    },
+    /// Replace every resource of one type in one partition (a relist).
+    ReplaceType {
+        /// Where the resources live.
+        partition: Partition,
+        /// Their type URL.
+        type_url: TypeUrl,
+        /// The complete new set.
+        resources: Vec<(ResourceName, Any)>,
+    },
+}
+
+/// A read handle on the cache. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    rx: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// The write handle on the cache. Writes are serialised; none holds a lock across an `await`.
+#[derive(Debug, Clone)]
+pub struct CacheWriter {
+    tx: Arc<Mutex<watch::Sender<Arc<Snapshot>>>>,
+}
+
+/// Creates an empty cache, returning its reader and its writer.
+pub fn cache() -> (Cache, CacheWriter) {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    (
+        Cache { rx },
+        CacheWriter {
+            tx: Arc::new(Mutex::new(tx)),
+        },
+    )
+}
+
+impl Cache {
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver of snapshots, for a stream to wait on changes. The current snapshot counts
+    /// as seen.
+    pub fn changes(&self) -> Changes {
+        let mut rx = self.rx.clone();
+        rx.mark_unchanged();
+        Changes { rx }
+    }
+}
+
+/// Notifies one stream of new snapshots; coalesces any number of writes into one wake-up.
+#[derive(Debug)]
+pub struct Changes {
+    rx: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Changes {
+    /// Waits for a snapshot newer than the last one returned. `None` when the writer is gone.
+    pub async fn next(&mut self) -> Option<Arc<Snapshot>> {
+        self.rx.changed().await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
+    }
+}
+
+impl CacheWriter {
+    /// Applies a batch of updates atomically: readers see all of them or none.
+    ///
+    /// Returns the snapshot sequence after the batch (unchanged if nothing changed).
+    pub fn apply(&self, updates: impl IntoIterator<Item = Update>) -> u64 {
+        let tx = self.tx.lock();
+        let current = tx.borrow().clone();
+        let mut next = Snapshot::clone(&current);
+        let seq = current.seq + 1;
+        let mut changed = false;
+        for update in updates {
+            changed |= apply_one(&mut next.entries, update, seq);
+        }
+        if !changed {
+            return current.seq;
+        }
+        next.seq = seq;
+        tx.send_replace(Arc::new(next));
+        seq
+    }
+
+    /// A reader of the same cache.
+    pub fn reader(&self) -> Cache {
+        Cache {
+            rx: self.tx.lock().subscribe(),
+        }
+    }
+}
+
+fn apply_one(
+    entries: &mut OrdMap<(Partition, TypeUrl), TypeEntry>,
+    update: Update,
+    seq: u64,
+) -> bool {
+    match update {
+        Update::Put {
+            partition,
+            type_url,
+            name,
+            body,
+        } => {
+            let resource = Resource::new(name.clone(), body);
+            let entry = entries.entry((partition, type_url)).or_default();
+            if entry
+                .resources
+                .get(&name)
+                .is_some_and(|r| r.version == resource.version && r.body == resource.body)
+            {
+                return false;
+            }
+            entry.resources.insert(name, Arc::new(resource));
+            entry.generation = seq;
+            true
+        }
+        Update::Delete {
+            partition,
+            type_url,
+            name,
+        } => {
+            let Some(entry) = entries.get_mut(&(partition, type_url)) else {
+                return false;
+            };
+            if entry.resources.remove(&name).is_none() {
+                return false;
+            }
+            entry.generation = seq;
+            true
+        }
+        Update::ReplaceType {
+            partition,
+            type_url,
+            resources,
+        } => {
+            let new: OrdMap<ResourceName, Arc<Resource>> = resources
+                .into_iter()
+                .map(|(name, body)| (name.clone(), Arc::new(Resource::new(name, body))))
+                .collect();
+            let entry = entries.entry((partition, type_url)).or_default();
+            if entry.resources == new {
+                return false;
+            }
+            entry.resources = new;
+            entry.generation = seq;
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(value: &str) -> Any {
+        Any {
+            type_url: "t".into(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn put(p: &str, name: &str, value: &str) -> Update {
+        Update::Put {
+            partition: p.into(),
+            type_url: "t".into(),
+            name: name.into(),
+            body: any(value),
+        }
+    }
+
+    #[test]
+    fn identical_put_changes_nothing() {
+        let (cache, writer) = cache();
+        let s1 = writer.apply([put("a", "x", "1")]);
+        let s2 = writer.apply([put("a", "x", "1")]);
+        assert_eq!(s1, s2);
+        assert_eq!(cache.snapshot().seq(), s1);
+    }
+
+    #[test]
+    fn generation_tracks_changes_per_view() {
+        let (cache, writer) = cache();
+        let view = View::new(["a".into(), "shared".into()]);
+        let other = View::new(["b".into()]);
+        let t = TypeUrl::new("t");
+        writer.apply([put("a", "x", "1")]);
+        let g1 = cache.snapshot().generation(&view, &t);
+        writer.apply([put("b", "x", "1")]);
+        assert_eq!(cache.snapshot().generation(&view, &t), g1);
+        assert!(cache.snapshot().generation(&other, &t) > g1);
+        writer.apply([put("shared", "y", "1")]);
+        assert!(cache.snapshot().generation(&view, &t) > g1);
+    }
+
+    #[test]
+    fn first_partition_wins_on_clash() {
+        let (cache, writer) = cache();
+        writer.apply([put("shared", "x", "s"), put("a", "x", "a"), put("shared", "y", "s")]);
+        let view = View::new(["a".into(), "shared".into()]);
+        let snap = cache.snapshot();
+        let t = TypeUrl::new("t");
+        let got: Vec<_> = snap
+            .resources(&view, &t)
+            .iter()
+            .map(|r| (r.name.to_string(), r.body.value.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("x".into(), b"a".to_vec()), ("y".into(), b"s".to_vec())]
+        );
+        assert_eq!(snap.get(&view, &t, "x").unwrap().body.value, b"a");
+    }
+
+    #[test]
+    fn delete_and_replace() {
+        let (cache, writer) = cache();
+        let t = TypeUrl::new("t");
+        let view = View::new(["a".into()]);
+        writer.apply([put("a", "x", "1"), put("a", "y", "1")]);
+        writer.apply([Update::Delete {
+            partition: "a".into(),
+            type_url: t.clone(),
+            name: "x".into(),
+        }]);
+        assert_eq!(cache.snapshot().resources(&view, &t).len(), 1);
+        let before = cache.snapshot().seq();
+        assert_eq!(
+            writer.apply([Update::Delete {
+                partition: "a".into(),
+                type_url: t.clone(),
+                name: "x".into(),
+            }]),
+            before
+        );
+        writer.apply([Update::ReplaceType {
+            partition: "a".into(),
+            type_url: t.clone(),
+            resources: vec![("z".into(), any("2"))],
+        }]);
+        let names: Vec<_> = cache
+            .snapshot()
+            .resources(&view, &t)
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, vec!["z".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn changes_coalesce() {
+        let (cache, writer) = cache();
+        let mut changes = cache.changes();
+        for i in 0..100 {
+            writer.apply([put("a", "x", &i.to_string())]);
+        }
+        let snap = changes.next().await.unwrap();
+        assert_eq!(snap.seq(), 100);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(10), changes.next());
+        assert!(pending.await.is_err(), "no second wake-up for coalesced writes");
+    }
+}

@@ -1,0 +1,348 @@
+//! The tonic ADS service: one task per stream driving a protocol state machine.
+//!
+//! This is the only module of the crate that awaits or touches the transport. Each stream
+//! task selects over three inputs (a client request, a newer cache snapshot, shutdown),
+//! feeds the state machine and writes its responses to a small bounded channel. While the
+//! client is slow the task waits on that channel; cache changes meanwhile coalesce in the
+//! snapshot watch, so a slow stream costs one snapshot reference, never a queue.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::Node,
+    service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    },
+};
+use futures::Stream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tracing::{Instrument, debug, field::Empty, info_span, warn};
+
+use crate::{
+    cache::{Cache, View},
+    registry::Registry,
+    sotw::{Limits, SotwStream},
+    status::{Notice, Protocol, StreamStatus},
+};
+
+/// What the server knows about a stream when it asks for its [`View`].
+#[derive(Debug)]
+pub struct StreamContext {
+    /// The request headers of the stream.
+    pub metadata: MetadataMap,
+    /// The request extensions (TLS peer certificates, when the transport sets them).
+    pub extensions: tonic::Extensions,
+    /// The peer address, when known.
+    pub peer: Option<SocketAddr>,
+}
+
+/// Decides which cache partitions a stream reads, from its node and request context.
+///
+/// This is where an embedding server maps a node to a tenant or namespace and refuses
+/// clients it does not accept (the `Status` is sent to the client and ends the stream).
+pub trait ViewResolver: Send + Sync + 'static {
+    /// The view for a stream whose first request carried `node`.
+    fn view(&self, node: Option<&Node>, context: &StreamContext) -> Result<View, Status>;
+}
+
+/// Receives what streams do, for metrics and logs. Every method has a no-op default.
+pub trait StreamObserver: Send + Sync + 'static {
+    /// A stream opened.
+    fn stream_opened(&self, _protocol: Protocol) {}
+    /// A stream closed.
+    fn stream_closed(&self, _protocol: Protocol) {}
+    /// A response was written to the stream's outbound channel.
+    fn response_sent(&self, _type_url: &str, _n_resources: usize, _snapshot_seq: u64) {}
+    /// The state machine noticed an ACK, NACK or stale nonce.
+    fn notice(&self, _notice: &Notice) {}
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl StreamObserver for NoObserver {}
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// What one stream may subscribe to.
+    pub limits: Limits,
+    /// Most streams open at once across all connections (default 100,000); further streams
+    /// are refused with `RESOURCE_EXHAUSTED`. Request-level concurrency limits do not cover
+    /// stream bodies, so this permit is held by the stream task itself.
+    pub max_streams: usize,
+    /// Responses buffered per stream before the stream task waits for the client
+    /// (default 2). Small on purpose: pending changes coalesce in the cache instead.
+    pub outbound_buffer: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            max_streams: 100_000,
+            outbound_buffer: 2,
+        }
+    }
+}
+
+/// The Aggregated Discovery Service over a [`Cache`].
+pub struct AdsServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cache: Cache,
+    resolver: Arc<dyn ViewResolver>,
+    observer: Arc<dyn StreamObserver>,
+    registry: Registry,
+    config: ServerConfig,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    n_streams: AtomicU64,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for AdsServer {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl AdsServer {
+    /// A server reading `cache`, asking `resolver` for each stream's view, recording stream
+    /// status in `registry`. Streams end when `shutdown` is cancelled.
+    pub fn new(
+        cache: Cache,
+        resolver: Arc<dyn ViewResolver>,
+        registry: Registry,
+        config: ServerConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                resolver,
+                observer: Arc::new(NoObserver),
+                registry,
+                permits: Arc::new(Semaphore::new(config.max_streams)),
+                config,
+                shutdown,
+                n_streams: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Replaces the observer. Call before serving.
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn StreamObserver>) -> Self {
+        let inner = Arc::get_mut(&mut self.inner)
+            .expect("with_observer is called before the server is cloned or served");
+        inner.observer = observer;
+        self
+    }
+
+    /// The tonic service to add to a router.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+
+    fn admit(&self) -> Result<(OwnedSemaphorePermit, u64), Status> {
+        let permit = self.inner.permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "stream limit reached ({} open streams)",
+                self.inner.config.max_streams
+            ))
+        })?;
+        let stream_id = self.inner.n_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok((permit, stream_id))
+    }
+}
+
+/// The response stream type of both ADS methods.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (permit, stream_id) = self.admit()?;
+        let peer = request.remote_addr();
+        let (metadata, extensions, requests) = request.into_parts();
+        let context = StreamContext {
+            metadata,
+            extensions,
+            peer,
+        };
+        let (tx, rx) = mpsc::channel(self.inner.config.outbound_buffer.max(1));
+        let span = info_span!(
+            "ads_stream",
+            stream.id = stream_id,
+            protocol = Protocol::Sotw.as_str(),
+            peer.addr = ?peer,
+            node.id = Empty,
+        );
+        let inner = self.inner.clone();
+        tokio::spawn(
+            async move {
+                inner.observer.stream_opened(Protocol::Sotw);
+                run_sotw(&inner, stream_id, context, requests, tx).await;
+                inner.registry.remove(stream_id);
+                inner.observer.stream_closed(Protocol::Sotw);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "incremental ADS is not served yet; use StreamAggregatedResources",
+        ))
+    }
+}
+
+enum Input {
+    Request(DiscoveryRequest),
+    Snapshot(Arc<crate::cache::Snapshot>),
+}
+
+async fn run_sotw(
+    inner: &Inner,
+    stream_id: u64,
+    context: StreamContext,
+    mut requests: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let first = tokio::select! {
+        () = inner.shutdown.cancelled() => return,
+        first = requests.message() => match first {
+            Ok(Some(first)) => first,
+            Ok(None) => return,
+            Err(error) => {
+                debug!(%error, "stream failed before its first request");
+                return;
+            }
+        },
+    };
+    let node = first.node.clone().unwrap_or_default();
+    tracing::Span::current().record("node.id", node.id.as_str());
+    let view = match inner.resolver.view(first.node.as_ref(), &context) {
+        Ok(view) => view,
+        Err(status) => {
+            debug!(code = ?status.code(), "stream refused");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    inner.registry.insert(StreamStatus {
+        stream_id,
+        node_id: node.id.clone(),
+        node_cluster: node.cluster.clone(),
+        partitions: view.partitions().iter().map(|p| p.to_string()).collect(),
+        peer: context.peer,
+        protocol: Protocol::Sotw,
+        connected_since: SystemTime::now(),
+        types: Default::default(),
+    });
+    let mut machine = SotwStream::new(view, format!("{stream_id:x}"), inner.config.limits);
+    // Subscribe before reading the snapshot, so no change slips between the two.
+    let mut changes = inner.cache.changes();
+    let mut input = Input::Request(first);
+    loop {
+        let (step, seq) = match input {
+            Input::Request(request) => {
+                let snapshot = inner.cache.snapshot();
+                match machine.on_request(&request, &snapshot) {
+                    Ok(step) => (step, snapshot.seq()),
+                    Err(error) => {
+                        debug!(%error, "protocol violation");
+                        let _ = tx.send(Err(Status::invalid_argument(error.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+            Input::Snapshot(snapshot) => (machine.on_snapshot(&snapshot), snapshot.seq()),
+        };
+        for notice in &step.notices {
+            log_notice(notice);
+            inner.observer.notice(notice);
+        }
+        inner
+            .registry
+            .update_types(stream_id, machine.status().map(|(t, s)| (t.clone(), s.clone())));
+        for response in step.responses {
+            let type_url = response.type_url.clone();
+            let n_resources = response.resources.len();
+            debug!(type_url, version = response.version_info, nonce = response.nonce, "send");
+            tokio::select! {
+                () = inner.shutdown.cancelled() => return,
+                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+            }
+            inner.observer.response_sent(&type_url, n_resources, seq);
+        }
+        input = tokio::select! {
+            biased;
+            () = inner.shutdown.cancelled() => return,
+            request = requests.message() => match request {
+                Ok(Some(request)) => Input::Request(request),
+                Ok(None) => return,
+                Err(error) => {
+                    debug!(%error, "stream ended by the client");
+                    return;
+                }
+            },
+            snapshot = changes.next() => match snapshot {
+                Some(snapshot) => Input::Snapshot(snapshot),
+                None => return,
+            },
+        };
+    }
+}
+
+fn log_notice(notice: &Notice) {
+    match notice {
+        Notice::Ack { type_url, version } => {
+            debug!(%type_url, %version, "ack");
+        }
+        Notice::Nack { type_url, nack } => {
+            warn!(%type_url, version = %nack.version, nonce = %nack.nonce, error = nack.message, "nack");
+        }
+        Notice::StaleNonce { type_url, nonce } => {
+            debug!(%type_url, %nonce, "stale nonce");
+        }
+    }
+}

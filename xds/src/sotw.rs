@@ -1,0 +1,341 @@
+//! The State-of-the-World stream state machine.
+//!
+//! Synchronous and IO-free: [`SotwStream::on_request`] takes one client request and the
+//! current snapshot, [`SotwStream::on_snapshot`] takes a newer snapshot; both return the
+//! responses to send and notices for logs and metrics. The driver in `server.rs` is the only
+//! code that awaits.
+//!
+//! Rules implemented (xDS protocol document, "ACK and NACK semantics" and "When to send an
+//! update"):
+//! - a request whose `response_nonce` is the last nonce sent for its type is an ACK, or a
+//!   NACK when it carries `error_detail`;
+//! - a NACK is remembered and *not* answered by resending the same resources: the next
+//!   response goes out only when the content changes (go-control-plane #962);
+//! - a request with any other nonce is stale: neither ACK nor NACK, but its
+//!   `resource_names` still replace the subscription (Envoy #10363);
+//! - the first request of a type is always answered, unless it names, in `version_info`, the
+//!   exact version the server would send (a client reconnecting after a restart or to another
+//!   replica: versions derive from content, so they agree);
+//! - a response carries every subscribed resource that exists; a resource that disappears is
+//!   removed by omission.
+
+use std::collections::{BTreeMap, HashMap};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use crate::{
+    cache::{Snapshot, View},
+    status::{Nack, Notice, TypeStatus},
+    types::{Nonce, ResourceName, TypeUrl, Version},
+};
+
+/// A request the protocol does not allow; the stream ends with `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// ADS requires every request to name its type.
+    #[error("request has no type_url")]
+    MissingTypeUrl,
+    /// A request would take the stream past its configured subscription limit.
+    #[error("stream subscribes to more than {limit} resource names")]
+    TooManySubscriptions {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A request would take the stream past its configured type limit.
+    #[error("stream subscribes to more than {limit} types")]
+    TooManyTypes {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+/// What one step produced.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Responses to send, in order.
+    pub responses: Vec<DiscoveryResponse>,
+    /// ACKs, NACKs and stale nonces seen.
+    pub notices: Vec<Notice>,
+}
+
+/// Limits a stream enforces on what a client may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most resource names subscribed across all types (default 100,000).
+    pub max_subscribed_names: usize,
+    /// Most types subscribed (default 64).
+    pub max_types: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_subscribed_names: 100_000,
+            max_types: 64,
+        }
+    }
+}
+
+/// The per-type state of one SotW stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    status: TypeStatus,
+    /// The snapshot generation of this type last looked at.
+    seen_generation: u64,
+    /// Whether a response (or an accepted `version_info`) was recorded for this type.
+    started: bool,
+}
+
+/// One State-of-the-World stream.
+#[derive(Debug)]
+pub struct SotwStream {
+    view: View,
+    nonce_prefix: String,
+    n_nonces: u64,
+    limits: Limits,
+    types: HashMap<TypeUrl, TypeState>,
+}
+
+impl SotwStream {
+    /// A stream reading `view`; nonces start with `nonce_prefix` (e.g. the stream id), so they
+    /// differ from any earlier stream's.
+    pub fn new(view: View, nonce_prefix: impl Into<String>, limits: Limits) -> Self {
+        Self {
+            view,
+            nonce_prefix: nonce_prefix.into(),
+            n_nonces: 0,
+            limits,
+            types: HashMap::new(),
+        }
+    }
+
+    /// The view this stream reads.
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// The status of every type this stream has asked for.
+    pub fn status(&self) -> impl Iterator<Item = (&TypeUrl, &TypeStatus)> {
+        self.types.iter().map(|(t, s)| (t, &s.status))
+    }
+
+    /// Handles one client request.
+    pub fn on_request(
+        &mut self,
+        request: &DiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> Result<Step, ProtocolError> {
+        if request.type_url.is_empty() {
+            return Err(ProtocolError::MissingTypeUrl);
+        }
+        let type_url = TypeUrl::new(&request.type_url);
+        if !self.types.contains_key(&type_url) && self.types.len() >= self.limits.max_types {
+            return Err(ProtocolError::TooManyTypes {
+                limit: self.limits.max_types,
+            });
+        }
+        let n_other_names: usize = self
+            .types
+            .iter()
+            .filter(|(t, _)| **t != type_url)
+            .map(|(_, s)| s.status.subscription.names().len())
+            .sum();
+        if n_other_names + request.resource_names.len() > self.limits.max_subscribed_names {
+            return Err(ProtocolError::TooManySubscriptions {
+                limit: self.limits.max_subscribed_names,
+            });
+        }
+
+        let mut step = Step::default();
+        let first = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        let nonce = &request.response_nonce;
+        let is_current_nonce = !nonce.is_empty()
+            && state.status.sent_nonce.as_ref().is_some_and(|n| n.as_str() == nonce);
+
+        if is_current_nonce {
+            let sent_version = state
+                .status
+                .sent_version
+                .clone()
+                .expect("a sent nonce always has a sent version");
+            match &request.error_detail {
+                Some(error) => {
+                    let nack = Nack {
+                        version: sent_version,
+                        nonce: Nonce::new(nonce),
+                        message: error.message.clone(),
+                        code: error.code,
+                    };
+                    state.status.n_nacks += 1;
+                    state.status.nack = Some(nack.clone());
+                    step.notices.push(Notice::Nack {
+                        type_url: type_url.clone(),
+                        nack,
+                    });
+                }
+                None => {
+                    let version = Version::new(&request.version_info);
+                    state.status.n_acks += 1;
+                    state.status.acked_version = Some(version.clone());
+                    state.status.nack = None;
+                    step.notices.push(Notice::Ack {
+                        type_url: type_url.clone(),
+                        version,
+                    });
+                }
+            }
+        } else if !nonce.is_empty() && state.started {
+            step.notices.push(Notice::StaleNonce {
+                type_url: type_url.clone(),
+                nonce: Nonce::new(nonce),
+            });
+        }
+
+        let subscription = state
+            .status
+            .subscription
+            .sotw_next(&request.resource_names, first);
+        let subscription_changed = subscription != state.status.subscription;
+        state.status.subscription = subscription;
+
+        if !state.started {
+            // First request of this type on this stream (whatever nonce it carries from an
+            // earlier stream): answer it, unless the client already holds exactly this.
+            let (version, resources) = compute(snapshot, &self.view, &type_url, state);
+            state.seen_generation = snapshot.generation(&self.view, &type_url);
+            state.started = true;
+            if !request.version_info.is_empty() && request.version_info == version.as_str() {
+                state.status.sent_version = Some(version.clone());
+                state.status.acked_version = Some(version);
+                state.status.resources = resources;
+            } else {
+                let nonce = next_nonce(&self.nonce_prefix, &mut self.n_nonces);
+                step.responses.push(respond(
+                    snapshot, &self.view, &type_url, state, version, resources, nonce,
+                ));
+            }
+        } else if subscription_changed {
+            let nonce_prefix = &self.nonce_prefix;
+            if let Some(response) =
+                refresh(snapshot, &self.view, &type_url, state, || {
+                    next_nonce(nonce_prefix, &mut self.n_nonces)
+                })
+            {
+                step.responses.push(response);
+            }
+        }
+        Ok(step)
+    }
+
+    /// Handles a newer snapshot: sends every subscribed type whose visible content changed.
+    pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step {
+        let mut step = Step::default();
+        let mut type_urls: Vec<&TypeUrl> = self.types.keys().collect();
+        type_urls.sort();
+        let type_urls: Vec<TypeUrl> = type_urls.into_iter().cloned().collect();
+        for type_url in type_urls {
+            let state = self.types.get_mut(&type_url).expect("key taken from the map");
+            if !state.started {
+                continue;
+            }
+            let generation = snapshot.generation(&self.view, &type_url);
+            if generation == state.seen_generation {
+                continue;
+            }
+            state.seen_generation = generation;
+            let nonce_prefix = &self.nonce_prefix;
+            let n_nonces = &mut self.n_nonces;
+            if let Some(response) = refresh(snapshot, &self.view, &type_url, state, || {
+                next_nonce(nonce_prefix, n_nonces)
+            }) {
+                step.responses.push(response);
+            }
+        }
+        step
+    }
+}
+
+fn next_nonce(prefix: &str, n_nonces: &mut u64) -> Nonce {
+    *n_nonces += 1;
+    Nonce::from(format!("{prefix}-{n_nonces}"))
+}
+
+/// The resources this stream should hold for `type_url` and their SotW version.
+fn compute(
+    snapshot: &Snapshot,
+    view: &View,
+    type_url: &TypeUrl,
+    state: &TypeState,
+) -> (Version, BTreeMap<ResourceName, Version>) {
+    let sub = &state.status.subscription;
+    let resources: BTreeMap<ResourceName, Version> = if sub.is_wildcard() {
+        snapshot
+            .resources(view, type_url)
+            .into_iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    } else {
+        sub.names()
+            .iter()
+            .filter_map(|name| snapshot.get(view, type_url, name.as_str()))
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    };
+    (Version::of_set(resources.iter()), resources)
+}
+
+/// Sends the current state if it differs from what the client was last sent.
+///
+/// Comparing with the last *sent* state (not the ACKed one) is what keeps a NACKed version
+/// from being resent: only a change in content produces a new response.
+fn refresh(
+    snapshot: &Snapshot,
+    view: &View,
+    type_url: &TypeUrl,
+    state: &mut TypeState,
+    nonce: impl FnOnce() -> Nonce,
+) -> Option<DiscoveryResponse> {
+    let (version, resources) = compute(snapshot, view, type_url, state);
+    if state.status.sent_version.as_ref() == Some(&version) {
+        return None;
+    }
+    Some(respond(
+        snapshot,
+        view,
+        type_url,
+        state,
+        version,
+        resources,
+        nonce(),
+    ))
+}
+
+fn respond(
+    snapshot: &Snapshot,
+    view: &View,
+    type_url: &TypeUrl,
+    state: &mut TypeState,
+    version: Version,
+    resources: BTreeMap<ResourceName, Version>,
+    nonce: Nonce,
+) -> DiscoveryResponse {
+    let bodies = resources
+        .keys()
+        .filter_map(|name| snapshot.get(view, type_url, name.as_str()))
+        .map(|r| r.body.clone())
+        .collect();
+    state.status.sent_version = Some(version.clone());
+    state.status.sent_nonce = Some(nonce.clone());
+    state.status.resources = resources;
+    DiscoveryResponse {
+        version_info: version.to_string(),
+        resources: bodies,
+        type_url: type_url.to_string(),
+        nonce: nonce.to_string(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

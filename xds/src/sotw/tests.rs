@@ -1,0 +1,234 @@
+use envoy_types::pb::{google::protobuf::Any, google::rpc::Status as RpcStatus};
+
+use super::*;
+use crate::cache::{CacheWriter, Update, cache};
+
+const T: &str = "type.googleapis.com/test.Thing";
+
+struct Harness {
+    writer: CacheWriter,
+    cache: crate::cache::Cache,
+    stream: SotwStream,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let (cache, writer) = cache();
+        let stream = SotwStream::new(View::new(["p".into()]), "s1", Limits::default());
+        Self {
+            writer,
+            cache,
+            stream,
+        }
+    }
+
+    fn put(&self, name: &str, value: &str) {
+        self.writer.apply([Update::Put {
+            partition: "p".into(),
+            type_url: T.into(),
+            name: name.into(),
+            body: Any {
+                type_url: T.into(),
+                value: value.as_bytes().to_vec(),
+            },
+        }]);
+    }
+
+    fn delete(&self, name: &str) {
+        self.writer.apply([Update::Delete {
+            partition: "p".into(),
+            type_url: T.into(),
+            name: name.into(),
+        }]);
+    }
+
+    fn request(&mut self, req: DiscoveryRequest) -> Vec<DiscoveryResponse> {
+        let snap = self.cache.snapshot();
+        self.stream.on_request(&req, &snap).unwrap().responses
+    }
+
+    fn changed(&mut self) -> Vec<DiscoveryResponse> {
+        let snap = self.cache.snapshot();
+        self.stream.on_snapshot(&snap).responses
+    }
+
+    fn status(&self) -> TypeStatus {
+        self.stream
+            .status()
+            .find(|(t, _)| t.as_str() == T)
+            .map(|(_, s)| s.clone())
+            .unwrap()
+    }
+}
+
+fn req(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: T.into(),
+        resource_names: names.iter().map(|n| n.to_string()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn ack(resp: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
+    req(names, &resp.version_info, &resp.nonce)
+}
+
+/// A real client's NACK: the previously accepted version, the rejected nonce, an error.
+fn nack(previous_version: &str, resp: &DiscoveryResponse, names: &[&str]) -> DiscoveryRequest {
+    DiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "cannot parse".into(),
+            details: vec![],
+        }),
+        ..req(names, previous_version, &resp.nonce)
+    }
+}
+
+fn names(resp: &DiscoveryResponse) -> Vec<String> {
+    resp.resources
+        .iter()
+        .map(|a| String::from_utf8(a.value.clone()).unwrap())
+        .collect()
+}
+
+#[test]
+fn first_request_is_answered_even_when_empty() {
+    let mut h = Harness::new();
+    let out = h.request(req(&["a"], "", ""));
+    assert_eq!(out.len(), 1);
+    assert!(out[0].resources.is_empty());
+    assert!(!out[0].nonce.is_empty() && !out[0].version_info.is_empty());
+}
+
+#[test]
+fn subscribe_before_publish_then_push() {
+    let mut h = Harness::new();
+    let r0 = h.request(req(&["a"], "", "")).remove(0);
+    assert!(h.request(ack(&r0, &["a"])).is_empty(), "an ACK is not answered");
+    h.put("a", "A1");
+    let r1 = h.changed().remove(0);
+    assert_eq!(names(&r1), vec!["A1"]);
+    assert_ne!(r1.nonce, r0.nonce);
+    h.put("b", "B1");
+    assert!(h.changed().is_empty(), "a resource not subscribed to pushes nothing");
+}
+
+#[test]
+fn ack_records_version_and_no_resend() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    let r = h.request(req(&["a"], "", "")).remove(0);
+    assert!(h.request(ack(&r, &["a"])).is_empty());
+    assert_eq!(h.status().acked_version.unwrap().as_str(), r.version_info);
+    assert_eq!(h.status().state(), crate::status::SyncState::Synced);
+    assert!(h.changed().is_empty());
+}
+
+#[test]
+fn nack_is_not_answered_with_the_same_version() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    let r1 = h.request(req(&["a"], "", "")).remove(0);
+    h.request(ack(&r1, &["a"]));
+    h.put("a", "A2");
+    let r2 = h.changed().remove(0);
+    let out = h.request(nack(&r1.version_info, &r2, &["a"]));
+    assert!(out.is_empty(), "NACK must not trigger a resend of the same version");
+    let st = h.status();
+    let recorded = st.nack.clone().unwrap();
+    assert_eq!(recorded.version.as_str(), r2.version_info);
+    assert_eq!(recorded.message, "cannot parse");
+    assert_eq!(st.acked_version.as_ref().unwrap().as_str(), r1.version_info);
+    assert_eq!(st.state(), crate::status::SyncState::Nacked);
+    // A snapshot change elsewhere does not resend either.
+    h.put("zzz", "other");
+    assert!(h.changed().is_empty());
+    // The next real change is sent normally.
+    h.put("a", "A3");
+    let r3 = h.changed().remove(0);
+    assert_eq!(names(&r3), vec!["A3"]);
+}
+
+#[test]
+fn stale_nonce_is_not_an_ack_but_changes_subscription() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    h.put("b", "B1");
+    let r1 = h.request(req(&["a"], "", "")).remove(0);
+    h.put("a", "A2");
+    let r2 = h.changed().remove(0);
+    // The client, not yet having seen r2, ACKs r1 and adds "b" in the same request.
+    let out = h.request(req(&["a", "b"], &r1.version_info, &r1.nonce));
+    assert!(h.status().acked_version.is_none(), "a stale nonce is not an ACK");
+    assert_eq!(out.len(), 1, "the subscription change is still applied");
+    assert_eq!(names(&out[0]), vec!["A2", "B1"]);
+    assert_ne!(out[0].nonce, r2.nonce);
+}
+
+#[test]
+fn removal_by_omission() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    h.put("b", "B1");
+    let r = h.request(req(&[], "", "")).remove(0);
+    assert_eq!(names(&r), vec!["A1", "B1"]);
+    h.delete("a");
+    let r2 = h.changed().remove(0);
+    assert_eq!(names(&r2), vec!["B1"]);
+}
+
+#[test]
+fn reconnect_with_current_version_is_not_resent() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    let r = h.request(req(&["a"], "", "")).remove(0);
+    let mut other = SotwStream::new(View::new(["p".into()]), "s2", Limits::default());
+    let snap = h.cache.snapshot();
+    let out = other
+        .on_request(&req(&["a"], &r.version_info, &r.nonce), &snap)
+        .unwrap();
+    assert!(out.responses.is_empty(), "client already holds this version");
+    // A stale client version gets the current state.
+    let mut third = SotwStream::new(View::new(["p".into()]), "s3", Limits::default());
+    let out = third
+        .on_request(&req(&["a"], "old-version", "x"), &snap)
+        .unwrap();
+    assert_eq!(out.responses.len(), 1);
+}
+
+#[test]
+fn unsubscribe_all_and_limits() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    let r = h.request(req(&["a"], "", "")).remove(0);
+    let out = h.request(req(&[], &r.version_info, &r.nonce));
+    assert_eq!(out.len(), 1);
+    assert!(out[0].resources.is_empty());
+    let mut tight = SotwStream::new(
+        View::new(["p".into()]),
+        "s",
+        Limits {
+            max_subscribed_names: 1,
+            max_types: 1,
+        },
+    );
+    let snap = h.cache.snapshot();
+    assert!(matches!(
+        tight.on_request(&req(&["a", "b"], "", ""), &snap),
+        Err(ProtocolError::TooManySubscriptions { .. })
+    ));
+    let mut other_type = req(&["a"], "", "");
+    tight.on_request(&other_type, &snap).unwrap();
+    other_type.type_url = "t2".into();
+    assert!(matches!(
+        tight.on_request(&other_type, &snap),
+        Err(ProtocolError::TooManyTypes { .. })
+    ));
+    assert_eq!(
+        tight.on_request(&DiscoveryRequest::default(), &snap).unwrap_err(),
+        ProtocolError::MissingTypeUrl
+    );
+}

@@ -1,0 +1,153 @@
+//! Newtypes for the strings the xDS protocol passes around.
+//!
+//! Each is a cheap-to-clone `Arc<str>`: a type URL or resource name is copied into every
+//! stream's state, so cloning must not allocate.
+
+use std::{borrow::Borrow, fmt, sync::Arc};
+
+macro_rules! string_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Wraps a string.
+            pub fn new(value: impl AsRef<str>) -> Self {
+                Self(Arc::from(value.as_ref()))
+            }
+
+            /// The string itself.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Whether the string is empty.
+            pub fn is_empty(&self) -> bool {
+                self.0.is_empty()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(value: &str) -> Self {
+                Self::new(value)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(value: String) -> Self {
+                Self(Arc::from(value))
+            }
+        }
+
+        impl From<&String> for $name {
+            fn from(value: &String) -> Self {
+                Self::new(value)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+string_newtype!(
+    /// A resource type URL, e.g. `type.googleapis.com/envoy.config.cluster.v3.Cluster`.
+    ///
+    /// The library treats it as an opaque key: it knows no particular type.
+    TypeUrl
+);
+string_newtype!(
+    /// The name of one resource within a type.
+    ResourceName
+);
+string_newtype!(
+    /// A version label: of one resource (derived from its bytes), or of a whole
+    /// State-of-the-World response (derived from the names and versions it carries).
+    Version
+);
+string_newtype!(
+    /// A response nonce, unique within one stream.
+    Nonce
+);
+string_newtype!(
+    /// The `node.id` a client announced in its first request.
+    NodeId
+);
+string_newtype!(
+    /// A partition of the cache. A stream reads the partitions of its [`View`](crate::View);
+    /// what a partition means (a tenant, a namespace, a shared set) is up to the caller.
+    Partition
+);
+
+/// The wildcard resource name of the xDS protocol.
+pub const WILDCARD: &str = "*";
+
+impl Version {
+    /// The version of some bytes: a 128-bit xxh3 hash in hex.
+    ///
+    /// Derived from content, so it survives restarts and agrees across replicas that hold the
+    /// same bytes (re-encoding a message is not deterministic when it has maps, so callers
+    /// hash the bytes they store, never a re-encoding).
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        Self::from(format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes)))
+    }
+
+    /// The version of a set of `(name, version)` pairs, in the order given.
+    ///
+    /// Used for State-of-the-World `version_info`: the same resources give the same label on
+    /// every replica.
+    pub fn of_set<'a>(items: impl IntoIterator<Item = (&'a ResourceName, &'a Version)>) -> Self {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for (name, version) in items {
+            hasher.update(name.as_str().as_bytes());
+            hasher.update(&[0]);
+            hasher.update(version.as_str().as_bytes());
+            hasher.update(&[0]);
+        }
+        Self::from(format!("{:032x}", hasher.digest128()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_of_bytes_is_stable_and_content_derived() {
+        assert_eq!(Version::of_bytes(b"abc"), Version::of_bytes(b"abc"));
+        assert_ne!(Version::of_bytes(b"abc"), Version::of_bytes(b"abd"));
+        assert_eq!(Version::of_bytes(b"abc").as_str().len(), 32);
+    }
+
+    #[test]
+    fn version_of_set_separates_fields() {
+        let a = (ResourceName::new("ab"), Version::new("c"));
+        let b = (ResourceName::new("a"), Version::new("bc"));
+        assert_ne!(
+            Version::of_set([(&a.0, &a.1)]),
+            Version::of_set([(&b.0, &b.1)])
+        );
+    }
+}
