@@ -1,1 +1,13 @@
-fn main(){}
+//! Compiles `proto/` into Rust (tonic + prost) and a descriptor set for server reflection.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["proto/pixiu/pkg/metadata/metadata.proto"];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("pixiu_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    Ok(())
+}

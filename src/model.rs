@@ -1,0 +1,236 @@
+//! The domain: namespaces, record keys and the rules a name or value must follow.
+//!
+//! Pure and IO-free, shared by `api/` (which validates what arrives from the network) and
+//! `store/` (which stores only validated keys).
+
+use std::fmt;
+
+/// Longest name accepted, in bytes (application, revision, identifier, namespace).
+pub const MAX_NAME_BYTES: usize = 253;
+/// Largest value accepted by default, in bytes (1 MiB).
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// The namespace used when a request names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What kind of record a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Application metadata, named `<application>/<revision>`.
+    Metadata,
+    /// A service definition, named by its identifier.
+    Definition,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 2] = [Kind::Metadata, Kind::Definition];
+
+    /// A short stable label: `metadata` or `definition` (used in keys, metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Metadata => "metadata",
+            Kind::Definition => "definition",
+        }
+    }
+
+    /// The kind with this label.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == label)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The key of one record: kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    /// What the record is.
+    pub kind: Kind,
+    /// Its namespace.
+    pub namespace: String,
+    /// `<application>/<revision>` for metadata, the identifier for a definition.
+    pub name: String,
+}
+
+impl Key {
+    /// The key of application metadata.
+    pub fn metadata(namespace: &str, application: &str, revision: &str) -> Self {
+        Self {
+            kind: Kind::Metadata,
+            namespace: namespace.to_string(),
+            name: format!("{application}/{revision}"),
+        }
+    }
+
+    /// The key of a service definition.
+    pub fn definition(namespace: &str, identifier: &str) -> Self {
+        Self {
+            kind: Kind::Definition,
+            namespace: namespace.to_string(),
+            name: identifier.to_string(),
+        }
+    }
+
+    /// For metadata, `(application, revision)`; applications never contain `/`.
+    pub fn application_revision(&self) -> Option<(&str, &str)> {
+        match self.kind {
+            Kind::Metadata => self.name.split_once('/'),
+            Kind::Definition => None,
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Why a name or value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// A required field is empty.
+    #[error("{field} must not be empty")]
+    Empty {
+        /// The field.
+        field: &'static str,
+    },
+    /// A name is longer than [`MAX_NAME_BYTES`].
+    #[error("{field} is {len} bytes, longer than the limit of {limit}")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A name holds a control character (NUL included).
+    #[error("{field} contains a control character at byte {at}")]
+    ControlCharacter {
+        /// The field.
+        field: &'static str,
+        /// The byte offset of the first one.
+        at: usize,
+    },
+    /// A name holds a character it may not hold.
+    #[error("{field} must not contain {what}")]
+    Forbidden {
+        /// The field.
+        field: &'static str,
+        /// What it held.
+        what: &'static str,
+    },
+    /// A value is larger than the configured limit.
+    #[error("{field} is {len} bytes, larger than the limit of {limit}")]
+    ValueTooLarge {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Checks a name field: non-empty, at most [`MAX_NAME_BYTES`], no control characters.
+pub fn check_name(field: &'static str, value: &str) -> Result<(), Invalid> {
+    if value.is_empty() {
+        return Err(Invalid::Empty { field });
+    }
+    if value.len() > MAX_NAME_BYTES {
+        return Err(Invalid::TooLong {
+            field,
+            len: value.len(),
+            limit: MAX_NAME_BYTES,
+        });
+    }
+    if let Some((at, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(Invalid::ControlCharacter { field, at });
+    }
+    Ok(())
+}
+
+/// Checks an application name: a name without `/` (it separates application and revision in
+/// resource names).
+pub fn check_application(value: &str) -> Result<(), Invalid> {
+    check_name("application_name", value)?;
+    if value.contains('/') {
+        return Err(Invalid::Forbidden {
+            field: "application_name",
+            what: "'/'",
+        });
+    }
+    Ok(())
+}
+
+/// Checks a namespace: a name without `/`.
+pub fn check_namespace(value: &str) -> Result<(), Invalid> {
+    check_name("namespace", value)?;
+    if value.contains('/') {
+        return Err(Invalid::Forbidden {
+            field: "namespace",
+            what: "'/'",
+        });
+    }
+    Ok(())
+}
+
+/// Checks a value's size against `limit` bytes.
+pub fn check_value(field: &'static str, value: &str, limit: usize) -> Result<(), Invalid> {
+    if value.len() > limit {
+        return Err(Invalid::ValueTooLarge {
+            field,
+            len: value.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// A 128-bit hash of a value, in hex, for logs (never the value itself).
+pub fn content_hash(value: &str) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(value.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("f", "").is_err());
+        assert!(check_name("f", "a\0b").is_err());
+        assert!(check_name("f", "a\nb").is_err());
+        assert!(check_name("f", &"a".repeat(253)).is_ok());
+        assert!(check_name("f", &"a".repeat(254)).is_err());
+        assert!(check_name("f", "应用-1.0").is_ok());
+        assert!(check_application("a/b").is_err());
+        assert!(check_namespace("ns-1").is_ok());
+        // A SHA-512 revision (128 hex characters) fits.
+        assert!(check_name("revision", &"f".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn key_round_trip() {
+        let key = Key::metadata("ns", "app", "rev/with/slash");
+        assert_eq!(key.application_revision(), Some(("app", "rev/with/slash")));
+        assert_eq!(Kind::from_label("definition"), Some(Kind::Definition));
+    }
+
+    proptest! {
+        #[test]
+        fn valid_names_have_no_control_characters(s in "\\PC{0,300}") {
+            if check_name("f", &s).is_ok() {
+                prop_assert!(!s.is_empty() && s.len() <= MAX_NAME_BYTES);
+                prop_assert!(!s.chars().any(char::is_control));
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The embedded durable store (redb). Placeholder until implemented.

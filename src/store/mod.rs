@@ -1,0 +1,203 @@
+//! Storage backends behind one [`Store`] trait.
+//!
+//! A store keeps records (raw values with a lease stamp) and tells watchers about every
+//! change. It knows nothing of gRPC or xDS: `api/` calls it, `push/` watches it.
+//!
+//! Backends: [`memory`] (tests, `--store memory`) and [`embedded`] (the durable default).
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::stream::BoxStream;
+
+pub use crate::model::{Key, Kind};
+
+pub mod embedded;
+pub mod memory;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its key.
+    pub key: Key,
+    /// The raw value, exactly as published.
+    pub value: Arc<str>,
+    /// The store revision of the last write to this record (value or lease). Conditional
+    /// deletes compare it, so a refresh racing a delete wins.
+    pub revision: u64,
+    /// When a publish last created, changed or refreshed it, in milliseconds since the epoch.
+    pub refreshed_at_ms: u64,
+}
+
+impl Record {
+    /// `refreshed_at_ms` as a time.
+    pub fn refreshed_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.refreshed_at_ms)
+    }
+}
+
+/// Milliseconds since the epoch of `time` (0 before the epoch).
+pub fn epoch_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What a put did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// No record existed; one was created.
+    Created {
+        /// The revision of the write.
+        revision: u64,
+    },
+    /// A record with a different value existed and was overwritten.
+    Updated {
+        /// The revision of the write.
+        revision: u64,
+        /// The value it replaced.
+        previous: Arc<str>,
+    },
+    /// The identical value existed; only its lease was refreshed.
+    Refreshed {
+        /// The revision of the refresh.
+        revision: u64,
+    },
+}
+
+impl PutOutcome {
+    /// The revision of the write.
+    pub fn revision(&self) -> u64 {
+        match self {
+            PutOutcome::Created { revision }
+            | PutOutcome::Updated { revision, .. }
+            | PutOutcome::Refreshed { revision } => *revision,
+        }
+    }
+}
+
+/// A change, as a watcher sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The complete state at `revision`: replace whatever was known. Always the first event of
+    /// a watch, and sent again whenever the watcher fell behind and events were lost.
+    Reset {
+        /// Every record.
+        records: Vec<Record>,
+        /// The store revision the list was taken at.
+        revision: u64,
+    },
+    /// A record was created or its value changed.
+    Put(Record),
+    /// A record's lease was refreshed; its value is unchanged.
+    Refreshed {
+        /// Its key.
+        key: Key,
+        /// The revision of the refresh.
+        revision: u64,
+        /// The new lease stamp.
+        refreshed_at_ms: u64,
+    },
+    /// A record was deleted.
+    Delete {
+        /// Its key.
+        key: Key,
+        /// The revision of the delete.
+        revision: u64,
+    },
+}
+
+/// What to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Which kind.
+    pub kind: Kind,
+    /// Only this namespace; all when `None`.
+    pub namespace: Option<String>,
+    /// Only names starting with this.
+    pub name_prefix: String,
+    /// Only keys after this `(namespace, name)`, for pagination.
+    pub start_after: Option<(String, String)>,
+    /// At most this many records.
+    pub limit: usize,
+}
+
+impl ListQuery {
+    /// Everything of one kind.
+    pub fn all(kind: Kind) -> Self {
+        Self {
+            kind,
+            namespace: None,
+            name_prefix: String::new(),
+            start_after: None,
+            limit: usize::MAX,
+        }
+    }
+
+    /// Whether `key` is selected by this query (ignoring `limit`).
+    pub fn matches(&self, key: &Key) -> bool {
+        key.kind == self.kind
+            && self.namespace.as_ref().is_none_or(|ns| *ns == key.namespace)
+            && key.name.starts_with(&self.name_prefix)
+            && self.start_after.as_ref().is_none_or(|(ns, name)| {
+                (key.namespace.as_str(), key.name.as_str()) > (ns.as_str(), name.as_str())
+            })
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend cannot take the operation now (down, unreachable, shutting down). Retrying
+    /// later helps.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed in a way a retry will not fix (I/O error, corrupt data).
+    #[error("store failed: {0}")]
+    Storage(String),
+    /// A namespace holds as many records as it may.
+    #[error("namespace {namespace} holds {limit} records, the most it may")]
+    NamespaceFull {
+        /// The namespace.
+        namespace: String,
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+/// Result of store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A backend that stores records and streams their changes.
+///
+/// Every implementation passes the same conformance suite (`store/conformance.rs`).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores `value` under `key`, stamping the lease with `now`. Returns only once the write
+    /// is as durable as the backend makes it. An identical value only refreshes the lease.
+    async fn put(&self, key: &Key, value: &str, now: SystemTime) -> Result<PutOutcome>;
+
+    /// The record under `key`.
+    async fn get(&self, key: &Key) -> Result<Option<Record>>;
+
+    /// Deletes `key`; with `if_revision`, only when the record is still at that revision.
+    /// Returns whether a record was deleted.
+    async fn delete(&self, key: &Key, if_revision: Option<u64>) -> Result<bool>;
+
+    /// Records selected by `query`, ordered by `(namespace, name)`.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Record>>;
+
+    /// Every change from now on, starting with an [`Event::Reset`] of the current state.
+    /// The stream ends only when the store is dropped.
+    fn watch(&self) -> BoxStream<'static, Event>;
+
+    /// Whether the backend can take writes now (for `/readyz`).
+    async fn ready(&self) -> Result<()>;
+
+    /// A short name for logs: `memory`, `embedded`, ...
+    fn backend(&self) -> &'static str;
+}
