@@ -379,7 +379,11 @@ mod tests {
     #[test]
     fn first_partition_wins_on_clash() {
         let (cache, writer) = cache();
-        writer.apply([put("shared", "x", "s"), put("a", "x", "a"), put("shared", "y", "s")]);
+        writer.apply([
+            put("shared", "x", "s"),
+            put("a", "x", "a"),
+            put("shared", "y", "s"),
+        ]);
         let view = View::new(["a".into(), "shared".into()]);
         let snap = cache.snapshot();
         let t = TypeUrl::new("t");
@@ -440,6 +444,9 @@ mod tests {
         let snap = changes.next().await.unwrap();
         assert_eq!(snap.seq(), 100);
         let pending = tokio::time::timeout(std::time::Duration::from_millis(10), changes.next());
-        assert!(pending.await.is_err(), "no second wake-up for coalesced writes");
+        assert!(
+            pending.await.is_err(),
+            "no second wake-up for coalesced writes"
+        );
     }
 }

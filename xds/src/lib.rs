@@ -1,17 +1,20 @@
 //! `pixiu-xds`: a general Aggregated Discovery Service (xDS) server.
 //!
-//! - [`cache`] decides *what exists and at which version*: resources keyed by partition,
-//!   type URL and name, versions derived from their bytes, immutable snapshots.
-//! - [`subscription`], [`sotw`] hold the per-stream protocol logic as synchronous state
-//!   machines with no IO.
+//! - [`cache`](mod@cache) decides *what exists and at which version*: resources keyed by
+//!   partition, type URL and name, versions derived from their bytes, immutable snapshots.
+//! - [`subscription`], [`sotw`] (State of the World) and [`delta`] (Incremental) hold the
+//!   per-stream protocol logic as synchronous state machines with no IO; [`protocol`] holds
+//!   what the two share (limits, errors, nonces, reading ACK and NACK).
 //! - [`server`] runs streams over tonic; [`registry`] and [`status`] expose per-client sync
 //!   status.
 //!
 //! What this crate does **not** do: know any resource type (type URLs are opaque keys; an
-//! unknown type is answered with an empty response), decide who may read what (a
+//! unknown type is one with no resources), decide who may read what (a
 //! [`ViewResolver`] supplied by the embedding server does), or load resources from anywhere.
 
 pub mod cache;
+pub mod delta;
+pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod sotw;
@@ -20,8 +23,13 @@ pub mod subscription;
 pub mod types;
 
 pub use cache::{Cache, CacheWriter, Resource, Snapshot, Update, View, cache};
+pub use delta::DeltaStream;
+pub use protocol::{Limits, ProtocolError};
 pub use registry::Registry;
-pub use server::{AdsServer, NoObserver, ServerConfig, StreamContext, StreamObserver, ViewResolver};
+pub use server::{
+    AdsServer, NoObserver, ServerConfig, StreamContext, StreamObserver, ViewResolver,
+};
+pub use sotw::SotwStream;
 pub use status::{Nack, Notice, Protocol, StreamStatus, SyncState, TypeStatus};
 pub use subscription::Subscription;
-pub use types::{Nonce, NodeId, Partition, ResourceName, TypeUrl, Version, WILDCARD};
+pub use types::{NodeId, Nonce, Partition, ResourceName, TypeUrl, Version, WILDCARD};

@@ -5,6 +5,9 @@
 //! feeds the state machine and writes its responses to a small bounded channel. While the
 //! client is slow the task waits on that channel; cache changes meanwhile coalesce in the
 //! snapshot watch, so a slow stream costs one snapshot reference, never a queue.
+//!
+//! State of the World and Incremental streams share that driver: both state machines
+//! implement one private trait (`Machine`), and only the message types differ.
 
 use std::{
     net::SocketAddr,
@@ -33,10 +36,13 @@ use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::{Instrument, debug, field::Empty, info_span, warn};
 
 use crate::{
-    cache::{Cache, View},
+    cache::{Cache, Snapshot, View},
+    delta::DeltaStream,
+    protocol::{Limits, ProtocolError, Step},
     registry::Registry,
-    sotw::{Limits, SotwStream},
-    status::{Notice, Protocol, StreamStatus},
+    sotw::SotwStream,
+    status::{Notice, Protocol, StreamStatus, TypeStatus},
+    types::TypeUrl,
 };
 
 /// What the server knows about a stream when it asks for its [`View`].
@@ -172,12 +178,17 @@ impl AdsServer {
     }
 
     fn admit(&self) -> Result<(OwnedSemaphorePermit, u64), Status> {
-        let permit = self.inner.permits.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "stream limit reached ({} open streams)",
-                self.inner.config.max_streams
-            ))
-        })?;
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "stream limit reached ({} open streams)",
+                    self.inner.config.max_streams
+                ))
+            })?;
         let stream_id = self.inner.n_streams.fetch_add(1, Ordering::Relaxed) + 1;
         Ok((permit, stream_id))
     }
@@ -195,6 +206,130 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.open::<SotwStream>(request)
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.open::<DeltaStream>(request)
+    }
+}
+
+/// What the stream driver needs from a protocol state machine; both variants implement it,
+/// so one driver serves both.
+trait Machine: Send + Sized + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const PROTOCOL: Protocol;
+
+    fn start(view: View, nonce_prefix: String, limits: Limits) -> Self;
+    fn node(request: &Self::Request) -> Option<&Node>;
+    fn on_request(
+        &mut self,
+        request: &Self::Request,
+        snapshot: &Snapshot,
+    ) -> Result<Step<Self::Response>, ProtocolError>;
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step<Self::Response>;
+    fn status(&self) -> impl Iterator<Item = (&TypeUrl, &TypeStatus)>;
+    fn describe(response: &Self::Response) -> Sent<'_>;
+}
+
+/// A response as logs and the observer see it.
+struct Sent<'a> {
+    type_url: &'a str,
+    /// Resources carried (Delta: changed ones, not `removed_resources`).
+    n_resources: usize,
+    /// SotW `version_info`, Delta `system_version_info`.
+    version: &'a str,
+    nonce: &'a str,
+}
+
+impl Machine for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const PROTOCOL: Protocol = Protocol::Sotw;
+
+    fn start(view: View, nonce_prefix: String, limits: Limits) -> Self {
+        SotwStream::new(view, nonce_prefix, limits)
+    }
+
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn on_request(
+        &mut self,
+        request: &DiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        SotwStream::on_request(self, request, snapshot)
+    }
+
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step<DiscoveryResponse> {
+        SotwStream::on_snapshot(self, snapshot)
+    }
+
+    fn status(&self) -> impl Iterator<Item = (&TypeUrl, &TypeStatus)> {
+        SotwStream::status(self)
+    }
+
+    fn describe(response: &DiscoveryResponse) -> Sent<'_> {
+        Sent {
+            type_url: &response.type_url,
+            n_resources: response.resources.len(),
+            version: &response.version_info,
+            nonce: &response.nonce,
+        }
+    }
+}
+
+impl Machine for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const PROTOCOL: Protocol = Protocol::Delta;
+
+    fn start(view: View, nonce_prefix: String, limits: Limits) -> Self {
+        DeltaStream::new(view, nonce_prefix, limits)
+    }
+
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn on_request(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        DeltaStream::on_request(self, request, snapshot)
+    }
+
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step<DeltaDiscoveryResponse> {
+        DeltaStream::on_snapshot(self, snapshot)
+    }
+
+    fn status(&self) -> impl Iterator<Item = (&TypeUrl, &TypeStatus)> {
+        DeltaStream::status(self)
+    }
+
+    fn describe(response: &DeltaDiscoveryResponse) -> Sent<'_> {
+        Sent {
+            type_url: &response.type_url,
+            n_resources: response.resources.len(),
+            version: &response.system_version_info,
+            nonce: &response.nonce,
+        }
+    }
+}
+
+impl AdsServer {
+    /// Admits a stream and spawns its driver task.
+    fn open<M: Machine>(
+        &self,
+        request: Request<Streaming<M::Request>>,
+    ) -> Result<Response<ResponseStream<M::Response>>, Status> {
         let (permit, stream_id) = self.admit()?;
         let peer = request.remote_addr();
         let (metadata, extensions, requests) = request.into_parts();
@@ -207,45 +342,37 @@ impl AggregatedDiscoveryService for AdsServer {
         let span = info_span!(
             "ads_stream",
             stream.id = stream_id,
-            protocol = Protocol::Sotw.as_str(),
+            protocol = M::PROTOCOL.as_str(),
             peer.addr = ?peer,
             node.id = Empty,
         );
         let inner = self.inner.clone();
         tokio::spawn(
             async move {
-                inner.observer.stream_opened(Protocol::Sotw);
-                run_sotw(&inner, stream_id, context, requests, tx).await;
+                inner.observer.stream_opened(M::PROTOCOL);
+                run::<M>(&inner, stream_id, context, requests, tx).await;
                 inner.registry.remove(stream_id);
-                inner.observer.stream_closed(Protocol::Sotw);
+                inner.observer.stream_closed(M::PROTOCOL);
                 drop(permit);
             }
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "incremental ADS is not served yet; use StreamAggregatedResources",
-        ))
-    }
 }
 
-enum Input {
-    Request(DiscoveryRequest),
-    Snapshot(Arc<crate::cache::Snapshot>),
+enum Input<Req> {
+    Request(Req),
+    Snapshot(Arc<Snapshot>),
 }
 
-async fn run_sotw(
+/// Drives one stream: the only code that awaits on its behalf.
+async fn run<M: Machine>(
     inner: &Inner,
     stream_id: u64,
     context: StreamContext,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut requests: Streaming<M::Request>,
+    tx: mpsc::Sender<Result<M::Response, Status>>,
 ) {
     let first = tokio::select! {
         () = inner.shutdown.cancelled() => return,
@@ -258,9 +385,9 @@ async fn run_sotw(
             }
         },
     };
-    let node = first.node.clone().unwrap_or_default();
+    let node = M::node(&first).cloned().unwrap_or_default();
     tracing::Span::current().record("node.id", node.id.as_str());
-    let view = match inner.resolver.view(first.node.as_ref(), &context) {
+    let view = match inner.resolver.view(M::node(&first), &context) {
         Ok(view) => view,
         Err(status) => {
             debug!(code = ?status.code(), "stream refused");
@@ -274,11 +401,11 @@ async fn run_sotw(
         node_cluster: node.cluster.clone(),
         partitions: view.partitions().iter().map(|p| p.to_string()).collect(),
         peer: context.peer,
-        protocol: Protocol::Sotw,
+        protocol: M::PROTOCOL,
         connected_since: SystemTime::now(),
         types: Default::default(),
     });
-    let mut machine = SotwStream::new(view, format!("{stream_id:x}"), inner.config.limits);
+    let mut machine = M::start(view, format!("{stream_id:x}"), inner.config.limits);
     // Subscribe before reading the snapshot, so no change slips between the two.
     let mut changes = inner.cache.changes();
     let mut input = Input::Request(first);
@@ -290,7 +417,9 @@ async fn run_sotw(
                     Ok(step) => (step, snapshot.seq()),
                     Err(error) => {
                         debug!(%error, "protocol violation");
-                        let _ = tx.send(Err(Status::invalid_argument(error.to_string()))).await;
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(error.to_string())))
+                            .await;
                         return;
                     }
                 }
@@ -301,13 +430,20 @@ async fn run_sotw(
             log_notice(notice);
             inner.observer.notice(notice);
         }
-        inner
-            .registry
-            .update_types(stream_id, machine.status().map(|(t, s)| (t.clone(), s.clone())));
+        inner.registry.update_types(
+            stream_id,
+            machine.status().map(|(t, s)| (t.clone(), s.clone())),
+        );
         for response in step.responses {
-            let type_url = response.type_url.clone();
-            let n_resources = response.resources.len();
-            debug!(type_url, version = response.version_info, nonce = response.nonce, "send");
+            let sent = M::describe(&response);
+            let (type_url, n_resources) = (sent.type_url.to_owned(), sent.n_resources);
+            debug!(
+                type_url,
+                version = sent.version,
+                nonce = sent.nonce,
+                n_resources,
+                "send"
+            );
             tokio::select! {
                 () = inner.shutdown.cancelled() => return,
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },

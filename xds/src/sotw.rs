@@ -25,56 +25,15 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use crate::{
     cache::{Snapshot, View},
-    status::{Nack, Notice, TypeStatus},
+    protocol::{Nonces, read_response_nonce},
+    status::TypeStatus,
     types::{Nonce, ResourceName, TypeUrl, Version},
 };
 
-/// A request the protocol does not allow; the stream ends with `INVALID_ARGUMENT`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProtocolError {
-    /// ADS requires every request to name its type.
-    #[error("request has no type_url")]
-    MissingTypeUrl,
-    /// A request would take the stream past its configured subscription limit.
-    #[error("stream subscribes to more than {limit} resource names")]
-    TooManySubscriptions {
-        /// The configured limit.
-        limit: usize,
-    },
-    /// A request would take the stream past its configured type limit.
-    #[error("stream subscribes to more than {limit} types")]
-    TooManyTypes {
-        /// The configured limit.
-        limit: usize,
-    },
-}
+pub use crate::protocol::{Limits, ProtocolError};
 
-/// What one step produced.
-#[derive(Debug, Default)]
-pub struct Step {
-    /// Responses to send, in order.
-    pub responses: Vec<DiscoveryResponse>,
-    /// ACKs, NACKs and stale nonces seen.
-    pub notices: Vec<Notice>,
-}
-
-/// Limits a stream enforces on what a client may ask for.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Most resource names subscribed across all types (default 100,000).
-    pub max_subscribed_names: usize,
-    /// Most types subscribed (default 64).
-    pub max_types: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_subscribed_names: 100_000,
-            max_types: 64,
-        }
-    }
-}
+/// What one SotW step produced: responses to send and notices.
+pub type Step = crate::protocol::Step<DiscoveryResponse>;
 
 /// The per-type state of one SotW stream.
 #[derive(Debug, Default)]
@@ -90,8 +49,7 @@ struct TypeState {
 #[derive(Debug)]
 pub struct SotwStream {
     view: View,
-    nonce_prefix: String,
-    n_nonces: u64,
+    nonces: Nonces,
     limits: Limits,
     types: HashMap<TypeUrl, TypeState>,
 }
@@ -102,8 +60,7 @@ impl SotwStream {
     pub fn new(view: View, nonce_prefix: impl Into<String>, limits: Limits) -> Self {
         Self {
             view,
-            nonce_prefix: nonce_prefix.into(),
-            n_nonces: 0,
+            nonces: Nonces::new(nonce_prefix.into()),
             limits,
             types: HashMap::new(),
         }
@@ -129,68 +86,23 @@ impl SotwStream {
             return Err(ProtocolError::MissingTypeUrl);
         }
         let type_url = TypeUrl::new(&request.type_url);
-        if !self.types.contains_key(&type_url) && self.types.len() >= self.limits.max_types {
-            return Err(ProtocolError::TooManyTypes {
-                limit: self.limits.max_types,
-            });
-        }
-        let n_other_names: usize = self
-            .types
-            .iter()
-            .filter(|(t, _)| **t != type_url)
-            .map(|(_, s)| s.status.subscription.names().len())
-            .sum();
-        if n_other_names + request.resource_names.len() > self.limits.max_subscribed_names {
-            return Err(ProtocolError::TooManySubscriptions {
-                limit: self.limits.max_subscribed_names,
-            });
-        }
+        self.limits.check(
+            &type_url,
+            self.types.iter().map(|(t, s)| (t, &s.status.subscription)),
+            request.resource_names.len(),
+        )?;
 
         let mut step = Step::default();
         let first = !self.types.contains_key(&type_url);
         let state = self.types.entry(type_url.clone()).or_default();
-        let nonce = &request.response_nonce;
-        let is_current_nonce = !nonce.is_empty()
-            && state.status.sent_nonce.as_ref().is_some_and(|n| n.as_str() == nonce);
-
-        if is_current_nonce {
-            let sent_version = state
-                .status
-                .sent_version
-                .clone()
-                .expect("a sent nonce always has a sent version");
-            match &request.error_detail {
-                Some(error) => {
-                    let nack = Nack {
-                        version: sent_version,
-                        nonce: Nonce::new(nonce),
-                        message: error.message.clone(),
-                        code: error.code,
-                    };
-                    state.status.n_nacks += 1;
-                    state.status.nack = Some(nack.clone());
-                    step.notices.push(Notice::Nack {
-                        type_url: type_url.clone(),
-                        nack,
-                    });
-                }
-                None => {
-                    let version = Version::new(&request.version_info);
-                    state.status.n_acks += 1;
-                    state.status.acked_version = Some(version.clone());
-                    state.status.nack = None;
-                    step.notices.push(Notice::Ack {
-                        type_url: type_url.clone(),
-                        version,
-                    });
-                }
-            }
-        } else if !nonce.is_empty() && state.started {
-            step.notices.push(Notice::StaleNonce {
-                type_url: type_url.clone(),
-                nonce: Nonce::new(nonce),
-            });
-        }
+        step.notices.extend(read_response_nonce(
+            &mut state.status,
+            &type_url,
+            state.started,
+            &request.response_nonce,
+            request.error_detail.as_ref(),
+            Some(&request.version_info),
+        ));
 
         let subscription = state
             .status
@@ -210,17 +122,15 @@ impl SotwStream {
                 state.status.acked_version = Some(version);
                 state.status.resources = resources;
             } else {
-                let nonce = next_nonce(&self.nonce_prefix, &mut self.n_nonces);
+                let nonce = self.nonces.next();
                 step.responses.push(respond(
                     snapshot, &self.view, &type_url, state, version, resources, nonce,
                 ));
             }
         } else if subscription_changed {
-            let nonce_prefix = &self.nonce_prefix;
+            let nonces = &mut self.nonces;
             if let Some(response) =
-                refresh(snapshot, &self.view, &type_url, state, || {
-                    next_nonce(nonce_prefix, &mut self.n_nonces)
-                })
+                refresh(snapshot, &self.view, &type_url, state, || nonces.next())
             {
                 step.responses.push(response);
             }
@@ -235,7 +145,10 @@ impl SotwStream {
         type_urls.sort();
         let type_urls: Vec<TypeUrl> = type_urls.into_iter().cloned().collect();
         for type_url in type_urls {
-            let state = self.types.get_mut(&type_url).expect("key taken from the map");
+            let state = self
+                .types
+                .get_mut(&type_url)
+                .expect("key taken from the map");
             if !state.started {
                 continue;
             }
@@ -244,21 +157,15 @@ impl SotwStream {
                 continue;
             }
             state.seen_generation = generation;
-            let nonce_prefix = &self.nonce_prefix;
-            let n_nonces = &mut self.n_nonces;
-            if let Some(response) = refresh(snapshot, &self.view, &type_url, state, || {
-                next_nonce(nonce_prefix, n_nonces)
-            }) {
+            let nonces = &mut self.nonces;
+            if let Some(response) =
+                refresh(snapshot, &self.view, &type_url, state, || nonces.next())
+            {
                 step.responses.push(response);
             }
         }
         step
     }
-}
-
-fn next_nonce(prefix: &str, n_nonces: &mut u64) -> Nonce {
-    *n_nonces += 1;
-    Nonce::from(format!("{prefix}-{n_nonces}"))
 }
 
 /// The resources this stream should hold for `type_url` and their SotW version.

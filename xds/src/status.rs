@@ -95,7 +95,9 @@ impl TypeStatus {
         match (&self.sent_nonce, &self.nack) {
             (None, _) => SyncState::NotSent,
             (Some(nonce), Some(nack)) if &nack.nonce == nonce => SyncState::Nacked,
-            (Some(_), _) if self.acked_version.is_some() && self.acked_version == self.sent_version => {
+            (Some(_), _)
+                if self.acked_version.is_some() && self.acked_version == self.sent_version =>
+            {
                 SyncState::Synced
             }
             (Some(_), _) => SyncState::Stale,
@@ -172,6 +174,10 @@ mod tests {
         assert_eq!(st.state(), SyncState::Nacked);
         st.sent_nonce = Some("n2".into());
         st.sent_version = Some("v2".into());
-        assert_eq!(st.state(), SyncState::Stale, "a newer response supersedes the NACK");
+        assert_eq!(
+            st.state(),
+            SyncState::Stale,
+            "a newer response supersedes the NACK"
+        );
     }
 }

@@ -135,7 +135,10 @@ mod tests {
         assert!(!named.is_wildcard());
         assert!(named.matches("a") && !named.matches("b"));
         let emptied = named.sotw_next(&[], false);
-        assert!(emptied.is_empty(), "after names, an empty list unsubscribes all");
+        assert!(
+            emptied.is_empty(),
+            "after names, an empty list unsubscribes all"
+        );
     }
 
     #[test]
@@ -152,7 +155,10 @@ mod tests {
         sub.apply_delta(&[], &[], true);
         assert!(sub.is_wildcard());
         sub.apply_delta(&s(&["a"]), &[], false);
-        assert!(!sub.is_wildcard(), "naming a resource ends the legacy wildcard");
+        assert!(
+            !sub.is_wildcard(),
+            "naming a resource ends the legacy wildcard"
+        );
         sub.apply_delta(&s(&["*"]), &[], false);
         assert!(sub.is_wildcard() && sub.matches("zzz"));
         sub.apply_delta(&s(&["b"]), &[], false);

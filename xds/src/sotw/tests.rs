@@ -107,13 +107,19 @@ fn first_request_is_answered_even_when_empty() {
 fn subscribe_before_publish_then_push() {
     let mut h = Harness::new();
     let r0 = h.request(req(&["a"], "", "")).remove(0);
-    assert!(h.request(ack(&r0, &["a"])).is_empty(), "an ACK is not answered");
+    assert!(
+        h.request(ack(&r0, &["a"])).is_empty(),
+        "an ACK is not answered"
+    );
     h.put("a", "A1");
     let r1 = h.changed().remove(0);
     assert_eq!(names(&r1), vec!["A1"]);
     assert_ne!(r1.nonce, r0.nonce);
     h.put("b", "B1");
-    assert!(h.changed().is_empty(), "a resource not subscribed to pushes nothing");
+    assert!(
+        h.changed().is_empty(),
+        "a resource not subscribed to pushes nothing"
+    );
 }
 
 #[test]
@@ -136,7 +142,10 @@ fn nack_is_not_answered_with_the_same_version() {
     h.put("a", "A2");
     let r2 = h.changed().remove(0);
     let out = h.request(nack(&r1.version_info, &r2, &["a"]));
-    assert!(out.is_empty(), "NACK must not trigger a resend of the same version");
+    assert!(
+        out.is_empty(),
+        "NACK must not trigger a resend of the same version"
+    );
     let st = h.status();
     let recorded = st.nack.clone().unwrap();
     assert_eq!(recorded.version.as_str(), r2.version_info);
@@ -162,7 +171,10 @@ fn stale_nonce_is_not_an_ack_but_changes_subscription() {
     let r2 = h.changed().remove(0);
     // The client, not yet having seen r2, ACKs r1 and adds "b" in the same request.
     let out = h.request(req(&["a", "b"], &r1.version_info, &r1.nonce));
-    assert!(h.status().acked_version.is_none(), "a stale nonce is not an ACK");
+    assert!(
+        h.status().acked_version.is_none(),
+        "a stale nonce is not an ACK"
+    );
     assert_eq!(out.len(), 1, "the subscription change is still applied");
     assert_eq!(names(&out[0]), vec!["A2", "B1"]);
     assert_ne!(out[0].nonce, r2.nonce);
@@ -190,7 +202,10 @@ fn reconnect_with_current_version_is_not_resent() {
     let out = other
         .on_request(&req(&["a"], &r.version_info, &r.nonce), &snap)
         .unwrap();
-    assert!(out.responses.is_empty(), "client already holds this version");
+    assert!(
+        out.responses.is_empty(),
+        "client already holds this version"
+    );
     // A stale client version gets the current state.
     let mut third = SotwStream::new(View::new(["p".into()]), "s3", Limits::default());
     let out = third
@@ -228,7 +243,9 @@ fn unsubscribe_all_and_limits() {
         Err(ProtocolError::TooManyTypes { .. })
     ));
     assert_eq!(
-        tight.on_request(&DiscoveryRequest::default(), &snap).unwrap_err(),
+        tight
+            .on_request(&DiscoveryRequest::default(), &snap)
+            .unwrap_err(),
         ProtocolError::MissingTypeUrl
     );
 }

@@ -1,0 +1,290 @@
+//! The Incremental (Delta) stream state machine.
+//!
+//! Synchronous and IO-free, the same shape as [`SotwStream`](crate::sotw::SotwStream):
+//! [`DeltaStream::on_request`] takes one client request and the current snapshot,
+//! [`DeltaStream::on_snapshot`] takes a newer snapshot; both return the responses to send and
+//! notices for logs and metrics.
+//!
+//! Per type the stream tracks what the client holds (name and version, in
+//! [`TypeStatus::resources`]); every response is the difference between that and what the
+//! client should hold (the subscribed resources that exist in the snapshot), after which the
+//! client is taken to hold exactly that. Rules implemented (xDS protocol document,
+//! "Incremental xDS", and the comments on `DeltaDiscoveryRequest`):
+//! - a request is (N)ACK *and* subscription change at once: a `response_nonce` equal to the
+//!   last nonce sent for the type is an ACK, or a NACK when it carries `error_detail`, and the
+//!   request's `resource_names_subscribe` / `resource_names_unsubscribe` are applied either
+//!   way; any other nonce is stale, neither ACK nor NACK, and its subscription changes are
+//!   still applied;
+//! - a NACK is recorded, not answered: the client is still taken to hold what it rejected, so
+//!   the same content is not resent, and the next change goes out normally;
+//! - wildcard: an empty first subscribe list is the legacy wildcard, `*` the explicit one
+//!   (see [`Subscription::apply_delta`](crate::Subscription::apply_delta));
+//! - on the first request of a type, `initial_resource_versions` is what the client holds:
+//!   resources held at the current version are not resent, held resources that no longer
+//!   exist go out in `removed_resources`;
+//! - "the server must respond with all resources listed in `resource_names_subscribe`, even
+//!   if it believes the client has the most recent version of them": on later requests a
+//!   subscribed name is forgotten from what the client holds, so it is resent if it exists;
+//! - a subscribed name that does not exist is not answered; it is sent when it appears, and
+//!   goes out in `removed_resources` when it disappears;
+//! - an unsubscribed name is forgotten without a response, unless the wildcard still covers
+//!   it: then it is sent again, which tells the client to keep it (Envoy keeps such a resource
+//!   "ambiguous" until the server says);
+//! - a held resource that stops matching because a wildcard ended (`*` unsubscribed, or names
+//!   subscribed after a legacy wildcard) goes out in `removed_resources`: the client cannot
+//!   tell which of its resources it held only through the wildcard;
+//! - the first wildcard request of a type is always answered, even when empty, so a client
+//!   that waits for it (Envoy's LDS and CDS initialisation) is not left waiting;
+//! - `system_version_info` is [`Version::of_set`] of everything the client holds after the
+//!   response, so it agrees across replicas.
+//!
+//! A first request of a type that carries a `response_nonce` (from an earlier stream, since
+//! this stream has sent nothing for the type) is neither ACK nor NACK and produces no notice,
+//! even with `error_detail`: nothing says which content it refers to. Its
+//! `initial_resource_versions` carries what matters. `resource_locators_*` (dynamic
+//! parameters) are not implemented and ignored.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
+};
+
+use crate::{
+    cache::{Snapshot, View},
+    protocol::{Limits, Nonces, ProtocolError, read_response_nonce},
+    status::TypeStatus,
+    types::{Nonce, ResourceName, TypeUrl, Version, WILDCARD},
+};
+
+/// What one Delta step produced: responses to send and notices.
+pub type Step = crate::protocol::Step<DeltaDiscoveryResponse>;
+
+/// The per-type state of one Delta stream. A type is started once it is in the map.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Subscription, sent/ACKed/NACKed state, and in `resources` what the client holds.
+    status: TypeStatus,
+    /// The snapshot generation of this type last compared with what the client holds.
+    seen_generation: u64,
+}
+
+/// One Incremental (Delta) stream.
+#[derive(Debug)]
+pub struct DeltaStream {
+    view: View,
+    nonces: Nonces,
+    limits: Limits,
+    types: HashMap<TypeUrl, TypeState>,
+}
+
+impl DeltaStream {
+    /// A stream reading `view`; nonces start with `nonce_prefix` (e.g. the stream id), so they
+    /// differ from any earlier stream's.
+    pub fn new(view: View, nonce_prefix: impl Into<String>, limits: Limits) -> Self {
+        Self {
+            view,
+            nonces: Nonces::new(nonce_prefix.into()),
+            limits,
+            types: HashMap::new(),
+        }
+    }
+
+    /// The view this stream reads.
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// The status of every type this stream has asked for; `resources` is what the client
+    /// holds.
+    pub fn status(&self) -> impl Iterator<Item = (&TypeUrl, &TypeStatus)> {
+        self.types.iter().map(|(t, s)| (t, &s.status))
+    }
+
+    /// Handles one client request: (N)ACK, subscription changes, and on the first request of
+    /// a type, `initial_resource_versions`.
+    pub fn on_request(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> Result<Step, ProtocolError> {
+        if request.type_url.is_empty() {
+            return Err(ProtocolError::MissingTypeUrl);
+        }
+        let type_url = TypeUrl::new(&request.type_url);
+        let first = !self.types.contains_key(&type_url);
+        let subscribe = &request.resource_names_subscribe;
+        let unsubscribe = &request.resource_names_unsubscribe;
+
+        // The next subscription, checked against the limits before anything changes.
+        let mut subscription = self
+            .types
+            .get(&type_url)
+            .map(|s| s.status.subscription.clone())
+            .unwrap_or_default();
+        subscription.apply_delta(subscribe, unsubscribe, first);
+        self.limits.check(
+            &type_url,
+            self.types.iter().map(|(t, s)| (t, &s.status.subscription)),
+            subscription.names().len(),
+        )?;
+        if first && request.initial_resource_versions.len() > self.limits.max_subscribed_names {
+            return Err(ProtocolError::TooManySubscriptions {
+                limit: self.limits.max_subscribed_names,
+            });
+        }
+
+        let mut step = Step::default();
+        let state = self.types.entry(type_url.clone()).or_default();
+        step.notices.extend(read_response_nonce(
+            &mut state.status,
+            &type_url,
+            !first,
+            &request.response_nonce,
+            request.error_detail.as_ref(),
+            None,
+        ));
+
+        let subscription_changed = subscription != state.status.subscription;
+        state.status.subscription = subscription;
+        let held = &mut state.status.resources;
+        if first {
+            *held = request
+                .initial_resource_versions
+                .iter()
+                .map(|(name, version)| (ResourceName::new(name), Version::new(version)))
+                .collect();
+        } else {
+            // Resend what the client (re)subscribes to, even if it should hold it already.
+            for name in subscribe.iter().filter(|n| *n != WILDCARD) {
+                held.remove(name.as_str());
+            }
+        }
+        for name in unsubscribe {
+            held.remove(name.as_str());
+        }
+
+        let generation = snapshot.generation(&self.view, &type_url);
+        let must_compare = first
+            || subscription_changed
+            || !subscribe.is_empty()
+            || !unsubscribe.is_empty()
+            || generation != state.seen_generation;
+        if must_compare {
+            state.seen_generation = generation;
+            let answer_empty = first && state.status.subscription.is_wildcard();
+            if let Some(response) = reconcile(
+                snapshot,
+                &self.view,
+                &type_url,
+                state,
+                answer_empty,
+                &mut self.nonces,
+            ) {
+                step.responses.push(response);
+            }
+        }
+        Ok(step)
+    }
+
+    /// Handles a newer snapshot: sends, for every type whose visible content changed, what
+    /// changed and what was removed.
+    pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step {
+        let mut step = Step::default();
+        let mut type_urls: Vec<TypeUrl> = self.types.keys().cloned().collect();
+        type_urls.sort();
+        for type_url in type_urls {
+            let state = self
+                .types
+                .get_mut(&type_url)
+                .expect("key taken from the map");
+            let generation = snapshot.generation(&self.view, &type_url);
+            if generation == state.seen_generation {
+                continue;
+            }
+            state.seen_generation = generation;
+            if let Some(response) = reconcile(
+                snapshot,
+                &self.view,
+                &type_url,
+                state,
+                false,
+                &mut self.nonces,
+            ) {
+                step.responses.push(response);
+            }
+        }
+        step
+    }
+}
+
+/// Compares what the client holds with what it should hold, and when they differ (or
+/// `answer_empty`), builds the response that makes them equal and records it as sent.
+fn reconcile(
+    snapshot: &Snapshot,
+    view: &View,
+    type_url: &TypeUrl,
+    state: &mut TypeState,
+    answer_empty: bool,
+    nonces: &mut Nonces,
+) -> Option<DeltaDiscoveryResponse> {
+    let subscription = &state.status.subscription;
+    let held = &state.status.resources;
+
+    let removed: Vec<ResourceName> = held
+        .keys()
+        .filter(|name| {
+            !subscription.matches(name.as_str())
+                || snapshot.get(view, type_url, name.as_str()).is_none()
+        })
+        .cloned()
+        .collect();
+    let wanted = if subscription.is_wildcard() {
+        snapshot.resources(view, type_url)
+    } else {
+        subscription
+            .names()
+            .iter()
+            .filter_map(|name| snapshot.get(view, type_url, name.as_str()))
+            .collect()
+    };
+    let changed: Vec<WireResource> = wanted
+        .into_iter()
+        .filter(|resource| held.get(&resource.name) != Some(&resource.version))
+        .map(|resource| WireResource {
+            name: resource.name.to_string(),
+            version: resource.version.to_string(),
+            resource: Some(resource.body.clone()),
+            ..Default::default()
+        })
+        .collect();
+    if changed.is_empty() && removed.is_empty() && !answer_empty {
+        return None;
+    }
+
+    let held = &mut state.status.resources;
+    for name in &removed {
+        held.remove(name);
+    }
+    for resource in &changed {
+        held.insert(
+            ResourceName::new(&resource.name),
+            Version::new(&resource.version),
+        );
+    }
+    let version = Version::of_set(held.iter());
+    let nonce: Nonce = nonces.next();
+    state.status.sent_version = Some(version.clone());
+    state.status.sent_nonce = Some(nonce.clone());
+    Some(DeltaDiscoveryResponse {
+        system_version_info: version.to_string(),
+        resources: changed,
+        type_url: type_url.to_string(),
+        removed_resources: removed.iter().map(|name| name.to_string()).collect(),
+        nonce: nonce.to_string(),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests;

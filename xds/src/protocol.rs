@@ -1,0 +1,194 @@
+//! What the State-of-the-World and Delta state machines share: limits, protocol errors, the
+//! output of one step, nonces, and the reading of a request's `response_nonce` as ACK, NACK
+//! or stale.
+//!
+//! Nothing here knows which variant it serves; [`sotw`](crate::sotw) and
+//! [`delta`](crate::delta) decide what to send.
+
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+use crate::{
+    status::{Nack, Notice, TypeStatus},
+    subscription::Subscription,
+    types::{Nonce, TypeUrl, Version},
+};
+
+/// A request the protocol does not allow; the stream ends with `INVALID_ARGUMENT`.
+///
+/// Retrying the same request does not help: the client has to ask for less or fix the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// ADS requires every request to name its type.
+    #[error("request has no type_url")]
+    MissingTypeUrl,
+    /// A request would take the stream past its configured subscription limit.
+    #[error("stream subscribes to more than {limit} resource names")]
+    TooManySubscriptions {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A request would take the stream past its configured type limit.
+    #[error("stream subscribes to more than {limit} types")]
+    TooManyTypes {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+/// Limits a stream enforces on what a client may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most resource names subscribed across all types (default 100,000). A Delta client's
+    /// `initial_resource_versions` for one type counts against it too.
+    pub max_subscribed_names: usize,
+    /// Most types subscribed (default 64).
+    pub max_types: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_subscribed_names: 100_000,
+            max_types: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that subscribing `type_url` to `n_names` names keeps the stream within limits,
+    /// given the current subscriptions of every type (`type_url`'s own is replaced).
+    pub(crate) fn check<'a>(
+        &self,
+        type_url: &TypeUrl,
+        subscriptions: impl Iterator<Item = (&'a TypeUrl, &'a Subscription)>,
+        n_names: usize,
+    ) -> Result<(), ProtocolError> {
+        let mut n_types = 0;
+        let mut known_type = false;
+        let mut n_other_names = 0;
+        for (other_type, subscription) in subscriptions {
+            n_types += 1;
+            if other_type == type_url {
+                known_type = true;
+            } else {
+                n_other_names += subscription.names().len();
+            }
+        }
+        if !known_type && n_types >= self.max_types {
+            return Err(ProtocolError::TooManyTypes {
+                limit: self.max_types,
+            });
+        }
+        if n_other_names + n_names > self.max_subscribed_names {
+            return Err(ProtocolError::TooManySubscriptions {
+                limit: self.max_subscribed_names,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What one step of a state machine produced.
+#[derive(Debug)]
+pub struct Step<R> {
+    /// Responses to send, in order.
+    pub responses: Vec<R>,
+    /// ACKs, NACKs and stale nonces seen.
+    pub notices: Vec<Notice>,
+}
+
+impl<R> Default for Step<R> {
+    fn default() -> Self {
+        Self {
+            responses: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+}
+
+/// The nonces of one stream: `<prefix>-1`, `<prefix>-2`, ...
+///
+/// The prefix (the stream id) keeps them apart from any earlier stream's, so a nonce a client
+/// carries over from another stream never matches.
+#[derive(Debug)]
+pub(crate) struct Nonces {
+    prefix: String,
+    n_issued: u64,
+}
+
+impl Nonces {
+    pub(crate) fn new(prefix: String) -> Self {
+        Self {
+            prefix,
+            n_issued: 0,
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Nonce {
+        self.n_issued += 1;
+        Nonce::from(format!("{}-{}", self.prefix, self.n_issued))
+    }
+}
+
+/// Reads a request's `response_nonce` against what was last sent for its type, recording an
+/// ACK or NACK in `status`.
+///
+/// - The last nonce sent for the type: an ACK, or a NACK when `error_detail` is set. A NACK
+///   names the version of the rejected response; an ACK records `acked_version` when the
+///   protocol carries one (SotW `version_info`), else the version of the ACKed response.
+/// - Any other non-empty nonce on a started type is stale: neither ACK nor NACK, reported
+///   only as a notice. Status is left untouched.
+/// - An empty nonce, or any nonce on the first request of a type (it can only come from an
+///   earlier stream), means nothing.
+pub(crate) fn read_response_nonce(
+    status: &mut TypeStatus,
+    type_url: &TypeUrl,
+    started: bool,
+    nonce: &str,
+    error_detail: Option<&RpcStatus>,
+    acked_version: Option<&str>,
+) -> Option<Notice> {
+    if nonce.is_empty() {
+        return None;
+    }
+    let is_current = status
+        .sent_nonce
+        .as_ref()
+        .is_some_and(|sent| sent.as_str() == nonce);
+    if !is_current {
+        return started.then(|| Notice::StaleNonce {
+            type_url: type_url.clone(),
+            nonce: Nonce::new(nonce),
+        });
+    }
+    let sent_version = status
+        .sent_version
+        .clone()
+        .expect("a sent nonce always has a sent version");
+    match error_detail {
+        Some(error) => {
+            let nack = Nack {
+                version: sent_version,
+                nonce: Nonce::new(nonce),
+                message: error.message.clone(),
+                code: error.code,
+            };
+            status.n_nacks += 1;
+            status.nack = Some(nack.clone());
+            Some(Notice::Nack {
+                type_url: type_url.clone(),
+                nack,
+            })
+        }
+        None => {
+            let version = acked_version.map_or(sent_version, Version::new);
+            status.n_acks += 1;
+            status.acked_version = Some(version.clone());
+            status.nack = None;
+            Some(Notice::Ack {
+                type_url: type_url.clone(),
+                version,
+            })
+        }
+    }
+}
