@@ -1,5 +1,131 @@
 //! pixiu-metadata: a metadata control plane for Pixiu and Dubbo meshes.
+//!
+//! One gRPC port serves the seed's `MetadataService` and `ServiceDefinitionService`, an
+//! Aggregated Discovery Service that pushes the stored metadata as xDS resources, gRPC health
+//! and server reflection. [`run`] wires it all together; `main.rs` only parses flags.
+//!
+//! Data flow: `api` validates and writes to a [`store::Store`]; `push` follows the store's
+//! watch and writes the xDS cache; `pixiu_xds` streams the cache to subscribers.
 
+use std::sync::Arc;
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod model;
 pub mod pb;
+pub mod push;
 pub mod store;
+
+pub use config::Config;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store could not be opened.
+    #[error("opening the store")]
+    Store(#[source] store::Error),
+    /// Reflection could not load the descriptor sets.
+    #[error("building server reflection")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The gRPC transport failed.
+    #[error("serving gRPC")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Opens the store named by `config`.
+pub fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>, Error> {
+    Ok(match config.backend {
+        config::Backend::Memory => Arc::new(store::memory::MemoryStore::new(
+            config.max_records_per_namespace,
+        )),
+        config::Backend::Embedded => Arc::new(
+            store::embedded::EmbeddedStore::open(&config.data_dir, config.max_records_per_namespace)
+                .map_err(Error::Store)?,
+        ),
+    })
+}
+
+/// Runs the server on an already-bound listener until `shutdown` is cancelled.
+///
+/// Taking the listener (rather than an address) lets tests bind port 0 and learn the port
+/// before the server starts.
+pub async fn run(config: Config, grpc: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    let store = open_store(&config.store)?;
+    serve(config, store, grpc, shutdown).await
+}
+
+/// Runs the server over an already-open store.
+pub async fn serve(
+    config: Config,
+    store: Arc<dyn store::Store>,
+    grpc: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let (cache, writer) = pixiu_xds::cache();
+    let (warmed_tx, mut warmed) = watch::channel(false);
+    let push_task = tokio::spawn(push::run(store.clone(), writer, warmed_tx, shutdown.clone()));
+    // Do not serve ADS from an empty cache as if it were the truth.
+    let _ = warmed.wait_for(|w| *w).await;
+
+    let api = api::Api::new(store.clone(), config.api.clone());
+    let registry = pixiu_xds::Registry::new();
+    let ads = pixiu_xds::AdsServer::new(
+        cache,
+        Arc::new(push::NamespaceResolver::new(&config.api.default_namespace)),
+        registry,
+        config.xds.clone(),
+        shutdown.clone(),
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::metadata::metadata_service_server::MetadataServiceServer<api::Api>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::metadata::service_definition_service_server::ServiceDefinitionServiceServer<api::Api>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(Error::Reflection)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::Reflection)?;
+
+    let addr = grpc.local_addr().ok();
+    info!(grpc.addr = ?addr, store = store.backend(), "serving");
+    let result = tonic::transport::Server::builder()
+        // tonic reports a request over the message size limit as OUT_OF_RANGE; our contract
+        // for size limits is RESOURCE_EXHAUSTED. No handler of ours returns OUT_OF_RANGE.
+        .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        .add_service(api.metadata_service())
+        .add_service(api.definition_service())
+        .add_service(ads.into_service())
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned())
+        .await
+        .map_err(Error::Transport);
+    shutdown.cancel();
+    let _ = push_task.await;
+    info!("stopped");
+    result
+}
+
+/// Rewrites a trailers-only `OUT_OF_RANGE` (tonic's "message too large") to
+/// `RESOURCE_EXHAUSTED`.
+fn size_limit_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const OUT_OF_RANGE: &str = "11";
+    const RESOURCE_EXHAUSTED: &str = "8";
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
+        headers.insert("grpc-status", http::HeaderValue::from_static(RESOURCE_EXHAUSTED));
+    }
+    response
+}

@@ -1,0 +1,384 @@
+//! The command line: `serve` and the client commands.
+//!
+//! Flags parse into [`Config`](crate::Config) here and nowhere else; every `serve` flag can
+//! also be set with a `PIXIU_METADATA_*` environment variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use envoy_types::pb::envoy::{
+    config::core::v3::Node,
+    service::discovery::v3::{
+        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    },
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, transport::Channel};
+
+use crate::{
+    api::NAMESPACE_HEADER,
+    config::{Backend, Config},
+    pb::{self, metadata as proto},
+};
+
+/// pixiu-metadata: store Dubbo application metadata and service definitions, and push them
+/// to consumers over xDS.
+#[derive(Debug, Parser)]
+#[command(name = "pixiu-metadata", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Publish, read and watch application metadata.
+    #[command(subcommand)]
+    Metadata(MetadataCommand),
+    /// Publish, read and watch service definitions.
+    #[command(subcommand)]
+    Definition(DefinitionCommand),
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC port (metadata API, ADS, health, reflection).
+    #[arg(long, env = "PIXIU_METADATA_GRPC_ADDR", default_value = "127.0.0.1:15010")]
+    pub grpc_addr: SocketAddr,
+    /// Where records are stored.
+    #[arg(long, env = "PIXIU_METADATA_STORE", value_enum, default_value = "embedded")]
+    pub store: Backend,
+    /// Directory of the embedded store.
+    #[arg(long, env = "PIXIU_METADATA_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Namespace of requests and streams that name none.
+    #[arg(long, env = "PIXIU_METADATA_DEFAULT_NAMESPACE", default_value = "default")]
+    pub default_namespace: String,
+    /// Largest metadata_info or service definition accepted, in bytes.
+    #[arg(long, env = "PIXIU_METADATA_MAX_VALUE_BYTES", default_value_t = crate::model::DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+    /// Most records per namespace and kind.
+    #[arg(long, env = "PIXIU_METADATA_MAX_RECORDS_PER_NAMESPACE", default_value_t = 100_000)]
+    pub max_records_per_namespace: usize,
+    /// Most ADS streams open at once.
+    #[arg(long, env = "PIXIU_METADATA_MAX_STREAMS", default_value_t = 100_000)]
+    pub max_streams: usize,
+}
+
+impl ServeArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        crate::model::check_namespace(&self.default_namespace)
+            .context("--default-namespace")?;
+        let mut config = Config::default();
+        config.grpc.addr = self.grpc_addr;
+        config.store.backend = self.store;
+        config.store.data_dir = self.data_dir.clone();
+        config.store.max_records_per_namespace = self.max_records_per_namespace;
+        config.api.default_namespace = self.default_namespace.clone();
+        config.api.max_value_bytes = self.max_value_bytes;
+        config.xds.max_streams = self.max_streams;
+        Ok(config)
+    }
+}
+
+/// Flags shared by client commands.
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "PIXIU_METADATA_SERVER", default_value = "http://127.0.0.1:15010")]
+    pub server: String,
+    /// Namespace to publish to and read from (the server's default when absent).
+    #[arg(long, short = 'n', env = "PIXIU_METADATA_NAMESPACE")]
+    pub namespace: Option<String>,
+}
+
+/// A value given inline or read from a file (`-` for standard input).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ValueArgs {
+    /// The value itself.
+    #[arg(long)]
+    pub value: Option<String>,
+    /// Read the value from this file (`-` for standard input).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+impl ValueArgs {
+    fn read(&self) -> anyhow::Result<String> {
+        match (&self.value, &self.file) {
+            (Some(value), _) => Ok(value.clone()),
+            (None, Some(path)) if path.as_os_str() == "-" => {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")
+            }
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display())),
+            (None, None) => bail!("give --value or --file"),
+        }
+    }
+}
+
+/// `metadata` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MetadataCommand {
+    /// Publish an application's metadata for one revision.
+    Publish {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Application name.
+        #[arg(long, short = 'a')]
+        application: String,
+        /// Revision (opaque; usually a hash computed by the provider).
+        #[arg(long, short = 'r')]
+        revision: String,
+        #[command(flatten)]
+        /// The metadata_info.
+        value: ValueArgs,
+    },
+    /// Print the raw metadata_info of one revision.
+    Get {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Application name.
+        #[arg(long, short = 'a')]
+        application: String,
+        /// Revision.
+        #[arg(long, short = 'r')]
+        revision: String,
+    },
+    /// Subscribe over ADS and print every push (all revisions when none is named).
+    Watch {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Resource names to watch, `<application>/<revision>`; none means all.
+        names: Vec<String>,
+        /// Stop after this many pushes.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+/// `definition` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DefinitionCommand {
+    /// Publish a service definition.
+    Publish {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Identifier, e.g. `org.apache.dubbo.Greeter:1.0.0::provider:greeter-app`.
+        #[arg(long, short = 'i')]
+        identifier: String,
+        #[command(flatten)]
+        /// The definition.
+        value: ValueArgs,
+    },
+    /// Print the raw definition.
+    Get {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Identifier.
+        #[arg(long, short = 'i')]
+        identifier: String,
+    },
+    /// Subscribe over ADS and print every push (all definitions when none is named).
+    Watch {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Identifiers to watch; none means all.
+        names: Vec<String>,
+        /// Stop after this many pushes.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+impl ClientArgs {
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Channel::from_shared(self.server.clone())
+            .with_context(|| format!("bad --server {:?}", self.server))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| {
+                format!("cannot reach {}; is `pixiu-metadata serve` running there?", self.server)
+            })
+    }
+
+    fn request<T>(&self, message: T) -> anyhow::Result<Request<T>> {
+        let mut request = Request::new(message);
+        if let Some(namespace) = &self.namespace {
+            request.metadata_mut().insert(
+                NAMESPACE_HEADER,
+                namespace.parse().context("namespace is not a valid header value")?,
+            );
+        }
+        Ok(request)
+    }
+}
+
+/// Runs a client command, writing its output to `out`.
+pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    use proto::{
+        metadata_service_client::MetadataServiceClient,
+        service_definition_service_client::ServiceDefinitionServiceClient,
+    };
+    match command {
+        Command::Serve(_) => bail!("serve is not a client command"),
+        Command::Metadata(MetadataCommand::Publish {
+            client,
+            application,
+            revision,
+            value,
+        }) => {
+            let request = client.request(proto::PublishMetadataRequest {
+                application_name: application.clone(),
+                revision: revision.clone(),
+                metadata_info: value.read()?,
+            })?;
+            MetadataServiceClient::new(client.channel().await?)
+                .publish(request)
+                .await
+                .map_err(status_error)?;
+            writeln!(out, "published {application}/{revision}")?;
+        }
+        Command::Metadata(MetadataCommand::Get {
+            client,
+            application,
+            revision,
+        }) => {
+            let request = client.request(proto::GetMetadataRequest {
+                application_name: application,
+                revision,
+            })?;
+            let response = MetadataServiceClient::new(client.channel().await?)
+                .get(request)
+                .await
+                .map_err(status_error)?;
+            writeln!(out, "{}", response.into_inner().metadata_info)?;
+        }
+        Command::Metadata(MetadataCommand::Watch {
+            client,
+            names,
+            count,
+        }) => watch(&client, pb::METADATA_TYPE_URL, names, count, out).await?,
+        Command::Definition(DefinitionCommand::Publish {
+            client,
+            identifier,
+            value,
+        }) => {
+            let request = client.request(proto::PublishServiceDefinitionRequest {
+                identifier: identifier.clone(),
+                service_definition: value.read()?,
+            })?;
+            ServiceDefinitionServiceClient::new(client.channel().await?)
+                .publish(request)
+                .await
+                .map_err(status_error)?;
+            writeln!(out, "published {identifier}")?;
+        }
+        Command::Definition(DefinitionCommand::Get { client, identifier }) => {
+            let request = client.request(proto::GetServiceDefinitionRequest { identifier })?;
+            let response = ServiceDefinitionServiceClient::new(client.channel().await?)
+                .get(request)
+                .await
+                .map_err(status_error)?;
+            writeln!(out, "{}", response.into_inner().service_definition)?;
+        }
+        Command::Definition(DefinitionCommand::Watch {
+            client,
+            names,
+            count,
+        }) => watch(&client, pb::SERVICE_DEFINITION_TYPE_URL, names, count, out).await?,
+    }
+    Ok(())
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// Subscribes over State-of-the-World ADS, ACKs every response and prints each as one JSON
+/// line: `{"version": .., "resources": {name: value}}`.
+async fn watch(
+    client: &ClientArgs,
+    type_url: &str,
+    names: Vec<String>,
+    count: Option<usize>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut node = Node {
+        id: format!("pixiu-metadata-cli-{}", std::process::id()),
+        ..Default::default()
+    };
+    if let Some(namespace) = &client.namespace {
+        node.metadata = Some(envoy_types::pb::google::protobuf::Struct {
+            fields: [(
+                crate::push::NODE_NAMESPACE_KEY.to_string(),
+                envoy_types::pb::google::protobuf::Value {
+                    kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                        namespace.clone(),
+                    )),
+                },
+            )]
+            .into(),
+        });
+    }
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: type_url.to_string(),
+        resource_names: names.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let mut responses = AggregatedDiscoveryServiceClient::new(client.channel().await?)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut n_seen = 0;
+    while count.is_none_or(|c| n_seen < c) {
+        let Some(response) = responses.message().await.map_err(status_error)? else {
+            bail!("the server closed the stream");
+        };
+        let mut resources = serde_json::Map::new();
+        for any in &response.resources {
+            let (name, value) = if type_url == pb::METADATA_TYPE_URL {
+                let m = proto::Metadata::decode(any.value.as_slice())?;
+                (format!("{}/{}", m.application_name, m.revision), m.metadata_info)
+            } else {
+                let d = proto::ServiceDefinition::decode(any.value.as_slice())?;
+                (d.identifier, d.service_definition)
+            };
+            resources.insert(name, serde_json::Value::String(value));
+        }
+        let line = serde_json::json!({"version": response.version_info, "resources": resources});
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        n_seen += 1;
+        tx.send(DiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names: names.clone(),
+            version_info: response.version_info.clone(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}

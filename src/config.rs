@@ -1,0 +1,67 @@
+//! The server's configuration: a plain tree of per-component structs.
+//!
+//! Parsing (flags, environment, files) lives in `cli`; everything below it receives these
+//! structs and never reads the environment itself.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use crate::api::ApiConfig;
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The gRPC port.
+    pub grpc: GrpcConfig,
+    /// Where records live.
+    pub store: StoreConfig,
+    /// The metadata API.
+    pub api: ApiConfig,
+    /// The ADS server.
+    pub xds: pixiu_xds::ServerConfig,
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    /// Address to bind (default `127.0.0.1:15010`, the xDS port Istio-style control planes
+    /// use).
+    pub addr: SocketAddr,
+}
+
+/// Which backend stores records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// In memory: nothing survives a restart. For tests and demos.
+    Memory,
+    /// Embedded durable store (redb) under `--data-dir`: the default.
+    Embedded,
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Which backend (default embedded).
+    pub backend: Backend,
+    /// Directory of the embedded store (default `./data`).
+    pub data_dir: PathBuf,
+    /// Most records per namespace and kind (default 100,000), so one namespace cannot fill
+    /// the store.
+    pub max_records_per_namespace: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc: GrpcConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            },
+            store: StoreConfig {
+                backend: Backend::Embedded,
+                data_dir: PathBuf::from("./data"),
+                max_records_per_namespace: 100_000,
+            },
+            api: ApiConfig::default(),
+            xds: pixiu_xds::ServerConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Store changes into xDS resources: the only writer of the metadata part of the xDS cache.
+//!
+//! Layout of the cache, known here and nowhere else: one partition per namespace holds the
+//! `Metadata` (named `<application>/<revision>`) and `ServiceDefinition` (named by
+//! identifier) resources of that namespace; the [`GLOBAL_PARTITION`] holds resources every
+//! client sees (standard Envoy resources). [`NamespaceResolver`] gives a stream the view
+//! `[its namespace, global]`.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use envoy_types::pb::{
+    envoy::config::core::v3::Node,
+    google::protobuf::{Any, value::Kind as ValueKind},
+};
+use futures::StreamExt;
+use pixiu_xds::{CacheWriter, Partition, ResourceName, StreamContext, TypeUrl, Update, View};
+use prost::Message;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::{
+    api::NAMESPACE_HEADER,
+    model::{self, Kind},
+    pb::{self, metadata as proto},
+    store::{Event, Record, Store},
+};
+
+/// The partition of resources every client sees, whatever its namespace.
+pub const GLOBAL_PARTITION: &str = "";
+
+/// The node metadata key naming a client's namespace (istio's convention).
+pub const NODE_NAMESPACE_KEY: &str = "NAMESPACE";
+
+/// The xDS type URL of a record kind.
+pub fn type_url(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Metadata => pb::METADATA_TYPE_URL,
+        Kind::Definition => pb::SERVICE_DEFINITION_TYPE_URL,
+    }
+}
+
+/// The xDS resource of a record: its name and packed body.
+pub fn resource(record: &Record) -> (ResourceName, Any) {
+    let key = &record.key;
+    let value = match key.kind {
+        Kind::Metadata => {
+            let (application, revision) = key
+                .application_revision()
+                .expect("metadata keys are always <application>/<revision>");
+            proto::Metadata {
+                application_name: application.to_string(),
+                revision: revision.to_string(),
+                metadata_info: record.value.to_string(),
+                namespace: key.namespace.clone(),
+            }
+            .encode_to_vec()
+        }
+        Kind::Definition => proto::ServiceDefinition {
+            identifier: key.name.clone(),
+            service_definition: record.value.to_string(),
+            namespace: key.namespace.clone(),
+        }
+        .encode_to_vec(),
+    };
+    (
+        ResourceName::new(&key.name),
+        Any {
+            type_url: type_url(key.kind).to_string(),
+            value,
+        },
+    )
+}
+
+/// Follows `store`'s watch and mirrors it into the cache until `shutdown`.
+///
+/// `warmed` turns true once the first full state is in the cache (for `/readyz` and for
+/// callers that must not serve an empty cache as if it were the truth).
+pub async fn run(
+    store: Arc<dyn Store>,
+    writer: CacheWriter,
+    warmed: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut events = store.watch();
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = events.next() => match event {
+                Some(event) => event,
+                None => {
+                    info!("store watch ended");
+                    return;
+                }
+            },
+        };
+        let is_reset = matches!(event, Event::Reset { .. });
+        let seq = writer.apply(updates(&writer, event));
+        debug!(snapshot.seq = seq, "cache updated");
+        if is_reset {
+            warmed.send_replace(true);
+        }
+    }
+}
+
+/// The cache updates for one store event.
+fn updates(writer: &CacheWriter, event: Event) -> Vec<Update> {
+    match event {
+        Event::Put(record) => {
+            let (name, body) = resource(&record);
+            vec![Update::Put {
+                partition: Partition::new(&record.key.namespace),
+                type_url: TypeUrl::new(type_url(record.key.kind)),
+                name,
+                body,
+            }]
+        }
+        Event::Delete { key, .. } => vec![Update::Delete {
+            partition: Partition::new(&key.namespace),
+            type_url: TypeUrl::new(type_url(key.kind)),
+            name: ResourceName::new(&key.name),
+        }],
+        Event::Refreshed { .. } => Vec::new(),
+        Event::Reset { records, .. } => {
+            // Replace every (namespace, type) we own, including ones that are now empty.
+            let mut sets: BTreeMap<(String, Kind), Vec<(ResourceName, Any)>> = BTreeMap::new();
+            let snapshot = writer.reader().snapshot();
+            for kind in Kind::ALL {
+                let url = TypeUrl::new(type_url(kind));
+                for (partition, t) in snapshot.keys() {
+                    if *t == url && partition.as_str() != GLOBAL_PARTITION {
+                        sets.entry((partition.to_string(), kind)).or_default();
+                    }
+                }
+            }
+            for record in &records {
+                sets.entry((record.key.namespace.clone(), record.key.kind))
+                    .or_default()
+                    .push(resource(record));
+            }
+            sets.into_iter()
+                .map(|((namespace, kind), resources)| Update::ReplaceType {
+                    partition: Partition::new(namespace),
+                    type_url: TypeUrl::new(type_url(kind)),
+                    resources,
+                })
+                .collect()
+        }
+    }
+}
+
+/// Gives each stream the view `[its namespace, global]`.
+///
+/// The namespace comes from `node.metadata["NAMESPACE"]`, else the `x-pixiu-namespace`
+/// header of the stream, else the default.
+#[derive(Debug, Clone)]
+pub struct NamespaceResolver {
+    default_namespace: String,
+}
+
+impl NamespaceResolver {
+    /// A resolver falling back to `default_namespace`.
+    pub fn new(default_namespace: impl Into<String>) -> Self {
+        Self {
+            default_namespace: default_namespace.into(),
+        }
+    }
+
+    /// The namespace of a stream.
+    pub fn namespace(&self, node: Option<&Node>, context: &StreamContext) -> Result<String, tonic::Status> {
+        let from_node = node
+            .and_then(|n| n.metadata.as_ref())
+            .and_then(|m| m.fields.get(NODE_NAMESPACE_KEY))
+            .and_then(|v| match &v.kind {
+                Some(ValueKind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            });
+        let from_header = || {
+            context
+                .metadata
+                .get(NAMESPACE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let namespace = from_node
+            .or_else(from_header)
+            .unwrap_or_else(|| self.default_namespace.clone());
+        model::check_namespace(&namespace)
+            .map_err(|e| tonic::Status::invalid_argument(format!("node namespace: {e}")))?;
+        Ok(namespace)
+    }
+}
+
+impl pixiu_xds::ViewResolver for NamespaceResolver {
+    fn view(&self, node: Option<&Node>, context: &StreamContext) -> Result<View, tonic::Status> {
+        let namespace = self.namespace(node, context)?;
+        Ok(View::new([
+            Partition::new(namespace),
+            Partition::new(GLOBAL_PARTITION),
+        ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::store::{Key, memory::MemoryStore};
+
+    #[tokio::test]
+    async fn mirrors_store_into_cache() {
+        let store = Arc::new(MemoryStore::default());
+        store
+            .put(&Key::metadata("ns1", "app", "r1"), "old", SystemTime::now())
+            .await
+            .unwrap();
+        let (cache, writer) = pixiu_xds::cache();
+        let (warmed_tx, mut warmed) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(store.clone(), writer, warmed_tx, shutdown.clone()));
+        warmed.wait_for(|w| *w).await.unwrap();
+        let view = View::new([Partition::new("ns1")]);
+        let metadata = TypeUrl::new(pb::METADATA_TYPE_URL);
+        let snap = cache.snapshot();
+        let resource = snap.get(&view, &metadata, "app/r1").unwrap();
+        let decoded = proto::Metadata::decode(resource.body.value.as_slice()).unwrap();
+        assert_eq!(decoded.metadata_info, "old");
+        assert_eq!(decoded.namespace, "ns1");
+
+        let mut changes = cache.changes();
+        store
+            .put(&Key::definition("ns1", "svc"), "def", SystemTime::now())
+            .await
+            .unwrap();
+        let snap = changes.next().await.unwrap();
+        let definitions = TypeUrl::new(pb::SERVICE_DEFINITION_TYPE_URL);
+        assert!(snap.get(&view, &definitions, "svc").is_some());
+        store
+            .delete(&Key::metadata("ns1", "app", "r1"), None)
+            .await
+            .unwrap();
+        let snap = changes.next().await.unwrap();
+        assert!(snap.get(&view, &metadata, "app/r1").is_none());
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
