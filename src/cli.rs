@@ -51,22 +51,39 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address of the gRPC port (metadata API, ADS, health, reflection).
-    #[arg(long, env = "PIXIU_METADATA_GRPC_ADDR", default_value = "127.0.0.1:15010")]
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_GRPC_ADDR",
+        default_value = "127.0.0.1:15010"
+    )]
     pub grpc_addr: SocketAddr,
     /// Where records are stored.
-    #[arg(long, env = "PIXIU_METADATA_STORE", value_enum, default_value = "embedded")]
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_STORE",
+        value_enum,
+        default_value = "embedded"
+    )]
     pub store: Backend,
     /// Directory of the embedded store.
     #[arg(long, env = "PIXIU_METADATA_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
     /// Namespace of requests and streams that name none.
-    #[arg(long, env = "PIXIU_METADATA_DEFAULT_NAMESPACE", default_value = "default")]
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_DEFAULT_NAMESPACE",
+        default_value = "default"
+    )]
     pub default_namespace: String,
     /// Largest metadata_info or service definition accepted, in bytes.
     #[arg(long, env = "PIXIU_METADATA_MAX_VALUE_BYTES", default_value_t = crate::model::DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
     /// Most records per namespace and kind.
-    #[arg(long, env = "PIXIU_METADATA_MAX_RECORDS_PER_NAMESPACE", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_MAX_RECORDS_PER_NAMESPACE",
+        default_value_t = 100_000
+    )]
     pub max_records_per_namespace: usize,
     /// Most ADS streams open at once.
     #[arg(long, env = "PIXIU_METADATA_MAX_STREAMS", default_value_t = 100_000)]
@@ -76,8 +93,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<Config> {
-        crate::model::check_namespace(&self.default_namespace)
-            .context("--default-namespace")?;
+        crate::model::check_namespace(&self.default_namespace).context("--default-namespace")?;
         let mut config = Config::default();
         config.grpc.addr = self.grpc_addr;
         config.store.backend = self.store;
@@ -94,7 +110,11 @@ impl ServeArgs {
 #[derive(Debug, Args, Clone)]
 pub struct ClientArgs {
     /// The server's gRPC address.
-    #[arg(long, env = "PIXIU_METADATA_SERVER", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_SERVER",
+        default_value = "http://127.0.0.1:15010"
+    )]
     pub server: String,
     /// Namespace to publish to and read from (the server's default when absent).
     #[arg(long, short = 'n', env = "PIXIU_METADATA_NAMESPACE")]
@@ -120,8 +140,9 @@ impl ValueArgs {
             (None, Some(path)) if path.as_os_str() == "-" => {
                 std::io::read_to_string(std::io::stdin()).context("reading standard input")
             }
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display())),
+            (None, Some(path)) => {
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+            }
             (None, None) => bail!("give --value or --file"),
         }
     }
@@ -215,7 +236,10 @@ impl ClientArgs {
             .connect()
             .await
             .with_context(|| {
-                format!("cannot reach {}; is `pixiu-metadata serve` running there?", self.server)
+                format!(
+                    "cannot reach {}; is `pixiu-metadata serve` running there?",
+                    self.server
+                )
             })
     }
 
@@ -224,7 +248,9 @@ impl ClientArgs {
         if let Some(namespace) = &self.namespace {
             request.metadata_mut().insert(
                 NAMESPACE_HEADER,
-                namespace.parse().context("namespace is not a valid header value")?,
+                namespace
+                    .parse()
+                    .context("namespace is not a valid header value")?,
             );
         }
         Ok(request)
@@ -360,7 +386,10 @@ async fn watch(
         for any in &response.resources {
             let (name, value) = if type_url == pb::METADATA_TYPE_URL {
                 let m = proto::Metadata::decode(any.value.as_slice())?;
-                (format!("{}/{}", m.application_name, m.revision), m.metadata_info)
+                (
+                    format!("{}/{}", m.application_name, m.revision),
+                    m.metadata_info,
+                )
             } else {
                 let d = proto::ServiceDefinition::decode(any.value.as_slice())?;
                 (d.identifier, d.service_definition)

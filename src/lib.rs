@@ -45,8 +45,11 @@ pub fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>,
             config.max_records_per_namespace,
         )),
         config::Backend::Embedded => Arc::new(
-            store::embedded::EmbeddedStore::open(&config.data_dir, config.max_records_per_namespace)
-                .map_err(Error::Store)?,
+            store::embedded::EmbeddedStore::open(
+                &config.data_dir,
+                config.max_records_per_namespace,
+            )
+            .map_err(Error::Store)?,
         ),
     })
 }
@@ -55,7 +58,11 @@ pub fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>,
 ///
 /// Taking the listener (rather than an address) lets tests bind port 0 and learn the port
 /// before the server starts.
-pub async fn run(config: Config, grpc: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let store = open_store(&config.store)?;
     serve(config, store, grpc, shutdown).await
 }
@@ -69,7 +76,12 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let (cache, writer) = pixiu_xds::cache();
     let (warmed_tx, mut warmed) = watch::channel(false);
-    let push_task = tokio::spawn(push::run(store.clone(), writer, warmed_tx, shutdown.clone()));
+    let push_task = tokio::spawn(push::run(
+        store.clone(),
+        writer,
+        warmed_tx,
+        shutdown.clone(),
+    ));
     // Do not serve ADS from an empty cache as if it were the truth.
     let _ = warmed.wait_for(|w| *w).await;
 
@@ -109,7 +121,10 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc),
+            shutdown.clone().cancelled_owned(),
+        )
         .await
         .map_err(Error::Transport);
     shutdown.cancel();
@@ -124,8 +139,14 @@ fn size_limit_status<B>(mut response: http::Response<B>) -> http::Response<B> {
     const OUT_OF_RANGE: &str = "11";
     const RESOURCE_EXHAUSTED: &str = "8";
     let headers = response.headers_mut();
-    if headers.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
-        headers.insert("grpc-status", http::HeaderValue::from_static(RESOURCE_EXHAUSTED));
+    if headers
+        .get("grpc-status")
+        .is_some_and(|v| v == OUT_OF_RANGE)
+    {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
+        );
     }
     response
 }

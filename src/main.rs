@@ -25,12 +25,10 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(signal(shutdown.clone()));
             pixiu_metadata::run(config, listener, shutdown)
                 .await
-                .map_err(|e| anyhow::Error::new(e))?;
+                .map_err(anyhow::Error::new)?;
             Ok(())
         }
-        command => {
-            pixiu_metadata::cli::run_client(command, &mut std::io::stdout().lock()).await
-        }
+        command => pixiu_metadata::cli::run_client(command, &mut std::io::stdout().lock()).await,
     }
 }
 
@@ -39,14 +37,15 @@ async fn signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                shutdown.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

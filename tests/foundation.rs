@@ -36,7 +36,9 @@ fn get_md(app: &str, revision: &str) -> GetMetadataRequest {
     }
 }
 
-fn decode_metadata(response: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse) -> Vec<Metadata> {
+fn decode_metadata(
+    response: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+) -> Vec<Metadata> {
     response
         .resources
         .iter()
@@ -64,8 +66,14 @@ async fn publish_and_get_round_trip_byte_exact() {
     ];
     for (i, value) in values.iter().enumerate() {
         let revision = format!("{:0128x}", i); // SHA-512-sized revision
-        md.publish(publish_md("greeter", &revision, value)).await.unwrap();
-        let got = md.get(get_md("greeter", &revision)).await.unwrap().into_inner();
+        md.publish(publish_md("greeter", &revision, value))
+            .await
+            .unwrap();
+        let got = md
+            .get(get_md("greeter", &revision))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(&got.metadata_info, value, "value {i} byte-exact");
 
         let identifier = format!("org.apache.dubbo.Greeter{i}:1.0.0::provider:greeter");
@@ -111,7 +119,11 @@ async fn error_codes() {
     ];
     for request in invalid {
         let status = md.publish(request.clone()).await.unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{request:?}: {status:?}"
+        );
     }
     let status = sd
         .publish(PublishServiceDefinitionRequest {
@@ -125,7 +137,10 @@ async fn error_codes() {
     assert_eq!(status.code(), Code::InvalidArgument);
 
     let too_large = "x".repeat(1024 * 1024 + 1);
-    let status = md.publish(publish_md("app", "r", &too_large)).await.unwrap_err();
+    let status = md
+        .publish(publish_md("app", "r", &too_large))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let status = md
         .publish(publish_md("app", "r", &"x".repeat(3 * 1024 * 1024)))
@@ -147,15 +162,27 @@ async fn error_codes() {
 async fn namespaces_are_isolated() {
     let server = TestServer::memory().await;
     let mut md = metadata_client(server.channel().await);
-    md.publish(with_namespace(publish_md("app", "r", "in team-a"), "team-a"))
+    md.publish(with_namespace(
+        publish_md("app", "r", "in team-a"),
+        "team-a",
+    ))
+    .await
+    .unwrap();
+    md.publish(with_namespace(
+        publish_md("app", "r", "in team-b"),
+        "team-b",
+    ))
+    .await
+    .unwrap();
+    let a = md
+        .get(with_namespace(get_md("app", "r"), "team-a"))
         .await
         .unwrap();
-    md.publish(with_namespace(publish_md("app", "r", "in team-b"), "team-b"))
-        .await
-        .unwrap();
-    let a = md.get(with_namespace(get_md("app", "r"), "team-a")).await.unwrap();
     assert_eq!(a.into_inner().metadata_info, "in team-a");
-    let b = md.get(with_namespace(get_md("app", "r"), "team-b")).await.unwrap();
+    let b = md
+        .get(with_namespace(get_md("app", "r"), "team-b"))
+        .await
+        .unwrap();
     assert_eq!(b.into_inner().metadata_info, "in team-b");
     let default = md.get(get_md("app", "r")).await.unwrap_err();
     assert_eq!(default.code(), Code::NotFound);
@@ -193,7 +220,10 @@ async fn ads_subscriber_gets_current_value_then_pushes() {
     let first = ads.recv().await;
     let got = decode_metadata(&first);
     assert_eq!(got.len(), 1);
-    assert_eq!((got[0].application_name.as_str(), got[0].revision.as_str()), ("greeter", "r1"));
+    assert_eq!(
+        (got[0].application_name.as_str(), got[0].revision.as_str()),
+        ("greeter", "r1")
+    );
     assert_eq!(got[0].metadata_info, "v1");
     ads.ack(&first, &names).await;
     ads.expect_silence(Duration::from_millis(300)).await;
@@ -201,7 +231,10 @@ async fn ads_subscriber_gets_current_value_then_pushes() {
     // r2 is subscribed before it exists, and arrives the moment it is published, from
     // another client.
     let mut other = metadata_client(server.channel().await);
-    other.publish(publish_md("greeter", "r2", DUBBO_METADATA)).await.unwrap();
+    other
+        .publish(publish_md("greeter", "r2", DUBBO_METADATA))
+        .await
+        .unwrap();
     let push = ads.recv().await;
     let got = decode_metadata(&push);
     assert_eq!(got.len(), 2);
@@ -211,17 +244,26 @@ async fn ads_subscriber_gets_current_value_then_pushes() {
     ads.ack(&push, &names).await;
 
     // An identical re-publish pushes nothing.
-    other.publish(publish_md("greeter", "r2", DUBBO_METADATA)).await.unwrap();
+    other
+        .publish(publish_md("greeter", "r2", DUBBO_METADATA))
+        .await
+        .unwrap();
     ads.expect_silence(Duration::from_millis(300)).await;
 
     // An overwrite (revision collision) pushes the new content.
-    other.publish(publish_md("greeter", "r1", "v1-overwritten")).await.unwrap();
+    other
+        .publish(publish_md("greeter", "r1", "v1-overwritten"))
+        .await
+        .unwrap();
     let push = ads.recv().await;
     assert_eq!(decode_metadata(&push)[0].metadata_info, "v1-overwritten");
     ads.ack(&push, &names).await;
 
     // Something not subscribed pushes nothing.
-    other.publish(publish_md("other-app", "r1", "x")).await.unwrap();
+    other
+        .publish(publish_md("other-app", "r1", "x"))
+        .await
+        .unwrap();
     ads.expect_silence(Duration::from_millis(300)).await;
     server.stop().await;
 }
@@ -231,7 +273,13 @@ async fn nack_does_not_cause_a_resend_loop() {
     let server = TestServer::memory().await;
     let mut md = metadata_client(server.channel().await);
     md.publish(publish_md("app", "r", "good")).await.unwrap();
-    let mut ads = AdsClient::open(server.channel().await, node("n", None), METADATA_TYPE_URL, &[]).await;
+    let mut ads = AdsClient::open(
+        server.channel().await,
+        node("n", None),
+        METADATA_TYPE_URL,
+        &[],
+    )
+    .await;
     let first = ads.recv().await;
     ads.ack(&first, &[]).await;
     md.publish(publish_md("app", "r", "bad")).await.unwrap();
@@ -257,7 +305,8 @@ async fn definitions_are_pushed_too() {
     .await;
     let empty = ads.recv().await;
     assert!(empty.resources.is_empty());
-    ads.ack(&empty, &["org.example.Greeter:1.0.0::provider:greeter"]).await;
+    ads.ack(&empty, &["org.example.Greeter:1.0.0::provider:greeter"])
+        .await;
     definition_client(server.channel().await)
         .publish(PublishServiceDefinitionRequest {
             identifier: "org.example.Greeter:1.0.0::provider:greeter".into(),
@@ -267,7 +316,10 @@ async fn definitions_are_pushed_too() {
         .unwrap();
     let push = ads.recv().await;
     let definition = ServiceDefinition::decode(push.resources[0].value.as_slice()).unwrap();
-    assert_eq!(definition.identifier, "org.example.Greeter:1.0.0::provider:greeter");
+    assert_eq!(
+        definition.identifier,
+        "org.example.Greeter:1.0.0::provider:greeter"
+    );
     assert!(definition.service_definition.contains("canonicalName"));
     server.stop().await;
 }
@@ -297,16 +349,31 @@ async fn one_connection_carries_ads_and_publish_get() {
     let server = TestServer::memory().await;
     let (proxy, n_connections) = counting_proxy(server.addr).await;
     let channel = channel_to(proxy).await;
-    let mut ads = AdsClient::open(channel.clone(), node("dp", None), METADATA_TYPE_URL, &["app/r"]).await;
+    let mut ads = AdsClient::open(
+        channel.clone(),
+        node("dp", None),
+        METADATA_TYPE_URL,
+        &["app/r"],
+    )
+    .await;
     let first = ads.recv().await;
     ads.ack(&first, &["app/r"]).await;
     let mut md = metadata_client(channel.clone());
-    md.publish(publish_md("app", "r", "over the same connection")).await.unwrap();
+    md.publish(publish_md("app", "r", "over the same connection"))
+        .await
+        .unwrap();
     let push = ads.recv().await;
-    assert_eq!(decode_metadata(&push)[0].metadata_info, "over the same connection");
+    assert_eq!(
+        decode_metadata(&push)[0].metadata_info,
+        "over the same connection"
+    );
     let got = md.get(get_md("app", "r")).await.unwrap().into_inner();
     assert_eq!(got.metadata_info, "over the same connection");
-    assert_eq!(n_connections.load(Ordering::SeqCst), 1, "one HTTP/2 connection for all");
+    assert_eq!(
+        n_connections.load(Ordering::SeqCst),
+        1,
+        "one HTTP/2 connection for all"
+    );
     server.stop().await;
 }
 
@@ -332,7 +399,11 @@ async fn restart_keeps_every_acknowledged_record() {
     let server = TestServer::embedded(dir.path()).await;
     let mut md = metadata_client(server.channel().await);
     for i in 0..50 {
-        let got = md.get(get_md("app", &format!("r{i}"))).await.unwrap().into_inner();
+        let got = md
+            .get(get_md("app", &format!("r{i}")))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(got.metadata_info, format!("value {i}"));
     }
     let got = definition_client(server.channel().await)
@@ -344,14 +415,22 @@ async fn restart_keeps_every_acknowledged_record() {
         .into_inner();
     assert_eq!(got.service_definition, "def");
     // And the restarted server pushes what it recovered.
-    let mut ads = AdsClient::open(server.channel().await, node("n", None), METADATA_TYPE_URL, &[]).await;
+    let mut ads = AdsClient::open(
+        server.channel().await,
+        node("n", None),
+        METADATA_TYPE_URL,
+        &[],
+    )
+    .await;
     assert_eq!(decode_metadata(&ads.recv().await).len(), 50);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient, health_check_response::ServingStatus};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let server = TestServer::memory().await;
     let mut health = HealthClient::new(server.channel().await);
     let response = health
@@ -382,7 +461,10 @@ async fn health_and_reflection_are_served() {
         panic!("unexpected reflection response");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"pixiu.pkg.metadata.MetadataService".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"pixiu.pkg.metadata.MetadataService".to_string()),
+        "{names:?}"
+    );
     assert!(names.contains(&"pixiu.pkg.metadata.ServiceDefinitionService".to_string()));
     server.stop().await;
 }

@@ -77,8 +77,7 @@ impl Api {
 
     /// The `MetadataService` server, with its message size limit set from the config.
     pub fn metadata_service(&self) -> MetadataServiceServer<Self> {
-        MetadataServiceServer::new(self.clone())
-            .max_decoding_message_size(self.max_message_bytes())
+        MetadataServiceServer::new(self.clone()).max_decoding_message_size(self.max_message_bytes())
     }
 
     /// The `ServiceDefinitionService` server, with its message size limit set from the
@@ -151,8 +150,12 @@ impl MetadataService for Api {
         let request = request.into_inner();
         model::check_application(&request.application_name).map_err(Error::from)?;
         model::check_name("revision", &request.revision).map_err(Error::from)?;
-        model::check_value("metadata_info", &request.metadata_info, self.config.max_value_bytes)
-            .map_err(Error::from)?;
+        model::check_value(
+            "metadata_info",
+            &request.metadata_info,
+            self.config.max_value_bytes,
+        )
+        .map_err(Error::from)?;
         let key = Key::metadata(&namespace, &request.application_name, &request.revision);
         Api::publish(self, key, &request.metadata_info).await?;
         Ok(Response::new(PublishMetadataResponse {}))

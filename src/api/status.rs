@@ -54,7 +54,9 @@ impl From<Error> for Status {
             Error::Store(store::Error::Unavailable(_)) => {
                 "the store cannot take this request now; retry later".to_string()
             }
-            Error::Store(store::Error::Storage(_)) => "the store failed; see the server log".to_string(),
+            Error::Store(store::Error::Storage(_)) => {
+                "the store failed; see the server log".to_string()
+            }
             Error::Invalid(_)
             | Error::Namespace(_)
             | Error::NotFound { .. }
@@ -71,7 +73,10 @@ mod tests {
     #[test]
     fn codes() {
         let cases = [
-            (Error::Invalid(Invalid::Empty { field: "f" }), Code::InvalidArgument),
+            (
+                Error::Invalid(Invalid::Empty { field: "f" }),
+                Code::InvalidArgument,
+            ),
             (
                 Error::Invalid(Invalid::ValueTooLarge {
                     field: "f",
@@ -85,7 +90,10 @@ mod tests {
                 Error::Store(store::Error::Unavailable("down".into())),
                 Code::Unavailable,
             ),
-            (Error::Store(store::Error::Storage("/secret/path".into())), Code::Internal),
+            (
+                Error::Store(store::Error::Storage("/secret/path".into())),
+                Code::Internal,
+            ),
         ];
         for (error, expected) in cases {
             let status = Status::from(error);

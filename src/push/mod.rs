@@ -167,7 +167,11 @@ impl NamespaceResolver {
     }
 
     /// The namespace of a stream.
-    pub fn namespace(&self, node: Option<&Node>, context: &StreamContext) -> Result<String, tonic::Status> {
+    pub fn namespace(
+        &self,
+        node: Option<&Node>,
+        context: &StreamContext,
+    ) -> Result<String, tonic::Status> {
         let from_node = node
             .and_then(|n| n.metadata.as_ref())
             .and_then(|m| m.fields.get(NODE_NAMESPACE_KEY))

@@ -43,7 +43,10 @@ async fn put_get_refresh_update(store: impl Store) {
     assert_eq!(record.revision, created.revision());
 
     let refreshed = store.put(&key, "v1", at(2_000)).await.unwrap();
-    assert!(matches!(refreshed, PutOutcome::Refreshed { .. }), "{refreshed:?}");
+    assert!(
+        matches!(refreshed, PutOutcome::Refreshed { .. }),
+        "{refreshed:?}"
+    );
     assert!(refreshed.revision() > created.revision());
     let record = store.get(&key).await.unwrap().unwrap();
     assert_eq!(record.refreshed_at_ms, 2_000);
@@ -71,7 +74,10 @@ async fn raw_values_are_byte_exact(store: impl Store) {
     for (i, value) in values.iter().enumerate() {
         let key = Key::definition("ns", &format!("org.example.Service{i}:1.0.0::provider:app"));
         store.put(&key, value, at(1)).await.unwrap();
-        assert_eq!(&*store.get(&key).await.unwrap().unwrap().value, value.as_str());
+        assert_eq!(
+            &*store.get(&key).await.unwrap().unwrap().value,
+            value.as_str()
+        );
     }
 }
 
@@ -82,7 +88,10 @@ async fn conditional_delete(store: impl Store) {
     assert!(store.get(&key).await.unwrap().is_some());
     assert!(store.delete(&key, Some(rev)).await.unwrap());
     assert!(store.get(&key).await.unwrap().is_none());
-    assert!(!store.delete(&key, None).await.unwrap(), "deleting a missing key");
+    assert!(
+        !store.delete(&key, None).await.unwrap(),
+        "deleting a missing key"
+    );
     store.put(&key, "v", at(1)).await.unwrap();
     assert!(store.delete(&key, None).await.unwrap());
 }
@@ -133,19 +142,39 @@ async fn list_and_paginate(store: impl Store) {
     let page2 = store.list(&query).await.unwrap();
     assert_eq!(page2.len(), 2);
     assert_eq!(page2[0].key.name, "c/1");
-    assert!(store.list(&ListQuery::all(Kind::Definition)).await.unwrap().is_empty());
+    assert!(
+        store
+            .list(&ListQuery::all(Kind::Definition))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn namespaces_and_kinds_are_isolated(store: impl Store) {
-    store.put(&Key::metadata("a", "app", "r"), "in a", at(1)).await.unwrap();
-    store.put(&Key::metadata("b", "app", "r"), "in b", at(1)).await.unwrap();
-    store.put(&Key::definition("a", "app/r"), "definition", at(1)).await.unwrap();
+    store
+        .put(&Key::metadata("a", "app", "r"), "in a", at(1))
+        .await
+        .unwrap();
+    store
+        .put(&Key::metadata("b", "app", "r"), "in b", at(1))
+        .await
+        .unwrap();
+    store
+        .put(&Key::definition("a", "app/r"), "definition", at(1))
+        .await
+        .unwrap();
     let get = |ns: &str| Key::metadata(ns, "app", "r");
     assert_eq!(&*store.get(&get("a")).await.unwrap().unwrap().value, "in a");
     assert_eq!(&*store.get(&get("b")).await.unwrap().unwrap().value, "in b");
     assert!(store.get(&get("c")).await.unwrap().is_none());
     assert_eq!(
-        &*store.get(&Key::definition("a", "app/r")).await.unwrap().unwrap().value,
+        &*store
+            .get(&Key::definition("a", "app/r"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
         "definition"
     );
 }

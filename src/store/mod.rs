@@ -141,7 +141,10 @@ impl ListQuery {
     /// Whether `key` is selected by this query (ignoring `limit`).
     pub fn matches(&self, key: &Key) -> bool {
         key.kind == self.kind
-            && self.namespace.as_ref().is_none_or(|ns| *ns == key.namespace)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == key.namespace)
             && key.name.starts_with(&self.name_prefix)
             && self.start_after.as_ref().is_none_or(|(ns, name)| {
                 (key.namespace.as_str(), key.name.as_str()) > (ns.as_str(), name.as_str())
