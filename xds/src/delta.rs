@@ -24,7 +24,8 @@
 //!   exist go out in `removed_resources`;
 //! - "the server must respond with all resources listed in `resource_names_subscribe`, even
 //!   if it believes the client has the most recent version of them": on later requests a
-//!   subscribed name is forgotten from what the client holds, so it is resent if it exists;
+//!   subscribed name is resent if it exists (and removed if the client holds it but it is
+//!   gone);
 //! - a subscribed name that does not exist is not answered; it is sent when it appears, and
 //!   goes out in `removed_resources` when it disappears;
 //! - an unsubscribed name is forgotten without a response, unless the wildcard still covers
@@ -44,7 +45,7 @@
 //! `initial_resource_versions` carries what matters. `resource_locators_*` (dynamic
 //! parameters) are not implemented and ignored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
@@ -148,6 +149,9 @@ impl DeltaStream {
         let subscription_changed = subscription != state.status.subscription;
         state.status.subscription = subscription;
         let held = &mut state.status.resources;
+        // What the client (re)subscribes to is resent even if it should hold it already; it
+        // stays in `held` so that, if it no longer exists, the client is told to remove it.
+        let mut resend = HashSet::new();
         if first {
             *held = request
                 .initial_resource_versions
@@ -155,11 +159,14 @@ impl DeltaStream {
                 .map(|(name, version)| (ResourceName::new(name), Version::new(version)))
                 .collect();
         } else {
-            // Resend what the client (re)subscribes to, even if it should hold it already.
-            for name in subscribe.iter().filter(|n| *n != WILDCARD) {
-                held.remove(name.as_str());
-            }
+            resend.extend(
+                subscribe
+                    .iter()
+                    .filter(|n| *n != WILDCARD)
+                    .map(String::as_str),
+            );
         }
+        // The client drops what it unsubscribes from.
         for name in unsubscribe {
             held.remove(name.as_str());
         }
@@ -178,6 +185,7 @@ impl DeltaStream {
                 &self.view,
                 &type_url,
                 state,
+                &resend,
                 answer_empty,
                 &mut self.nonces,
             ) {
@@ -208,6 +216,7 @@ impl DeltaStream {
                 &self.view,
                 &type_url,
                 state,
+                &HashSet::new(),
                 false,
                 &mut self.nonces,
             ) {
@@ -220,11 +229,13 @@ impl DeltaStream {
 
 /// Compares what the client holds with what it should hold, and when they differ (or
 /// `answer_empty`), builds the response that makes them equal and records it as sent.
+/// Resources named in `resend` are sent even when the client holds their current version.
 fn reconcile(
     snapshot: &Snapshot,
     view: &View,
     type_url: &TypeUrl,
     state: &mut TypeState,
+    resend: &HashSet<&str>,
     answer_empty: bool,
     nonces: &mut Nonces,
 ) -> Option<DeltaDiscoveryResponse> {
@@ -250,7 +261,10 @@ fn reconcile(
     };
     let changed: Vec<WireResource> = wanted
         .into_iter()
-        .filter(|resource| held.get(&resource.name) != Some(&resource.version))
+        .filter(|resource| {
+            resend.contains(resource.name.as_str())
+                || held.get(&resource.name) != Some(&resource.version)
+        })
         .map(|resource| WireResource {
             name: resource.name.to_string(),
             version: resource.version.to_string(),
@@ -288,3 +302,6 @@ fn reconcile(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

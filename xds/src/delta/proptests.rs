@@ -165,7 +165,13 @@ impl World {
             .map(|r| r.version.clone())
     }
 
-    fn write(&mut self, type_idx: usize, name_idx: usize, update: Update, notify: bool) {
+    fn write(
+        &mut self,
+        type_idx: usize,
+        name_idx: usize,
+        update: Update,
+        notify: bool,
+    ) -> Result<(), TestCaseError> {
         let name = NAMES[name_idx];
         let before = self.version_of(type_idx, name);
         self.writer.apply([update]);
@@ -174,15 +180,16 @@ impl World {
             self.pending_notify = true;
         }
         if notify {
-            self.notify();
+            self.notify()?;
         }
+        Ok(())
     }
 
-    fn notify(&mut self) {
+    fn notify(&mut self) -> Result<(), TestCaseError> {
         let snapshot = self.cache.snapshot();
         let step = self.stream.on_snapshot(&snapshot);
-        prop_assert_ok(self.receive(step));
         self.pending_notify = false;
+        self.receive(step)
     }
 
     /// The client's side of a response step.
@@ -212,10 +219,8 @@ impl World {
                 client.held.remove(name.as_str());
             }
             client.held.extend(carried.iter().cloned());
-            prop_assert_eq!(
-                response.system_version_info.as_str(),
-                Version::of_set(client.held.iter()).as_str()
-            );
+            let held_version = Version::of_set(client.held.iter());
+            prop_assert_eq!(response.system_version_info.as_str(), held_version.as_str());
             client.received.push(response.nonce.clone());
             client.sent_by_nonce.insert(response.nonce, carried);
         }
@@ -260,7 +265,14 @@ impl World {
                 }
             }
         };
-        self.send(type_idx, subscribe, unsubscribe, response_nonce, error_detail, HashMap::new())
+        self.send(
+            type_idx,
+            subscribe,
+            unsubscribe,
+            response_nonce,
+            error_detail,
+            HashMap::new(),
+        )
     }
 
     fn send(
@@ -279,7 +291,19 @@ impl World {
         client
             .subscription
             .apply_delta(&subscribe, &unsubscribe, first);
-        // A (re)subscription or unsubscription is a fresh start for that name.
+        let is_ack =
+            !first && !response_nonce.is_empty() && client.received.last() == Some(&response_nonce);
+        if is_ack && error_detail.is_some() {
+            let rejected = client
+                .sent_by_nonce
+                .get(&response_nonce)
+                .cloned()
+                .unwrap_or_default();
+            client.nacked.extend(rejected);
+        }
+
+        // A (re)subscription or unsubscription is a fresh start for that name, even in the
+        // request that NACKs it: the protocol says a subscribed name is always resent.
         for name in subscribe.iter().chain(&unsubscribe) {
             if name == WILDCARD {
                 client.nacked.clear();
@@ -290,12 +314,6 @@ impl World {
         for name in unsubscribe.iter().filter(|n| *n != WILDCARD) {
             client.held.remove(name.as_str());
         }
-        let is_ack = !first && !response_nonce.is_empty() && client.received.last() == Some(&response_nonce);
-        if is_ack && error_detail.is_some() {
-            let rejected = client.sent_by_nonce.get(&response_nonce).cloned().unwrap_or_default();
-            client.nacked.extend(rejected);
-        }
-
         let before = self.status_of(&type_url);
         let request = DeltaDiscoveryRequest {
             type_url: type_url.to_string(),
@@ -310,30 +328,45 @@ impl World {
         let step = self.stream.on_request(&request, &snapshot);
         prop_assert!(step.is_ok(), "request refused: {:?}", step.err());
         let step = step.expect("checked above");
-        let after = self.status_of(&type_url).expect("a requested type has a status");
+        let after = self
+            .status_of(&type_url)
+            .expect("a requested type has a status");
 
-        let ack_fields = |s: &TypeStatus| (s.acked_version.clone(), s.nack.clone(), s.n_acks, s.n_nacks);
+        let ack_fields =
+            |s: &TypeStatus| (s.acked_version.clone(), s.nack.clone(), s.n_acks, s.n_nacks);
         if is_ack {
             if error_detail.is_some() {
                 prop_assert_eq!(
                     after.nack.as_ref().map(|n| n.nonce.as_str()),
                     Some(response_nonce.as_str())
                 );
-                prop_assert!(matches!(step.notices.as_slice(), [Notice::Nack { .. }]));
+                prop_assert!(
+                    matches!(step.notices.as_slice(), [Notice::Nack { .. }]),
+                    "a NACK is noticed"
+                );
             } else {
-                prop_assert_eq!(&after.acked_version, &before.as_ref().and_then(|b| b.sent_version.clone()));
+                prop_assert_eq!(
+                    &after.acked_version,
+                    &before.as_ref().and_then(|b| b.sent_version.clone())
+                );
                 prop_assert!(after.nack.is_none());
-                prop_assert!(matches!(step.notices.as_slice(), [Notice::Ack { .. }]));
+                prop_assert!(
+                    matches!(step.notices.as_slice(), [Notice::Ack { .. }]),
+                    "an ACK is noticed"
+                );
             }
         } else {
+            let unchanged = before.as_ref().map_or((None, None, 0, 0), ack_fields);
             prop_assert_eq!(
-                before.as_ref().map(ack_fields),
-                Some(ack_fields(&after)).filter(|_| before.is_some()),
+                ack_fields(&after),
+                unchanged,
                 "a stale or missing nonce changed ACK state"
             );
             let stale = !first && !response_nonce.is_empty();
             prop_assert_eq!(
-                step.notices.iter().any(|n| matches!(n, Notice::StaleNonce { .. })),
+                step.notices
+                    .iter()
+                    .any(|n| matches!(n, Notice::StaleNonce { .. })),
                 stale
             );
             prop_assert_eq!(step.notices.len(), usize::from(stale));
@@ -363,31 +396,40 @@ impl World {
         );
         self.stream_nonces.clear();
         self.pending_notify = false;
-        for type_idx in 0..TYPES.len() {
-            let client = &mut self.clients[type_idx];
+        let mut first_requests = Vec::new();
+        for (type_idx, client) in self.clients.iter_mut().enumerate() {
             let old_nonce = client.received.last().cloned();
             client.received.clear();
             client.sent_by_nonce.clear();
             client.nacked.clear();
-            if !client.started {
+            if !std::mem::take(&mut client.started) {
                 continue;
             }
-            client.started = false;
             let subscription = std::mem::take(&mut client.subscription);
             if subscription.is_empty() {
-                prop_assert!(client.held.is_empty(), "held resources without a subscription");
+                prop_assert!(
+                    client.held.is_empty(),
+                    "held resources without a subscription"
+                );
                 continue;
             }
-            let mut subscribe: Vec<String> = subscription.names().iter().map(|n| n.to_string()).collect();
+            let mut subscribe: Vec<String> =
+                subscription.names().iter().map(|n| n.to_string()).collect();
             if subscription.is_wildcard() {
                 subscribe.push(WILDCARD.to_string());
             }
-            let initial = client
+            let initial: HashMap<String, String> = client
                 .held
                 .iter()
                 .map(|(name, version)| (name.to_string(), version.to_string()))
                 .collect();
-            let nonce = if carry_nonce { old_nonce.unwrap_or_default() } else { String::new() };
+            let nonce = match old_nonce {
+                Some(nonce) if carry_nonce => nonce,
+                _ => String::new(),
+            };
+            first_requests.push((type_idx, subscribe, nonce, initial));
+        }
+        for (type_idx, subscribe, nonce, initial) in first_requests {
             self.send(type_idx, subscribe, Vec::new(), nonce, None, initial)?;
         }
         Ok(())
@@ -413,8 +455,16 @@ impl World {
         let server = self
             .status_of(&TypeUrl::new(TYPES[type_idx]))
             .expect("a started type has a status");
-        prop_assert_eq!(&client.held, &server.resources, "client and server disagree");
-        prop_assert_eq!(&client.held, &self.desired(type_idx), "client is not in sync with the cache");
+        prop_assert_eq!(
+            &client.held,
+            &server.resources,
+            "client and server disagree"
+        );
+        prop_assert_eq!(
+            &client.held,
+            &self.desired(type_idx),
+            "client is not in sync with the cache"
+        );
         Ok(())
     }
 
@@ -428,18 +478,17 @@ impl World {
     /// The client ACKs the last response of every type and goes quiet.
     fn settle(&mut self) -> Result<(), TestCaseError> {
         if self.pending_notify {
-            self.notify();
+            self.notify()?;
         }
         self.check_all()?;
-        for type_idx in 0..TYPES.len() {
-            let client = &self.clients[type_idx];
+        for (type_url, client) in TYPES.iter().zip(&self.clients) {
             if !client.started {
                 continue;
             }
             let Some(latest) = client.received.last().cloned() else {
                 continue;
             };
-            let type_url = TypeUrl::new(TYPES[type_idx]);
+            let type_url = TypeUrl::new(type_url);
             let request = DeltaDiscoveryRequest {
                 type_url: type_url.to_string(),
                 response_nonce: latest,
@@ -449,21 +498,16 @@ impl World {
                 .stream
                 .on_request(&request, &self.cache.snapshot())
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert!(step.responses.is_empty(), "a quiet, synced client was sent more");
+            prop_assert!(
+                step.responses.is_empty(),
+                "a quiet, synced client was sent more"
+            );
             let status = self.status_of(&type_url).expect("started");
             prop_assert_eq!(status.state(), SyncState::Synced);
         }
         let step = self.stream.on_snapshot(&self.cache.snapshot());
         prop_assert!(step.responses.is_empty());
         self.check_all()
-    }
-}
-
-/// `notify` runs outside a `Result` context; a failed check there panics, which proptest
-/// reports and shrinks like any failure.
-fn prop_assert_ok(result: Result<(), TestCaseError>) {
-    if let Err(error) = result {
-        panic!("{error}");
     }
 }
 
@@ -489,7 +533,7 @@ proptest! {
                         name: NAMES[name_idx].into(),
                         body: body(type_idx, value),
                     };
-                    world.write(type_idx, name_idx, update, notify);
+                    world.write(type_idx, name_idx, update, notify)?;
                 }
                 Op::Delete { type_idx, name_idx, notify } => {
                     let update = Update::Delete {
@@ -497,7 +541,7 @@ proptest! {
                         type_url: TYPES[type_idx].into(),
                         name: NAMES[name_idx].into(),
                     };
-                    world.write(type_idx, name_idx, update, notify);
+                    world.write(type_idx, name_idx, update, notify)?;
                 }
                 Op::Request { type_idx, subscribe, unsubscribe, nonce } => {
                     world.request(type_idx, &subscribe, &unsubscribe, &nonce)?;

@@ -3,7 +3,7 @@
 //!
 //! Input lines:
 //! - `put NAME VALUE`, `delete NAME`: a cache write, followed by `on_snapshot` as the driver
-//!   would;
+//!   would, unless the line ends in `quiet` (the driver has not woken up yet);
 //! - `req TOKENS`: a request. Tokens: `@t2` (type, default `t1`), `+NAME` subscribe, `-NAME`
 //!   unsubscribe, `ack=rN` (echo response N's nonce, as a real client's ACK), `nack=rN` (the
 //!   rejected nonce plus `error_detail`), `nonce=RAW` (a nonce as is), `err` (an
@@ -104,7 +104,7 @@ impl Script {
                         value: value.as_bytes().to_vec(),
                     },
                 }]);
-                self.changed();
+                self.changed_unless(words.next());
             }
             Some("put2") => {
                 let name = words.next().expect("put2 NAME VALUE");
@@ -129,7 +129,7 @@ impl Script {
                     type_url: T1.into(),
                     name: name.into(),
                 }]);
-                self.changed();
+                self.changed_unless(words.next());
             }
             Some("req") => {
                 let request = self.request(words);
@@ -229,6 +229,12 @@ impl Script {
             }
         }
         request
+    }
+
+    fn changed_unless(&mut self, quiet: Option<&str>) {
+        if quiet != Some("quiet") {
+            self.changed();
+        }
     }
 
     fn changed(&mut self) {
@@ -523,6 +529,23 @@ fn resubscribing_resends_what_the_client_should_already_hold() {
           !! ack r1
           <- r2 +a=A1
         req +missing
+        ",
+    ));
+}
+
+#[test]
+fn resubscribing_to_a_resource_that_is_gone_removes_it() {
+    // Found by the property test: a resubscribed name must stay "held" until answered, or
+    // the client is never told it is gone.
+    check(&script(
+        "
+        put a A1
+        req +a
+          <- r1 +a=A1
+        delete a quiet
+        req ack=r1 +a
+          !! ack r1
+          <- r2 -a
         ",
     ));
 }
