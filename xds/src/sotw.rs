@@ -246,3 +246,6 @@ fn respond(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;
