@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// Most ADS streams open at once.
     #[arg(long, env = "PIXIU_METADATA_MAX_STREAMS", default_value_t = 100_000)]
     pub max_streams: usize,
+    /// How long a record lives after its last publish (e.g. `24h`, `90m`); providers
+    /// re-publish to refresh it.
+    #[arg(long, env = "PIXIU_METADATA_METADATA_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub metadata_ttl: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -102,6 +106,10 @@ impl ServeArgs {
         config.api.default_namespace = self.default_namespace.clone();
         config.api.max_value_bytes = self.max_value_bytes;
         config.xds.max_streams = self.max_streams;
+        if self.metadata_ttl.is_zero() {
+            anyhow::bail!("--metadata-ttl must be longer than zero");
+        }
+        config.lease.ttl = self.metadata_ttl;
         Ok(config)
     }
 }

@@ -3,7 +3,7 @@
 //! Parsing (flags, environment, files) lives in `cli`; everything below it receives these
 //! structs and never reads the environment itself.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::api::ApiConfig;
 
@@ -18,6 +18,15 @@ pub struct Config {
     pub api: ApiConfig,
     /// The ADS server.
     pub xds: pixiu_xds::ServerConfig,
+    /// Record leases.
+    pub lease: LeaseConfig,
+}
+
+/// Record leases: a record not re-published within `ttl` is deleted.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How long a record lives after its last publish (default 24 h, the seed's "one day").
+    pub ttl: Duration,
 }
 
 /// The gRPC listener.
@@ -62,6 +71,9 @@ impl Default for Config {
             },
             api: ApiConfig::default(),
             xds: pixiu_xds::ServerConfig::default(),
+            lease: LeaseConfig {
+                ttl: Duration::from_secs(24 * 60 * 60),
+            },
         }
     }
 }

@@ -17,6 +17,8 @@ use tracing::info;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod lease;
+pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod push;
@@ -85,7 +87,17 @@ pub async fn serve(
     // Do not serve ADS from an empty cache as if it were the truth.
     let _ = warmed.wait_for(|w| *w).await;
 
-    let api = api::Api::new(store.clone(), config.api.clone());
+    let metrics = metrics::Metrics::new();
+    let expired = metrics.expired_records.clone();
+    let sweeper = tokio::spawn(lease::run(
+        store.clone(),
+        config.lease.ttl,
+        Arc::new(move |kind| {
+            expired.get_or_create(&metrics::Metrics::kind(kind)).inc();
+        }),
+        shutdown.clone(),
+    ));
+    let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone());
     let registry = pixiu_xds::Registry::new();
     let ads = pixiu_xds::AdsServer::new(
         cache,
@@ -93,7 +105,8 @@ pub async fn serve(
         registry,
         config.xds.clone(),
         shutdown.clone(),
-    );
+    )
+    .with_observer(Arc::new(metrics::XdsObserver(metrics.clone())));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::metadata::metadata_service_server::MetadataServiceServer<api::Api>>()
@@ -129,6 +142,7 @@ pub async fn serve(
         .map_err(Error::Transport);
     shutdown.cancel();
     let _ = push_task.await;
+    let _ = sweeper.await;
     info!("stopped");
     result
 }

@@ -11,17 +11,21 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tracing::{debug, warn};
 
 use crate::{
-    model::{self, Key},
+    metrics::Metrics,
+    model::{self, Key, Kind},
     pb::metadata::{
-        GetMetadataRequest, GetMetadataResponse, GetServiceDefinitionRequest,
-        GetServiceDefinitionResponse, PublishMetadataRequest, PublishMetadataResponse,
-        PublishServiceDefinitionRequest, PublishServiceDefinitionResponse,
+        DeleteMetadataRequest, DeleteMetadataResponse, DeleteServiceDefinitionRequest,
+        DeleteServiceDefinitionResponse, GetMetadataRequest, GetMetadataResponse,
+        GetServiceDefinitionRequest, GetServiceDefinitionResponse, ListMetadataRequest,
+        ListMetadataResponse, ListServiceDefinitionsRequest, ListServiceDefinitionsResponse,
+        MetadataRecord, PublishMetadataRequest, PublishMetadataResponse,
+        PublishServiceDefinitionRequest, PublishServiceDefinitionResponse, ServiceDefinitionRecord,
         metadata_service_server::{MetadataService, MetadataServiceServer},
         service_definition_service_server::{
             ServiceDefinitionService, ServiceDefinitionServiceServer,
         },
     },
-    store::{PutOutcome, Store},
+    store::{ListQuery, PutOutcome, Record, Store},
 };
 
 pub mod status;
@@ -55,7 +59,12 @@ impl Default for ApiConfig {
 pub struct Api {
     store: Arc<dyn Store>,
     config: Arc<ApiConfig>,
+    metrics: Metrics,
 }
+
+/// Default and largest `page_size` of `List`.
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
 
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,11 +77,27 @@ impl std::fmt::Debug for Api {
 
 impl Api {
     /// The API over `store`.
-    pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: ApiConfig, metrics: Metrics) -> Self {
         Self {
             store,
             config: Arc::new(config),
+            metrics,
         }
+    }
+
+    /// Counts a finished request and turns its error into a status.
+    fn finish<T>(
+        &self,
+        kind: Kind,
+        method: &str,
+        result: Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let result = result.map(Response::new).map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics.request(kind, method, code);
+        result
     }
 
     /// The `MetadataService` server, with its message size limit set from the config.
@@ -111,6 +136,21 @@ impl Api {
     async fn publish(&self, key: Key, value: &str) -> Result<PutOutcome, Error> {
         let outcome = self.store.put(&key, value, SystemTime::now()).await?;
         match &outcome {
+            PutOutcome::Updated { .. } => {
+                self.metrics
+                    .revision_conflicts
+                    .get_or_create(&Metrics::kind(key.kind))
+                    .inc();
+            }
+            PutOutcome::Refreshed { .. } => {
+                self.metrics
+                    .lease_refreshes
+                    .get_or_create(&Metrics::kind(key.kind))
+                    .inc();
+            }
+            PutOutcome::Created { .. } => {}
+        }
+        match &outcome {
             PutOutcome::Updated { previous, revision } => warn!(
                 kind = %key.kind,
                 namespace = key.namespace,
@@ -138,6 +178,55 @@ impl Api {
             None => Err(Error::NotFound { what: what() }),
         }
     }
+
+    async fn delete(&self, key: &Key, what: impl FnOnce() -> String) -> Result<(), Error> {
+        if self.store.delete(key, None).await? {
+            tracing::info!(kind = %key.kind, namespace = key.namespace, resource.name = key.name, "deleted");
+            Ok(())
+        } else {
+            Err(Error::NotFound { what: what() })
+        }
+    }
+
+    /// One page of records of `kind` in `namespace` whose names start with `prefix`.
+    async fn list(
+        &self,
+        kind: Kind,
+        namespace: String,
+        prefix: String,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<Record>, String), Error> {
+        let page_size = match usize::try_from(page_size).unwrap_or(usize::MAX) {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        if !page_token.is_empty() {
+            model::check_name("page_token", &page_token)?;
+        }
+        let query = ListQuery {
+            kind,
+            namespace: Some(namespace.clone()),
+            name_prefix: prefix,
+            start_after: (!page_token.is_empty()).then_some((namespace, page_token)),
+            limit: page_size + 1,
+        };
+        let mut records = self.store.list(&query).await?;
+        let next_page_token = if records.len() > page_size {
+            records.truncate(page_size);
+            records
+                .last()
+                .map(|r| r.key.name.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((records, next_page_token))
+    }
+}
+
+fn refreshed_at_ms(record: &Record) -> i64 {
+    i64::try_from(record.refreshed_at_ms).unwrap_or(i64::MAX)
 }
 
 #[tonic::async_trait]
@@ -146,40 +235,118 @@ impl MetadataService for Api {
         &self,
         request: Request<PublishMetadataRequest>,
     ) -> Result<Response<PublishMetadataResponse>, Status> {
-        let namespace = self.namespace(request.metadata())?;
-        let request = request.into_inner();
-        model::check_application(&request.application_name).map_err(Error::from)?;
-        model::check_name("revision", &request.revision).map_err(Error::from)?;
-        model::check_value(
-            "metadata_info",
-            &request.metadata_info,
-            self.config.max_value_bytes,
-        )
-        .map_err(Error::from)?;
-        let key = Key::metadata(&namespace, &request.application_name, &request.revision);
-        Api::publish(self, key, &request.metadata_info).await?;
-        Ok(Response::new(PublishMetadataResponse {}))
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.get_ref();
+            model::check_application(&request.application_name)?;
+            model::check_name("revision", &request.revision)?;
+            model::check_value(
+                "metadata_info",
+                &request.metadata_info,
+                self.config.max_value_bytes,
+            )?;
+            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
+            Api::publish(self, key, &request.metadata_info).await?;
+            Ok(PublishMetadataResponse {})
+        }
+        .await;
+        self.finish(Kind::Metadata, "publish", result)
     }
 
     async fn get(
         &self,
         request: Request<GetMetadataRequest>,
     ) -> Result<Response<GetMetadataResponse>, Status> {
-        let namespace = self.namespace(request.metadata())?;
-        let request = request.into_inner();
-        model::check_application(&request.application_name).map_err(Error::from)?;
-        model::check_name("revision", &request.revision).map_err(Error::from)?;
-        let key = Key::metadata(&namespace, &request.application_name, &request.revision);
-        let value = Api::get(self, &key, || {
-            format!(
-                "metadata of application {:?} revision {:?} in namespace {:?}",
-                request.application_name, request.revision, namespace
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.get_ref();
+            model::check_application(&request.application_name)?;
+            model::check_name("revision", &request.revision)?;
+            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
+            let value = Api::get(self, &key, || {
+                format!(
+                    "metadata of application {:?} revision {:?} in namespace {:?}",
+                    request.application_name, request.revision, namespace
+                )
+            })
+            .await?;
+            Ok(GetMetadataResponse {
+                metadata_info: value.to_string(),
+            })
+        }
+        .await;
+        self.finish(Kind::Metadata, "get", result)
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListMetadataRequest>,
+    ) -> Result<Response<ListMetadataResponse>, Status> {
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.into_inner();
+            let prefix = if request.application_name.is_empty() {
+                String::new()
+            } else {
+                model::check_application(&request.application_name)?;
+                format!("{}/", request.application_name)
+            };
+            let (records, next_page_token) = Api::list(
+                self,
+                Kind::Metadata,
+                namespace,
+                prefix,
+                request.page_size,
+                request.page_token,
             )
-        })
-        .await?;
-        Ok(Response::new(GetMetadataResponse {
-            metadata_info: value.to_string(),
-        }))
+            .await?;
+            let records = records
+                .iter()
+                .filter_map(|record| {
+                    let (application, revision) = record.key.application_revision()?;
+                    Some(MetadataRecord {
+                        application_name: application.to_string(),
+                        revision: revision.to_string(),
+                        metadata_info: if request.names_only {
+                            String::new()
+                        } else {
+                            record.value.to_string()
+                        },
+                        refreshed_at_ms: refreshed_at_ms(record),
+                        namespace: record.key.namespace.clone(),
+                    })
+                })
+                .collect();
+            Ok(ListMetadataResponse {
+                records,
+                next_page_token,
+            })
+        }
+        .await;
+        self.finish(Kind::Metadata, "list", result)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteMetadataRequest>,
+    ) -> Result<Response<DeleteMetadataResponse>, Status> {
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.get_ref();
+            model::check_application(&request.application_name)?;
+            model::check_name("revision", &request.revision)?;
+            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
+            Api::delete(self, &key, || {
+                format!(
+                    "metadata of application {:?} revision {:?} in namespace {:?}",
+                    request.application_name, request.revision, namespace
+                )
+            })
+            .await?;
+            Ok(DeleteMetadataResponse {})
+        }
+        .await;
+        self.finish(Kind::Metadata, "delete", result)
     }
 }
 
@@ -189,37 +356,107 @@ impl ServiceDefinitionService for Api {
         &self,
         request: Request<PublishServiceDefinitionRequest>,
     ) -> Result<Response<PublishServiceDefinitionResponse>, Status> {
-        let namespace = self.namespace(request.metadata())?;
-        let request = request.into_inner();
-        model::check_name("identifier", &request.identifier).map_err(Error::from)?;
-        model::check_value(
-            "service_definition",
-            &request.service_definition,
-            self.config.max_value_bytes,
-        )
-        .map_err(Error::from)?;
-        let key = Key::definition(&namespace, &request.identifier);
-        Api::publish(self, key, &request.service_definition).await?;
-        Ok(Response::new(PublishServiceDefinitionResponse {}))
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.get_ref();
+            model::check_name("identifier", &request.identifier)?;
+            model::check_value(
+                "service_definition",
+                &request.service_definition,
+                self.config.max_value_bytes,
+            )?;
+            let key = Key::definition(&namespace, &request.identifier);
+            Api::publish(self, key, &request.service_definition).await?;
+            Ok(PublishServiceDefinitionResponse {})
+        }
+        .await;
+        self.finish(Kind::Definition, "publish", result)
     }
 
     async fn get(
         &self,
         request: Request<GetServiceDefinitionRequest>,
     ) -> Result<Response<GetServiceDefinitionResponse>, Status> {
-        let namespace = self.namespace(request.metadata())?;
-        let request = request.into_inner();
-        model::check_name("identifier", &request.identifier).map_err(Error::from)?;
-        let key = Key::definition(&namespace, &request.identifier);
-        let value = Api::get(self, &key, || {
-            format!(
-                "service definition {:?} in namespace {:?}",
-                request.identifier, namespace
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.get_ref();
+            model::check_name("identifier", &request.identifier)?;
+            let key = Key::definition(&namespace, &request.identifier);
+            let value = Api::get(self, &key, || {
+                format!(
+                    "service definition {:?} in namespace {:?}",
+                    request.identifier, namespace
+                )
+            })
+            .await?;
+            Ok(GetServiceDefinitionResponse {
+                service_definition: value.to_string(),
+            })
+        }
+        .await;
+        self.finish(Kind::Definition, "get", result)
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListServiceDefinitionsRequest>,
+    ) -> Result<Response<ListServiceDefinitionsResponse>, Status> {
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.into_inner();
+            if !request.identifier_prefix.is_empty() {
+                model::check_name("identifier_prefix", &request.identifier_prefix)?;
+            }
+            let (records, next_page_token) = Api::list(
+                self,
+                Kind::Definition,
+                namespace,
+                request.identifier_prefix,
+                request.page_size,
+                request.page_token,
             )
-        })
-        .await?;
-        Ok(Response::new(GetServiceDefinitionResponse {
-            service_definition: value.to_string(),
-        }))
+            .await?;
+            let records = records
+                .iter()
+                .map(|record| ServiceDefinitionRecord {
+                    identifier: record.key.name.clone(),
+                    service_definition: if request.names_only {
+                        String::new()
+                    } else {
+                        record.value.to_string()
+                    },
+                    refreshed_at_ms: refreshed_at_ms(record),
+                    namespace: record.key.namespace.clone(),
+                })
+                .collect();
+            Ok(ListServiceDefinitionsResponse {
+                records,
+                next_page_token,
+            })
+        }
+        .await;
+        self.finish(Kind::Definition, "list", result)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteServiceDefinitionRequest>,
+    ) -> Result<Response<DeleteServiceDefinitionResponse>, Status> {
+        let result = async {
+            let namespace = self.namespace(request.metadata())?;
+            let request = request.get_ref();
+            model::check_name("identifier", &request.identifier)?;
+            let key = Key::definition(&namespace, &request.identifier);
+            Api::delete(self, &key, || {
+                format!(
+                    "service definition {:?} in namespace {:?}",
+                    request.identifier, namespace
+                )
+            })
+            .await?;
+            Ok(DeleteServiceDefinitionResponse {})
+        }
+        .await;
+        self.finish(Kind::Definition, "delete", result)
     }
 }

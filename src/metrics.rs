@@ -1,0 +1,240 @@
+//! Prometheus metrics of the service: one registry, counters named by Prometheus conventions.
+//!
+//! The handles are cheap to clone; `api/`, `lease/` and the xDS observer increment them and the
+//! admin endpoint encodes the registry.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::model::Kind;
+
+/// Labels of per-kind counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `metadata` or `definition`.
+    pub kind: String,
+}
+
+/// Labels of per-request counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `metadata` or `definition`.
+    pub kind: String,
+    /// `publish`, `get`, `list`, `delete`.
+    pub method: String,
+    /// The gRPC status code name, e.g. `Ok`, `NotFound`.
+    pub code: String,
+}
+
+/// Labels of per-type xDS counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// The resource type URL.
+    pub type_url: String,
+}
+
+/// Labels of per-protocol gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// `sotw` or `delta`.
+    pub protocol: String,
+}
+
+/// Every metric of the service.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Requests by kind, method and status code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Publishes that overwrote a different value under the same key.
+    pub revision_conflicts: Family<KindLabels, Counter>,
+    /// Identical re-publishes that only refreshed a lease.
+    pub lease_refreshes: Family<KindLabels, Counter>,
+    /// Records deleted because their lease expired.
+    pub expired_records: Family<KindLabels, Counter>,
+    /// xDS responses written, by type.
+    pub xds_pushes: Family<TypeLabels, Counter>,
+    /// ACKs received, by type.
+    pub xds_acks: Family<TypeLabels, Counter>,
+    /// NACKs received, by type.
+    pub xds_nacks: Family<TypeLabels, Counter>,
+    /// Open ADS streams, by protocol.
+    pub xds_streams: Family<ProtocolLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered under the `pixiu_metadata` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pixiu_metadata");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Metadata API requests by kind, method and gRPC status code",
+            requests.clone(),
+        );
+        let revision_conflicts = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "revision_conflicts",
+            "Publishes that overwrote different content under the same key",
+            revision_conflicts.clone(),
+        );
+        let lease_refreshes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "lease_refreshes",
+            "Identical re-publishes that only refreshed a lease",
+            lease_refreshes.clone(),
+        );
+        let expired_records = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "expired_records",
+            "Records deleted because their lease expired",
+            expired_records.clone(),
+        );
+        let xds_pushes = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "xds_pushes",
+            "xDS responses written, by type",
+            xds_pushes.clone(),
+        );
+        let xds_acks = Family::<TypeLabels, Counter>::default();
+        registry.register("xds_acks", "xDS ACKs received, by type", xds_acks.clone());
+        let xds_nacks = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "xds_nacks",
+            "xDS NACKs received, by type",
+            xds_nacks.clone(),
+        );
+        let xds_streams = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "xds_streams",
+            "Open ADS streams, by protocol",
+            xds_streams.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            requests,
+            revision_conflicts,
+            lease_refreshes,
+            expired_records,
+            xds_pushes,
+            xds_acks,
+            xds_nacks,
+            xds_streams,
+        }
+    }
+
+    /// Counts one request.
+    pub fn request(&self, kind: Kind, method: &str, code: tonic::Code) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                kind: kind.as_str().to_string(),
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// The label set of a kind.
+    pub fn kind(kind: Kind) -> KindLabels {
+        KindLabels {
+            kind: kind.as_str().to_string(),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Feeds xDS stream events into the metrics.
+#[derive(Debug, Clone)]
+pub struct XdsObserver(pub Metrics);
+
+impl pixiu_xds::StreamObserver for XdsObserver {
+    fn stream_opened(&self, protocol: pixiu_xds::Protocol) {
+        self.0
+            .xds_streams
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    fn stream_closed(&self, protocol: pixiu_xds::Protocol) {
+        self.0
+            .xds_streams
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.as_str().to_string(),
+            })
+            .dec();
+    }
+
+    fn response_sent(&self, type_url: &str, _n_resources: usize, _snapshot_seq: u64) {
+        self.0
+            .xds_pushes
+            .get_or_create(&TypeLabels {
+                type_url: type_url.to_string(),
+            })
+            .inc();
+    }
+
+    fn notice(&self, notice: &pixiu_xds::Notice) {
+        match notice {
+            pixiu_xds::Notice::Ack { type_url, .. } => {
+                self.0
+                    .xds_acks
+                    .get_or_create(&TypeLabels {
+                        type_url: type_url.to_string(),
+                    })
+                    .inc();
+            }
+            pixiu_xds::Notice::Nack { type_url, .. } => {
+                self.0
+                    .xds_nacks
+                    .get_or_create(&TypeLabels {
+                        type_url: type_url.to_string(),
+                    })
+                    .inc();
+            }
+            pixiu_xds::Notice::StaleNonce { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_prometheus_text() {
+        let metrics = Metrics::new();
+        metrics.request(Kind::Metadata, "publish", tonic::Code::Ok);
+        metrics
+            .revision_conflicts
+            .get_or_create(&Metrics::kind(Kind::Definition))
+            .inc();
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"pixiu_metadata_requests_total{kind="metadata",method="publish",code="Ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"pixiu_metadata_revision_conflicts_total{kind="definition"} 1"#));
+        assert!(text.contains("# EOF"));
+    }
+}
