@@ -9,7 +9,7 @@
 //! The cache knows no resource type: a resource is a name, a type URL and the bytes of an
 //! `Any`. Versions are derived from those bytes ([`Version::of_bytes`]).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use envoy_types::pb::google::protobuf::Any;
 use imbl::OrdMap;
@@ -72,13 +72,29 @@ struct TypeEntry {
 }
 
 /// An immutable state of the whole cache.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     seq: u64,
+    published_at: Instant,
     entries: OrdMap<(Partition, TypeUrl), TypeEntry>,
 }
 
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            seq: 0,
+            published_at: Instant::now(),
+            entries: OrdMap::new(),
+        }
+    }
+}
+
 impl Snapshot {
+    /// When the writer published this snapshot: the start of a push's latency.
+    pub fn published_at(&self) -> Instant {
+        self.published_at
+    }
+
     /// A number that grows with every write that changed something.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -261,6 +277,7 @@ impl CacheWriter {
             return current.seq;
         }
         next.seq = seq;
+        next.published_at = Instant::now();
         tx.send_replace(Arc::new(next));
         seq
     }

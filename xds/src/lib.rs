@@ -6,13 +6,14 @@
 //!   per-stream protocol logic as synchronous state machines with no IO; [`protocol`] holds
 //!   what the two share (limits, errors, nonces, reading ACK and NACK).
 //! - [`server`] runs streams over tonic; [`registry`] and [`status`] expose per-client sync
-//!   status.
+//!   status, and [`csds`] serves it as the Client Status Discovery Service.
 //!
 //! What this crate does **not** do: know any resource type (type URLs are opaque keys; an
 //! unknown type is one with no resources), decide who may read what (a
 //! [`ViewResolver`] supplied by the embedding server does), or load resources from anywhere.
 
 pub mod cache;
+pub mod csds;
 pub mod delta;
 pub mod protocol;
 pub mod registry;
@@ -23,11 +24,12 @@ pub mod subscription;
 pub mod types;
 
 pub use cache::{Cache, CacheWriter, Resource, Snapshot, Update, View, cache};
+pub use csds::CsdsServer;
 pub use delta::DeltaStream;
 pub use protocol::{Limits, ProtocolError};
 pub use registry::Registry;
 pub use server::{
-    AdsServer, NoObserver, ServerConfig, StreamContext, StreamObserver, ViewResolver,
+    AdsServer, NoObserver, Pushed, ServerConfig, StreamContext, StreamObserver, ViewResolver,
 };
 pub use sotw::SotwStream;
 pub use status::{Nack, Notice, Protocol, StreamStatus, SyncState, TypeStatus};

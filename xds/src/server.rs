@@ -75,6 +75,31 @@ pub trait StreamObserver: Send + Sync + 'static {
     fn response_sent(&self, _type_url: &str, _n_resources: usize, _snapshot_seq: u64) {}
     /// The state machine noticed an ACK, NACK or stale nonce.
     fn notice(&self, _notice: &Notice) {}
+    /// A response was written to the stream's outbound channel (called after
+    /// [`response_sent`](Self::response_sent), with more detail).
+    fn pushed(&self, _push: &Pushed<'_>) {}
+}
+
+/// A response written to a stream, as [`StreamObserver::pushed`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Pushed<'a> {
+    /// The stream.
+    pub stream_id: u64,
+    /// The client's `node.id`.
+    pub node_id: &'a str,
+    /// The response's type URL.
+    pub type_url: &'a str,
+    /// SotW `version_info`, Delta `system_version_info`.
+    pub version: &'a str,
+    /// The response nonce.
+    pub nonce: &'a str,
+    /// Resources carried (Delta: changed ones, not `removed_resources`).
+    pub n_resources: usize,
+    /// The sequence number of the snapshot the response reflects.
+    pub snapshot_seq: u64,
+    /// When a cache change caused this response, when that snapshot was published (see
+    /// [`Snapshot::published_at`]); `None` when a request caused it.
+    pub changed_at: Option<std::time::Instant>,
 }
 
 /// An observer that does nothing.
@@ -410,11 +435,11 @@ async fn run<M: Machine>(
     let mut changes = inner.cache.changes();
     let mut input = Input::Request(first);
     loop {
-        let (step, seq) = match input {
+        let (step, seq, changed_at) = match input {
             Input::Request(request) => {
                 let snapshot = inner.cache.snapshot();
                 match machine.on_request(&request, &snapshot) {
-                    Ok(step) => (step, snapshot.seq()),
+                    Ok(step) => (step, snapshot.seq(), None),
                     Err(error) => {
                         debug!(%error, "protocol violation");
                         let _ = tx
@@ -424,7 +449,11 @@ async fn run<M: Machine>(
                     }
                 }
             }
-            Input::Snapshot(snapshot) => (machine.on_snapshot(&snapshot), snapshot.seq()),
+            Input::Snapshot(snapshot) => (
+                machine.on_snapshot(&snapshot),
+                snapshot.seq(),
+                Some(snapshot.published_at()),
+            ),
         };
         for notice in &step.notices {
             log_notice(notice);
@@ -437,6 +466,7 @@ async fn run<M: Machine>(
         for response in step.responses {
             let sent = M::describe(&response);
             let (type_url, n_resources) = (sent.type_url.to_owned(), sent.n_resources);
+            let (version, nonce) = (sent.version.to_owned(), sent.nonce.to_owned());
             debug!(
                 type_url,
                 version = sent.version,
@@ -449,6 +479,16 @@ async fn run<M: Machine>(
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },
             }
             inner.observer.response_sent(&type_url, n_resources, seq);
+            inner.observer.pushed(&Pushed {
+                stream_id,
+                node_id: &node.id,
+                type_url: &type_url,
+                version: &version,
+                nonce: &nonce,
+                n_resources,
+                snapshot_seq: seq,
+                changed_at,
+            });
         }
         input = tokio::select! {
             biased;
