@@ -93,6 +93,12 @@ impl TypeStatus {
     /// The sync state derived from sent, ACKed and NACKed.
     pub fn state(&self) -> SyncState {
         match (&self.sent_nonce, &self.nack) {
+            // A SotW client that reconnected holding exactly the current version.
+            (None, _)
+                if self.acked_version.is_some() && self.acked_version == self.sent_version =>
+            {
+                SyncState::Synced
+            }
             (None, _) => SyncState::NotSent,
             (Some(nonce), Some(nack)) if &nack.nonce == nonce => SyncState::Nacked,
             (Some(_), _)

@@ -1,0 +1,476 @@
+//! Client Status Discovery Service (CSDS): the [`Registry`]'s per-stream sync status as
+//! `envoy.service.status.v3.ClientStatusDiscoveryService`.
+//!
+//! The conversion is a pure function, [`client_status`], from the streams' [`StreamStatus`]
+//! (and optionally a cache [`Snapshot`] for resource contents) to a `ClientStatusResponse`;
+//! [`CsdsServer`] is the thin tonic service around it (unary `FetchClientStatus` and the
+//! bidirectional `StreamClientStatus`, which answers each request with the status at that
+//! moment).
+//!
+//! What a response holds, per connected node (streams of one `node.id` are merged into one
+//! `ClientConfig`), per type the node asked for, one `GenericXdsConfig`:
+//! - for every resource the server last sent and the client is taken to hold: its name and
+//!   version, and `client_status` ACKED when the type's last response was ACKed, NACKED (with
+//!   `error_state`: the client's `error_detail.message` and the rejected version) when it was
+//!   NACKed, REQUESTED while the response awaits an ACK;
+//! - for every explicitly subscribed name the server has answered without (it does not
+//!   exist): DOES_NOT_EXIST; REQUESTED when nothing was sent for the type yet;
+//! - `config_status` is the type's state from the server's side: SYNCED, STALE (sent, not
+//!   ACKed), ERROR (NACKed) or NOT_SENT;
+//! - `xds_config` carries the resource body when the cache still holds the version that was
+//!   sent and the request did not set `exclude_resource_contents`.
+//!
+//! NACKs are tracked per type, not per resource: every resource of a NACKed type is reported
+//! NACKED. Node matchers: `node_id` matches with `exact`, `prefix`, `suffix` or `contains`
+//! (with `ignore_case`); several matchers match a node when any of them does. Regex and custom
+//! string matchers and `node_metadatas` are refused with `INVALID_ARGUMENT` rather than
+//! silently ignored.
+
+use std::{collections::BTreeMap, pin::Pin};
+
+use envoy_types::pb::envoy::{
+    admin::v3::{ClientResourceStatus, UpdateFailureState},
+    config::core::v3::Node,
+    service::status::v3::{
+        ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus,
+        client_config::GenericXdsConfig,
+        client_status_discovery_service_server::{
+            ClientStatusDiscoveryService, ClientStatusDiscoveryServiceServer,
+        },
+    },
+    r#type::matcher::v3::{NodeMatcher, StringMatcher, string_matcher::MatchPattern},
+};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    cache::{Cache, Snapshot, View},
+    registry::Registry,
+    status::{StreamStatus, SyncState, TypeStatus},
+    types::{Partition, TypeUrl},
+};
+
+/// A CSDS request this server cannot answer faithfully.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsdsError {
+    /// A node matcher uses something other than a plain string match on the node id.
+    #[error("unsupported node matcher: {0}")]
+    UnsupportedMatcher(&'static str),
+}
+
+impl From<CsdsError> for Status {
+    fn from(error: CsdsError) -> Self {
+        match error {
+            CsdsError::UnsupportedMatcher(_) => Status::invalid_argument(error.to_string()),
+        }
+    }
+}
+
+/// The CSDS answer to `request` for the given open streams.
+///
+/// `snapshot`, when given, supplies resource bodies (only for resources whose version in the
+/// snapshot equals the version sent, and only when the request does not exclude contents).
+pub fn client_status(
+    streams: &[StreamStatus],
+    request: &ClientStatusRequest,
+    snapshot: Option<&Snapshot>,
+) -> Result<ClientStatusResponse, CsdsError> {
+    for matcher in &request.node_matchers {
+        check_matcher(matcher)?;
+    }
+    let snapshot = snapshot.filter(|_| !request.exclude_resource_contents);
+    let mut by_node: BTreeMap<&str, ClientConfig> = BTreeMap::new();
+    for stream in streams {
+        if !request.node_matchers.is_empty()
+            && !request
+                .node_matchers
+                .iter()
+                .any(|m| node_matches(m, &stream.node_id))
+        {
+            continue;
+        }
+        let config = by_node
+            .entry(stream.node_id.as_str())
+            .or_insert_with(|| ClientConfig {
+                node: Some(Node {
+                    id: stream.node_id.clone(),
+                    cluster: stream.node_cluster.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        let view = View::new(stream.partitions.iter().map(Partition::new));
+        for (type_url, status) in &stream.types {
+            config
+                .generic_xds_configs
+                .extend(type_configs(type_url, status, &view, snapshot));
+        }
+    }
+    Ok(ClientStatusResponse {
+        config: by_node.into_values().collect(),
+    })
+}
+
+/// The per-resource entries of one type of one stream.
+fn type_configs(
+    type_url: &TypeUrl,
+    status: &TypeStatus,
+    view: &View,
+    snapshot: Option<&Snapshot>,
+) -> Vec<GenericXdsConfig> {
+    let state = status.state();
+    let (config_status, held_status) = match state {
+        SyncState::Synced => (ConfigStatus::Synced, ClientResourceStatus::Acked),
+        SyncState::Nacked => (ConfigStatus::Error, ClientResourceStatus::Nacked),
+        SyncState::Stale => (ConfigStatus::Stale, ClientResourceStatus::Requested),
+        SyncState::NotSent => (ConfigStatus::NotSent, ClientResourceStatus::Requested),
+    };
+    let error_state = match (&status.nack, state) {
+        (Some(nack), SyncState::Nacked) => Some(UpdateFailureState {
+            details: nack.message.clone(),
+            version_info: nack.version.to_string(),
+            ..Default::default()
+        }),
+        _ => None,
+    };
+    let mut configs: Vec<GenericXdsConfig> = status
+        .resources
+        .iter()
+        .map(|(name, version)| GenericXdsConfig {
+            type_url: type_url.to_string(),
+            name: name.to_string(),
+            version_info: version.to_string(),
+            xds_config: snapshot
+                .and_then(|s| s.get(view, type_url, name.as_str()))
+                .filter(|r| &r.version == version)
+                .map(|r| r.body.clone()),
+            config_status: config_status as i32,
+            client_status: held_status as i32,
+            error_state: error_state.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let missing_status = match state {
+        SyncState::NotSent => ClientResourceStatus::Requested,
+        _ => ClientResourceStatus::DoesNotExist,
+    };
+    configs.extend(
+        status
+            .subscription
+            .names()
+            .iter()
+            .filter(|name| !status.resources.contains_key(*name))
+            .map(|name| GenericXdsConfig {
+                type_url: type_url.to_string(),
+                name: name.to_string(),
+                config_status: config_status as i32,
+                client_status: missing_status as i32,
+                ..Default::default()
+            }),
+    );
+    configs
+}
+
+fn check_matcher(matcher: &NodeMatcher) -> Result<(), CsdsError> {
+    if !matcher.node_metadatas.is_empty() {
+        return Err(CsdsError::UnsupportedMatcher("node_metadatas"));
+    }
+    match matcher
+        .node_id
+        .as_ref()
+        .and_then(|m| m.match_pattern.as_ref())
+    {
+        None
+        | Some(MatchPattern::Exact(_))
+        | Some(MatchPattern::Prefix(_))
+        | Some(MatchPattern::Suffix(_))
+        | Some(MatchPattern::Contains(_)) => Ok(()),
+        Some(MatchPattern::SafeRegex(_)) => Err(CsdsError::UnsupportedMatcher("safe_regex")),
+        Some(MatchPattern::Custom(_)) => Err(CsdsError::UnsupportedMatcher("custom")),
+    }
+}
+
+/// Whether `node_id` matches; call [`check_matcher`] first (unsupported patterns never match).
+fn node_matches(matcher: &NodeMatcher, node_id: &str) -> bool {
+    let Some(StringMatcher {
+        ignore_case,
+        match_pattern: Some(pattern),
+    }) = &matcher.node_id
+    else {
+        return true;
+    };
+    let fold = |s: &str| {
+        if *ignore_case {
+            s.to_lowercase()
+        } else {
+            s.to_string()
+        }
+    };
+    let id = fold(node_id);
+    match pattern {
+        MatchPattern::Exact(want) => id == fold(want),
+        MatchPattern::Prefix(want) => id.starts_with(&fold(want)),
+        MatchPattern::Suffix(want) => id.ends_with(&fold(want)),
+        MatchPattern::Contains(want) => id.contains(&fold(want)),
+        MatchPattern::SafeRegex(_) | MatchPattern::Custom(_) => false,
+    }
+}
+
+/// The CSDS service over a [`Registry`] (and the [`Cache`] for resource contents).
+#[derive(Debug, Clone)]
+pub struct CsdsServer {
+    registry: Registry,
+    cache: Cache,
+}
+
+impl CsdsServer {
+    /// A service reporting the streams of `registry`, with bodies read from `cache`.
+    pub fn new(registry: Registry, cache: Cache) -> Self {
+        Self { registry, cache }
+    }
+
+    /// The tonic service to add to a router.
+    pub fn into_service(self) -> ClientStatusDiscoveryServiceServer<Self> {
+        ClientStatusDiscoveryServiceServer::new(self)
+    }
+
+    fn answer(&self, request: &ClientStatusRequest) -> Result<ClientStatusResponse, Status> {
+        let snapshot = self.cache.snapshot();
+        Ok(client_status(
+            &self.registry.streams(),
+            request,
+            Some(&snapshot),
+        )?)
+    }
+}
+
+/// The response stream of `StreamClientStatus`.
+pub type CsdsStream = Pin<Box<dyn Stream<Item = Result<ClientStatusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClientStatusDiscoveryService for CsdsServer {
+    type StreamClientStatusStream = CsdsStream;
+
+    async fn stream_client_status(
+        &self,
+        request: Request<Streaming<ClientStatusRequest>>,
+    ) -> Result<Response<CsdsStream>, Status> {
+        let server = self.clone();
+        let responses = request
+            .into_inner()
+            .map(move |request| request.and_then(|r| server.answer(&r)));
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn fetch_client_status(
+        &self,
+        request: Request<ClientStatusRequest>,
+    ) -> Result<Response<ClientStatusResponse>, Status> {
+        self.answer(request.get_ref()).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use envoy_types::pb::google::protobuf::Any;
+
+    use super::*;
+    use crate::{
+        cache::{Update, cache},
+        status::{Nack, Protocol},
+        subscription::Subscription,
+        types::{Nonce, ResourceName, Version},
+    };
+
+    const T: &str = "type.googleapis.com/test.T";
+
+    fn stream(node_id: &str, types: Vec<(&str, TypeStatus)>) -> StreamStatus {
+        StreamStatus {
+            stream_id: 1,
+            node_id: node_id.into(),
+            node_cluster: "c".into(),
+            partitions: vec!["p".into()],
+            peer: None,
+            protocol: Protocol::Sotw,
+            connected_since: SystemTime::UNIX_EPOCH,
+            types: types
+                .into_iter()
+                .map(|(t, s)| (TypeUrl::new(t), s))
+                .collect(),
+        }
+    }
+
+    fn sent(names: &[(&str, &str)], subscribed: &[&str]) -> TypeStatus {
+        TypeStatus {
+            subscription: Subscription::named(subscribed),
+            sent_version: Some("v1".into()),
+            sent_nonce: Some("1-1".into()),
+            resources: names
+                .iter()
+                .map(|(n, v)| (ResourceName::new(n), Version::new(v)))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// `(name, version, client_status, config_status, error detail)` per entry.
+    fn summary(response: &ClientStatusResponse) -> Vec<(String, String, String, i32, String)> {
+        response
+            .config
+            .iter()
+            .flat_map(|c| &c.generic_xds_configs)
+            .map(|g| {
+                (
+                    g.name.clone(),
+                    g.version_info.clone(),
+                    ClientResourceStatus::try_from(g.client_status)
+                        .unwrap()
+                        .as_str_name()
+                        .to_string(),
+                    g.config_status,
+                    g.error_state
+                        .as_ref()
+                        .map(|e| format!("{}@{}", e.details, e.version_info))
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acked_nacked_requested_and_missing() {
+        let mut acked = sent(&[("a", "va")], &["a", "gone"]);
+        acked.acked_version = Some("v1".into());
+        let mut nacked = sent(&[("b", "vb")], &["b"]);
+        nacked.nack = Some(Nack {
+            version: "v1".into(),
+            nonce: Nonce::new("1-1"),
+            message: "bad listener".into(),
+            code: 3,
+        });
+        let pending = sent(&[("c", "vc")], &["c"]);
+        let not_sent = TypeStatus {
+            subscription: Subscription::named(["d"]),
+            ..Default::default()
+        };
+        let streams = [stream(
+            "node-1",
+            vec![
+                ("t/1", acked),
+                ("t/2", nacked),
+                ("t/3", pending),
+                ("t/4", not_sent),
+            ],
+        )];
+        let response = client_status(&streams, &ClientStatusRequest::default(), None).unwrap();
+        assert_eq!(response.config.len(), 1);
+        assert_eq!(response.config[0].node.as_ref().unwrap().id, "node-1");
+        let synced = ConfigStatus::Synced as i32;
+        let error = ConfigStatus::Error as i32;
+        let stale = ConfigStatus::Stale as i32;
+        let not_sent = ConfigStatus::NotSent as i32;
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            summary(&response),
+            vec![
+                (s("a"), s("va"), s("ACKED"), synced, s("")),
+                (s("gone"), s(""), s("DOES_NOT_EXIST"), synced, s("")),
+                (s("b"), s("vb"), s("NACKED"), error, s("bad listener@v1")),
+                (s("c"), s("vc"), s("REQUESTED"), stale, s("")),
+                (s("d"), s(""), s("REQUESTED"), not_sent, s("")),
+            ]
+        );
+    }
+
+    #[test]
+    fn streams_of_one_node_merge_and_matchers_filter() {
+        let streams = [
+            stream("node-a", vec![("t/1", sent(&[("x", "1")], &["x"]))]),
+            stream("node-a", vec![("t/2", sent(&[("y", "1")], &["y"]))]),
+            stream("node-b", vec![("t/1", sent(&[("z", "1")], &["z"]))]),
+        ];
+        let all = client_status(&streams, &ClientStatusRequest::default(), None).unwrap();
+        assert_eq!(all.config.len(), 2);
+        assert_eq!(all.config[0].generic_xds_configs.len(), 2);
+
+        let matcher = |pattern: MatchPattern, ignore_case: bool| NodeMatcher {
+            node_id: Some(StringMatcher {
+                ignore_case,
+                match_pattern: Some(pattern),
+            }),
+            node_metadatas: vec![],
+        };
+        let only = |matchers: Vec<NodeMatcher>| {
+            let request = ClientStatusRequest {
+                node_matchers: matchers,
+                ..Default::default()
+            };
+            client_status(&streams, &request, None)
+                .unwrap()
+                .config
+                .iter()
+                .map(|c| c.node.as_ref().unwrap().id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            only(vec![matcher(MatchPattern::Exact("node-b".into()), false)]),
+            ["node-b"]
+        );
+        assert_eq!(
+            only(vec![matcher(MatchPattern::Exact("NODE-A".into()), true)]),
+            ["node-a"]
+        );
+        assert_eq!(
+            only(vec![matcher(MatchPattern::Prefix("node-".into()), false)]),
+            ["node-a", "node-b"]
+        );
+        assert!(only(vec![matcher(MatchPattern::Suffix("-c".into()), false)]).is_empty());
+
+        let unsupported = ClientStatusRequest {
+            node_matchers: vec![NodeMatcher {
+                node_id: None,
+                node_metadatas: vec![Default::default()],
+            }],
+            ..Default::default()
+        };
+        let error = client_status(&streams, &unsupported, None).unwrap_err();
+        assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn contents_only_for_the_version_sent() {
+        let (reader, writer) = cache();
+        let body = Any {
+            type_url: T.into(),
+            value: b"one".to_vec(),
+        };
+        writer.apply([Update::Put {
+            partition: "p".into(),
+            type_url: T.into(),
+            name: "a".into(),
+            body: body.clone(),
+        }]);
+        let current = Version::of_bytes(b"one");
+        let streams = [stream(
+            "n",
+            vec![(
+                T,
+                sent(&[("a", current.as_str()), ("b", "old")], &["a", "b"]),
+            )],
+        )];
+        let snapshot = reader.snapshot();
+        let response =
+            client_status(&streams, &ClientStatusRequest::default(), Some(&snapshot)).unwrap();
+        let configs = &response.config[0].generic_xds_configs;
+        assert_eq!(configs[0].xds_config.as_ref(), Some(&body));
+        assert_eq!(configs[1].xds_config, None, "b is not in the cache");
+        let excluded = ClientStatusRequest {
+            exclude_resource_contents: true,
+            ..Default::default()
+        };
+        let response = client_status(&streams, &excluded, Some(&snapshot)).unwrap();
+        assert_eq!(response.config[0].generic_xds_configs[0].xds_config, None);
+    }
+}
