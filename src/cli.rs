@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// re-publish to refresh it.
     #[arg(long, env = "PIXIU_METADATA_METADATA_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub metadata_ttl: std::time::Duration,
+    /// Directory of YAML/JSON files with Envoy Listener, RouteConfiguration, Cluster and
+    /// ClusterLoadAssignment resources, served to every xDS client and watched for changes.
+    #[arg(long, env = "PIXIU_METADATA_ENVOY_CONFIG_DIR")]
+    pub envoy_config_dir: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -110,6 +114,7 @@ impl ServeArgs {
             anyhow::bail!("--metadata-ttl must be longer than zero");
         }
         config.lease.ttl = self.metadata_ttl;
+        config.envoy.config_dir = self.envoy_config_dir.clone();
         Ok(config)
     }
 }

@@ -20,6 +20,8 @@ pub struct Config {
     pub xds: pixiu_xds::ServerConfig,
     /// Record leases.
     pub lease: LeaseConfig,
+    /// Standard Envoy resources from a watched directory.
+    pub envoy: crate::push::envoy::EnvoyConfig,
 }
 
 /// Record leases: a record not re-published within `ttl` is deleted.
@@ -74,6 +76,7 @@ impl Default for Config {
             lease: LeaseConfig {
                 ttl: Duration::from_secs(24 * 60 * 60),
             },
+            envoy: crate::push::envoy::EnvoyConfig::default(),
         }
     }
 }

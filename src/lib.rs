@@ -77,6 +77,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (cache, writer) = pixiu_xds::cache();
+    // Envoy resources are in the cache before ADS serves, like the store's first state.
+    let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
     let (warmed_tx, mut warmed) = watch::channel(false);
     let push_task = tokio::spawn(push::run(
         store.clone(),
@@ -99,6 +101,7 @@ pub async fn serve(
     ));
     let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone());
     let registry = pixiu_xds::Registry::new();
+    let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone());
     let ads = pixiu_xds::AdsServer::new(
         cache,
         Arc::new(push::NamespaceResolver::new(&config.api.default_namespace)),
@@ -131,6 +134,7 @@ pub async fn serve(
         .add_service(api.metadata_service())
         .add_service(api.definition_service())
         .add_service(ads.into_service())
+        .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -142,6 +146,9 @@ pub async fn serve(
         .map_err(Error::Transport);
     shutdown.cancel();
     let _ = push_task.await;
+    if let Some(envoy_task) = envoy_task {
+        let _ = envoy_task.await;
+    }
     let _ = sweeper.await;
     info!("stopped");
     result

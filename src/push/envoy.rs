@@ -1,0 +1,1099 @@
+//! Standard Envoy resources from a watched directory, into the [`GLOBAL_PARTITION`].
+//!
+//! `--envoy-config-dir DIR` names a directory of YAML (`.yaml`, `.yml`) or JSON (`.json`) files,
+//! each holding `Listener`, `RouteConfiguration`, `Cluster` and `ClusterLoadAssignment`
+//! resources. They are served to every client, so real gRPC xDS clients (`xds:///` targets)
+//! and Envoy can use this server beside the metadata resources.
+//!
+//! A file holds one resource (an object with `"@type"`), a list of them, or an object with a
+//! `resources` list, as in Envoy's bootstrap `static_resources`. Resources are written in the
+//! protobuf JSON form of the Envoy API (snake_case field names, enums by name, durations as
+//! `"1.5s"`, `Any` with `"@type"`). envoy-types' messages have no serde support, so the
+//! mapping is explicit and covers the fields listed in `docs/protocol.md`; any other field is
+//! an error naming its path, never silently dropped.
+//!
+//! Watching is polling: every [`EnvoyConfig::poll_interval`] the directory is listed and each
+//! file's bytes hashed; a file whose hash changed is parsed again. Polling needs no inotify
+//! (containers and network filesystems often lack it), sees a file replaced by `rename`, and
+//! costs a read of a few small files per second. A file that fails to read or parse is logged
+//! and keeps its previous good resources; a deleted file drops its resources. After a scan
+//! that changed anything, the four types are replaced together in one cache batch
+//! ([`Update::ReplaceType`]), so a client never sees a listener without its route.
+//!
+//! Hidden files (starting with `.`) are skipped, so editors' and `rename`-based writers'
+//! temporary files are not read half-written. When two files define the same type and name,
+//! the first file in path order wins and the clash is logged.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{
+                Cluster,
+                cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+            },
+            core::v3::{
+                Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
+                SelfConfigSource, SocketAddress, address, config_source::ConfigSourceSpecifier,
+                socket_address,
+            },
+            endpoint::v3::{
+                ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+                lb_endpoint::HostIdentifier,
+            },
+            listener::v3::{ApiListener, Listener},
+            route::v3::{
+                Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+                route, route_action::ClusterSpecifier, route_match::PathSpecifier,
+                weighted_cluster::ClusterWeight,
+            },
+        },
+        extensions::filters::{
+            http::router::v3::Router,
+            network::http_connection_manager::v3::{
+                HttpConnectionManager, HttpFilter, Rds,
+                http_connection_manager::{CodecType, RouteSpecifier},
+                http_filter::ConfigType,
+            },
+        },
+    },
+    google::protobuf::{Any, Duration as PbDuration, UInt32Value},
+};
+use pixiu_xds::{CacheWriter, Partition, ResourceName, TypeUrl, Update};
+use prost::Message;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::GLOBAL_PARTITION;
+
+/// Type URL of `envoy.config.listener.v3.Listener`.
+pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// Type URL of `envoy.config.route.v3.RouteConfiguration`.
+pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Type URL of `envoy.config.cluster.v3.Cluster`.
+pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of `envoy.config.endpoint.v3.ClusterLoadAssignment`.
+pub const ENDPOINT_TYPE_URL: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Type URL of the HTTP connection manager, the only supported `api_listener`.
+pub const HCM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// Type URL of the router HTTP filter, the only supported `http_filters[].typed_config`.
+pub const ROUTER_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+
+/// The four types this module loads, in the order they are replaced.
+pub const TYPE_URLS: [&str; 4] = [
+    LISTENER_TYPE_URL,
+    ROUTE_TYPE_URL,
+    CLUSTER_TYPE_URL,
+    ENDPOINT_TYPE_URL,
+];
+
+/// Where Envoy resources come from.
+#[derive(Debug, Clone)]
+pub struct EnvoyConfig {
+    /// The watched directory (default none: no Envoy resources are served).
+    pub config_dir: Option<PathBuf>,
+    /// How often the directory is scanned for changes (default 1 s).
+    pub poll_interval: Duration,
+}
+
+impl Default for EnvoyConfig {
+    fn default() -> Self {
+        Self {
+            config_dir: None,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A file's content that is not a valid set of supported resources.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ParseError {
+    /// Where in the document, e.g. `resources[0].virtual_hosts[1].routes`.
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
+}
+
+/// One parsed resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvoyResource {
+    /// One of [`TYPE_URLS`].
+    pub type_url: &'static str,
+    /// The resource name (`cluster_name` for a `ClusterLoadAssignment`).
+    pub name: String,
+    /// The encoded message.
+    pub body: Any,
+}
+
+/// The format of a file, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `.yaml` or `.yml`.
+    Yaml,
+    /// `.json`.
+    Json,
+}
+
+impl Format {
+    /// The format of `path`, or `None` for files this module does not read.
+    pub fn of(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()? {
+            "yaml" | "yml" => Some(Format::Yaml),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Parses the resources of one file.
+pub fn parse(text: &str, format: Format) -> Result<Vec<EnvoyResource>, ParseError> {
+    let document: Value = match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| err("", e))?,
+        Format::Yaml => serde_norway::from_str(text).map_err(|e| err("", e))?,
+    };
+    let items: Vec<(String, &Value)> = match &document {
+        Value::Null => Vec::new(),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("[{i}]"), v))
+            .collect(),
+        Value::Object(map) if map.contains_key("@type") => vec![(String::new(), &document)],
+        Value::Object(_) => {
+            let top = Obj::new(&document, "", &["resources"])?;
+            top.list("resources")?
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("resources[{i}]"), v))
+                .collect()
+        }
+        _ => {
+            return Err(err(
+                "",
+                "expected a resource, a list, or {resources: [...]}",
+            ));
+        }
+    };
+    items
+        .into_iter()
+        .map(|(path, value)| resource(value, &path))
+        .collect()
+}
+
+fn resource(value: &Value, path: &str) -> Result<EnvoyResource, ParseError> {
+    let type_url = value
+        .get("@type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(path, "missing \"@type\""))?;
+    let (type_url, name, value) = match type_url {
+        LISTENER_TYPE_URL => {
+            let listener = listener(value, path)?;
+            (
+                LISTENER_TYPE_URL,
+                listener.name.clone(),
+                listener.encode_to_vec(),
+            )
+        }
+        ROUTE_TYPE_URL => {
+            let route = route_configuration(value, path, true)?;
+            (ROUTE_TYPE_URL, route.name.clone(), route.encode_to_vec())
+        }
+        CLUSTER_TYPE_URL => {
+            let cluster = cluster(value, path)?;
+            (
+                CLUSTER_TYPE_URL,
+                cluster.name.clone(),
+                cluster.encode_to_vec(),
+            )
+        }
+        ENDPOINT_TYPE_URL => {
+            let cla = cluster_load_assignment(value, path)?;
+            (
+                ENDPOINT_TYPE_URL,
+                cla.cluster_name.clone(),
+                cla.encode_to_vec(),
+            )
+        }
+        other => return Err(err(path, format!("unsupported \"@type\" {other:?}"))),
+    };
+    if name.is_empty() {
+        return Err(err(path, "the resource has no name"));
+    }
+    Ok(EnvoyResource {
+        type_url,
+        name,
+        body: Any {
+            type_url: type_url.to_string(),
+            value,
+        },
+    })
+}
+
+fn listener(value: &Value, path: &str) -> Result<Listener, ParseError> {
+    let obj = Obj::new(value, path, &["@type", "name", "api_listener"])?;
+    let api_listener = obj
+        .opt_obj("api_listener", &["api_listener"])?
+        .map(|api| -> Result<ApiListener, ParseError> {
+            let hcm = api.obj("api_listener", &[])?;
+            Ok(ApiListener {
+                api_listener: Some(http_connection_manager(hcm.value, &hcm.path)?),
+            })
+        })
+        .transpose()?;
+    Ok(Listener {
+        name: obj.string("name")?,
+        api_listener,
+        ..Default::default()
+    })
+}
+
+fn http_connection_manager(value: &Value, path: &str) -> Result<Any, ParseError> {
+    let obj = Obj::new(
+        value,
+        path,
+        &[
+            "@type",
+            "stat_prefix",
+            "codec_type",
+            "rds",
+            "route_config",
+            "http_filters",
+        ],
+    )?;
+    obj.expect_type(HCM_TYPE_URL)?;
+    let route_specifier = match (
+        obj.opt_obj("rds", &["route_config_name", "config_source"])?,
+        obj.get("route_config"),
+    ) {
+        (Some(_), Some(_)) => return Err(err(path, "set one of rds and route_config")),
+        (Some(rds), None) => Some(RouteSpecifier::Rds(Rds {
+            route_config_name: rds.string("route_config_name")?,
+            config_source: Some(config_source(&rds.obj("config_source", &[])?)?),
+        })),
+        (None, Some(inline)) => Some(RouteSpecifier::RouteConfig(route_configuration(
+            inline,
+            &obj.sub("route_config"),
+            false,
+        )?)),
+        (None, None) => None,
+    };
+    let http_filters = obj
+        .list("http_filters")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, filter)| {
+            let path = format!("{}[{i}]", obj.sub("http_filters"));
+            let filter = Obj::new(filter, &path, &["name", "typed_config", "is_optional"])?;
+            let config_type = filter
+                .opt_obj("typed_config", &["@type"])?
+                .map(|typed| -> Result<ConfigType, ParseError> {
+                    typed.expect_type(ROUTER_TYPE_URL)?;
+                    Ok(ConfigType::TypedConfig(Any {
+                        type_url: ROUTER_TYPE_URL.to_string(),
+                        value: Router::default().encode_to_vec(),
+                    }))
+                })
+                .transpose()?;
+            Ok(HttpFilter {
+                name: filter.string("name")?,
+                is_optional: filter.bool("is_optional")?,
+                config_type,
+                ..Default::default()
+            })
+        })
+        .collect::<Result<_, ParseError>>()?;
+    let hcm = HttpConnectionManager {
+        stat_prefix: obj.string("stat_prefix")?,
+        codec_type: obj.enumeration("codec_type", CodecType::from_str_name)?,
+        route_specifier,
+        http_filters,
+        ..Default::default()
+    };
+    Ok(Any {
+        type_url: HCM_TYPE_URL.to_string(),
+        value: hcm.encode_to_vec(),
+    })
+}
+
+fn route_configuration(
+    value: &Value,
+    path: &str,
+    top_level: bool,
+) -> Result<RouteConfiguration, ParseError> {
+    let allowed: &[&str] = if top_level {
+        &["@type", "name", "virtual_hosts"]
+    } else {
+        &["name", "virtual_hosts"]
+    };
+    let obj = Obj::new(value, path, allowed)?;
+    let virtual_hosts = obj
+        .objs("virtual_hosts", &["name", "domains", "routes"])?
+        .into_iter()
+        .map(|vh| {
+            let routes = vh
+                .objs("routes", &["name", "match", "route"])?
+                .into_iter()
+                .map(|r| route_entry(&r))
+                .collect::<Result<_, _>>()?;
+            Ok(VirtualHost {
+                name: vh.string("name")?,
+                domains: vh.strings("domains")?,
+                routes,
+                ..Default::default()
+            })
+        })
+        .collect::<Result<_, ParseError>>()?;
+    Ok(RouteConfiguration {
+        name: obj.string("name")?,
+        virtual_hosts,
+        ..Default::default()
+    })
+}
+
+fn route_entry(obj: &Obj<'_>) -> Result<Route, ParseError> {
+    let matcher = obj.obj("match", &["prefix", "path"])?;
+    let path_specifier = match (matcher.get("prefix"), matcher.get("path")) {
+        (Some(_), Some(_)) => return Err(err(&matcher.path, "set one of prefix and path")),
+        (Some(_), None) => Some(PathSpecifier::Prefix(matcher.string("prefix")?)),
+        (None, Some(_)) => Some(PathSpecifier::Path(matcher.string("path")?)),
+        (None, None) => return Err(err(&matcher.path, "set prefix or path")),
+    };
+    let action = obj.obj("route", &["cluster", "weighted_clusters", "timeout"])?;
+    let cluster_specifier = match (action.get("cluster"), action.get("weighted_clusters")) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                &action.path,
+                "set one of cluster and weighted_clusters",
+            ));
+        }
+        (Some(_), None) => ClusterSpecifier::Cluster(action.string("cluster")?),
+        (None, Some(_)) => {
+            let weighted = action.obj("weighted_clusters", &["clusters"])?;
+            let clusters = weighted
+                .objs("clusters", &["name", "weight"])?
+                .into_iter()
+                .map(|c| {
+                    Ok(ClusterWeight {
+                        name: c.string("name")?,
+                        weight: c.uint32_value("weight")?,
+                        ..Default::default()
+                    })
+                })
+                .collect::<Result<_, ParseError>>()?;
+            ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters,
+                ..Default::default()
+            })
+        }
+        (None, None) => return Err(err(&action.path, "set cluster or weighted_clusters")),
+    };
+    Ok(Route {
+        name: obj.string("name")?,
+        r#match: Some(RouteMatch {
+            path_specifier,
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            timeout: action.duration("timeout")?,
+            ..Default::default()
+        })),
+        ..Default::default()
+    })
+}
+
+fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
+    let obj = Obj::new(
+        value,
+        path,
+        &[
+            "@type",
+            "name",
+            "type",
+            "eds_cluster_config",
+            "lb_policy",
+            "connect_timeout",
+        ],
+    )?;
+    let eds_cluster_config = obj
+        .opt_obj("eds_cluster_config", &["service_name", "eds_config"])?
+        .map(|eds| -> Result<EdsClusterConfig, ParseError> {
+            Ok(EdsClusterConfig {
+                service_name: eds.string("service_name")?,
+                eds_config: Some(config_source(&eds.obj("eds_config", &[])?)?),
+            })
+        })
+        .transpose()?;
+    let discovery_type = obj
+        .get("type")
+        .map(|_| obj.enumeration("type", DiscoveryType::from_str_name))
+        .transpose()?
+        .map(ClusterDiscoveryType::Type);
+    Ok(Cluster {
+        name: obj.string("name")?,
+        cluster_discovery_type: discovery_type,
+        eds_cluster_config,
+        lb_policy: obj.enumeration("lb_policy", LbPolicy::from_str_name)?,
+        connect_timeout: obj.duration("connect_timeout")?,
+        ..Default::default()
+    })
+}
+
+fn config_source(obj: &Obj<'_>) -> Result<ConfigSource, ParseError> {
+    let obj = Obj::new(
+        obj.value,
+        &obj.path,
+        &["ads", "self", "resource_api_version"],
+    )?;
+    let specifier = match (obj.opt_obj("ads", &[])?, obj.opt_obj("self", &[])?) {
+        (Some(_), None) => ConfigSourceSpecifier::Ads(AggregatedConfigSource {}),
+        (None, Some(_)) => ConfigSourceSpecifier::Self_(SelfConfigSource::default()),
+        _ => return Err(err(&obj.path, "set one of ads: {} and self: {}")),
+    };
+    Ok(ConfigSource {
+        config_source_specifier: Some(specifier),
+        resource_api_version: obj.enumeration("resource_api_version", ApiVersion::from_str_name)?,
+        ..Default::default()
+    })
+}
+
+fn cluster_load_assignment(value: &Value, path: &str) -> Result<ClusterLoadAssignment, ParseError> {
+    let obj = Obj::new(value, path, &["@type", "cluster_name", "endpoints"])?;
+    let endpoints = obj
+        .objs(
+            "endpoints",
+            &[
+                "locality",
+                "lb_endpoints",
+                "load_balancing_weight",
+                "priority",
+            ],
+        )?
+        .into_iter()
+        .map(|group| {
+            let locality = group
+                .opt_obj("locality", &["region", "zone", "sub_zone"])?
+                .map(|l| -> Result<Locality, ParseError> {
+                    Ok(Locality {
+                        region: l.string("region")?,
+                        zone: l.string("zone")?,
+                        sub_zone: l.string("sub_zone")?,
+                    })
+                })
+                .transpose()?;
+            let lb_endpoints = group
+                .objs(
+                    "lb_endpoints",
+                    &["endpoint", "health_status", "load_balancing_weight"],
+                )?
+                .into_iter()
+                .map(|lb| lb_endpoint(&lb))
+                .collect::<Result<_, _>>()?;
+            Ok(LocalityLbEndpoints {
+                locality,
+                lb_endpoints,
+                load_balancing_weight: group.uint32_value("load_balancing_weight")?,
+                priority: group.u32("priority")?,
+                ..Default::default()
+            })
+        })
+        .collect::<Result<_, ParseError>>()?;
+    Ok(ClusterLoadAssignment {
+        cluster_name: obj.string("cluster_name")?,
+        endpoints,
+        ..Default::default()
+    })
+}
+
+fn lb_endpoint(obj: &Obj<'_>) -> Result<LbEndpoint, ParseError> {
+    let endpoint = obj.obj("endpoint", &["address"])?;
+    let address = endpoint.obj("address", &["socket_address"])?;
+    let socket = address.obj("socket_address", &["address", "port_value"])?;
+    Ok(LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: socket.string("address")?,
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(
+                        socket.u32("port_value")?,
+                    )),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        health_status: obj.enumeration("health_status", HealthStatus::from_str_name)?,
+        load_balancing_weight: obj.uint32_value("load_balancing_weight")?,
+        ..Default::default()
+    })
+}
+
+fn err(path: &str, message: impl std::fmt::Display) -> ParseError {
+    ParseError {
+        path: if path.is_empty() {
+            "(document)".to_string()
+        } else {
+            path.to_string()
+        },
+        message: message.to_string(),
+    }
+}
+
+/// An object being read, with its path for error messages. Unknown keys are refused when it
+/// is made; each accessor reads one key, absent meaning the protobuf default.
+struct Obj<'a> {
+    value: &'a Value,
+    map: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    /// `value` as an object whose keys are all in `allowed` (an empty `allowed` accepts any
+    /// key: the caller checks again with the real list).
+    fn new(value: &'a Value, path: &str, allowed: &[&str]) -> Result<Self, ParseError> {
+        let map = match value {
+            Value::Object(map) => map,
+            _ => return Err(err(path, "expected an object")),
+        };
+        if !allowed.is_empty() {
+            if let Some(key) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+                return Err(err(
+                    path,
+                    format!(
+                        "unsupported field {key:?} (supported: {})",
+                        allowed.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            value,
+            map,
+            path: path.to_string(),
+        })
+    }
+
+    fn sub(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn expect_type(&self, type_url: &str) -> Result<(), ParseError> {
+        match self.get("@type").and_then(Value::as_str) {
+            Some(t) if t == type_url => Ok(()),
+            Some(t) => Err(err(
+                &self.path,
+                format!("\"@type\" must be {type_url}, not {t}"),
+            )),
+            None => Err(err(&self.path, format!("missing \"@type\": {type_url}"))),
+        }
+    }
+
+    fn obj(&self, key: &str, allowed: &[&str]) -> Result<Obj<'a>, ParseError> {
+        self.opt_obj(key, allowed)?
+            .ok_or_else(|| err(&self.sub(key), "missing"))
+    }
+
+    fn opt_obj(&self, key: &str, allowed: &[&str]) -> Result<Option<Obj<'a>>, ParseError> {
+        self.get(key)
+            .map(|v| Obj::new(v, &self.sub(key), allowed))
+            .transpose()
+    }
+
+    fn list(&self, key: &str) -> Result<Vec<&'a Value>, ParseError> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => Ok(items.iter().collect()),
+            Some(_) => Err(err(&self.sub(key), "expected a list")),
+        }
+    }
+
+    fn objs(&self, key: &str, allowed: &[&str]) -> Result<Vec<Obj<'a>>, ParseError> {
+        self.list(key)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| Obj::new(v, &format!("{}[{i}]", self.sub(key)), allowed))
+            .collect()
+    }
+
+    fn string(&self, key: &str) -> Result<String, ParseError> {
+        match self.get(key) {
+            None => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(err(&self.sub(key), "expected a string")),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, ParseError> {
+        self.list(key)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(err(&format!("{}[{i}]", self.sub(key)), "expected a string")),
+            })
+            .collect()
+    }
+
+    fn bool(&self, key: &str) -> Result<bool, ParseError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(err(&self.sub(key), "expected true or false")),
+        }
+    }
+
+    /// A `uint32`, given as a number or (protobuf JSON) a decimal string.
+    fn u32(&self, key: &str) -> Result<u32, ParseError> {
+        let bad = || err(&self.sub(key), "expected an integer from 0 to 4294967295");
+        match self.get(key) {
+            None => Ok(0),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(bad),
+            Some(Value::String(s)) => s.parse().map_err(|_| bad()),
+            Some(_) => Err(bad()),
+        }
+    }
+
+    fn uint32_value(&self, key: &str) -> Result<Option<UInt32Value>, ParseError> {
+        self.get(key)
+            .map(|_| self.u32(key).map(|value| UInt32Value { value }))
+            .transpose()
+    }
+
+    /// An enum by its protobuf name (`ROUND_ROBIN`), or 0 when absent.
+    fn enumeration<E: Into<i32>>(
+        &self,
+        key: &str,
+        from_name: fn(&str) -> Option<E>,
+    ) -> Result<i32, ParseError> {
+        match self.get(key) {
+            None => Ok(0),
+            Some(Value::String(s)) => from_name(s)
+                .map(Into::into)
+                .ok_or_else(|| err(&self.sub(key), format!("unknown value {s:?}"))),
+            Some(_) => Err(err(&self.sub(key), "expected an enum value name")),
+        }
+    }
+
+    /// A duration in protobuf JSON form: decimal seconds with an `s` suffix (`"0.25s"`).
+    fn duration(&self, key: &str) -> Result<Option<PbDuration>, ParseError> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        let bad = || err(&self.sub(key), "expected a duration like \"1.5s\"");
+        let text = value.as_str().ok_or_else(bad)?;
+        let digits = text.strip_suffix('s').ok_or_else(bad)?;
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+        if whole.is_empty()
+            || !whole.bytes().all(|b| b.is_ascii_digit())
+            || fraction.len() > 9
+            || !fraction.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        let seconds: i64 = whole.parse().map_err(|_| bad())?;
+        let nanos: i32 = if fraction.is_empty() {
+            0
+        } else {
+            format!("{fraction:0<9}").parse().map_err(|_| bad())?
+        };
+        Ok(Some(PbDuration { seconds, nanos }))
+    }
+}
+
+// === the watched directory ===
+
+/// One file's last good content.
+#[derive(Debug)]
+struct FileState {
+    /// Hash of the bytes last read, good or bad, so a bad file is reported once.
+    hash: u128,
+    /// The resources of the last content that parsed.
+    resources: Vec<EnvoyResource>,
+}
+
+/// The resources of a directory, file by file, with what was last read from each.
+#[derive(Debug)]
+pub struct DirLoader {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl DirLoader {
+    /// A loader of `dir` that has read nothing yet.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Reads the directory again; returns whether the set of resources may have changed.
+    ///
+    /// A file that cannot be read or parsed keeps its previous resources (logged once per
+    /// content); a file that is gone drops them. A directory that cannot be listed keeps
+    /// everything (logged).
+    pub fn scan(&mut self) -> bool {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(error) => {
+                warn!(dir = %self.dir.display(), %error, "cannot list the envoy config directory");
+                return false;
+            }
+        };
+        let mut seen = Vec::new();
+        let mut changed = false;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.'));
+            let Some(format) = Format::of(&path).filter(|_| !hidden && path.is_file()) else {
+                continue;
+            };
+            seen.push(path.clone());
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    warn!(file = %path.display(), %error, "cannot read envoy config file; keeping its previous resources");
+                    continue;
+                }
+            };
+            let hash = xxhash_rust::xxh3::xxh3_128(&bytes);
+            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
+                continue;
+            }
+            let parsed = std::str::from_utf8(&bytes)
+                .map_err(|e| err("", e))
+                .and_then(|text| parse(text, format));
+            match parsed {
+                Ok(resources) => {
+                    info!(file = %path.display(), n_resources = resources.len(), "envoy config file loaded");
+                    self.files.insert(path, FileState { hash, resources });
+                    changed = true;
+                }
+                Err(error) => {
+                    warn!(file = %path.display(), %error, "invalid envoy config file; keeping its previous resources");
+                    let state = self.files.entry(path).or_insert(FileState {
+                        hash,
+                        resources: Vec::new(),
+                    });
+                    state.hash = hash;
+                }
+            }
+        }
+        let n_before = self.files.len();
+        self.files.retain(|path, _| seen.contains(path));
+        if self.files.len() != n_before {
+            info!(dir = %self.dir.display(), "envoy config file removed");
+            changed = true;
+        }
+        changed
+    }
+
+    /// The complete new sets of the four types, for one atomic cache batch.
+    pub fn updates(&self) -> Vec<Update> {
+        let mut sets: BTreeMap<&'static str, BTreeMap<&str, (&Path, &Any)>> =
+            TYPE_URLS.iter().map(|t| (*t, BTreeMap::new())).collect();
+        for (path, state) in &self.files {
+            for resource in &state.resources {
+                let set = sets.entry(resource.type_url).or_default();
+                match set.get(resource.name.as_str()) {
+                    Some((first, _)) => warn!(
+                        type_url = resource.type_url,
+                        resource.name = resource.name,
+                        file = %path.display(),
+                        first = %first.display(),
+                        "duplicate envoy resource; the first file wins"
+                    ),
+                    None => {
+                        set.insert(&resource.name, (path, &resource.body));
+                    }
+                }
+            }
+        }
+        sets.into_iter()
+            .map(|(type_url, set)| Update::ReplaceType {
+                partition: Partition::new(GLOBAL_PARTITION),
+                type_url: TypeUrl::new(type_url),
+                resources: set
+                    .into_iter()
+                    .map(|(name, (_, body))| (ResourceName::new(name), body.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Loads `config.config_dir` into the cache once, then spawns the task that follows it until
+/// `shutdown`. Does nothing without a directory.
+pub fn start(
+    config: &EnvoyConfig,
+    writer: CacheWriter,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let dir = config.config_dir.clone()?;
+    let mut loader = DirLoader::new(dir);
+    loader.scan();
+    let seq = writer.apply(loader.updates());
+    debug!(snapshot.seq = seq, "envoy resources loaded");
+    let poll_interval = config.poll_interval;
+    Some(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if loader.scan() {
+                let seq = writer.apply(loader.updates());
+                debug!(snapshot.seq = seq, "envoy resources updated");
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of `docs/protocol.md`.
+    const EXAMPLE: &str = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: greeter
+  api_listener:
+    api_listener:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: greeter
+      rds:
+        route_config_name: greeter-route
+        config_source: { ads: {}, resource_api_version: V3 }
+      http_filters:
+      - name: envoy.filters.http.router
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+  name: greeter-route
+  virtual_hosts:
+  - name: greeter
+    domains: ["*"]
+    routes:
+    - match: { prefix: "" }
+      route: { cluster: greeter-cluster, timeout: 2.5s }
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: greeter-cluster
+  type: EDS
+  eds_cluster_config:
+    eds_config: { ads: {}, resource_api_version: V3 }
+  lb_policy: ROUND_ROBIN
+  connect_timeout: 1s
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: greeter-cluster
+  endpoints:
+  - locality: { region: local, zone: a }
+    load_balancing_weight: 1
+    lb_endpoints:
+    - endpoint:
+        address:
+          socket_address: { address: 127.0.0.1, port_value: 50051 }
+      health_status: HEALTHY
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let resources = parse(EXAMPLE, Format::Yaml).unwrap();
+        let names: Vec<_> = resources
+            .iter()
+            .map(|r| (r.type_url, r.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (LISTENER_TYPE_URL, "greeter"),
+                (ROUTE_TYPE_URL, "greeter-route"),
+                (CLUSTER_TYPE_URL, "greeter-cluster"),
+                (ENDPOINT_TYPE_URL, "greeter-cluster"),
+            ]
+        );
+        let listener = Listener::decode(resources[0].body.value.as_slice()).unwrap();
+        let hcm_any = listener.api_listener.unwrap().api_listener.unwrap();
+        assert_eq!(hcm_any.type_url, HCM_TYPE_URL);
+        let hcm = HttpConnectionManager::decode(hcm_any.value.as_slice()).unwrap();
+        let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
+            panic!("rds expected");
+        };
+        assert_eq!(rds.route_config_name, "greeter-route");
+        assert!(matches!(
+            rds.config_source.unwrap().config_source_specifier,
+            Some(ConfigSourceSpecifier::Ads(_))
+        ));
+        assert_eq!(hcm.http_filters.len(), 1);
+        let route = RouteConfiguration::decode(resources[1].body.value.as_slice()).unwrap();
+        let Some(route::Action::Route(action)) = &route.virtual_hosts[0].routes[0].action else {
+            panic!("route action expected");
+        };
+        assert_eq!(
+            action.timeout,
+            Some(PbDuration {
+                seconds: 2,
+                nanos: 500_000_000
+            })
+        );
+        let cluster = Cluster::decode(resources[2].body.value.as_slice()).unwrap();
+        assert_eq!(
+            cluster.cluster_discovery_type,
+            Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+        );
+        let cla = ClusterLoadAssignment::decode(resources[3].body.value.as_slice()).unwrap();
+        assert_eq!(cla.endpoints[0].locality.as_ref().unwrap().zone, "a");
+        assert_eq!(
+            cla.endpoints[0].load_balancing_weight,
+            Some(UInt32Value { value: 1 })
+        );
+    }
+
+    #[test]
+    fn json_and_single_resource_forms() {
+        let json = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                       "name": "c", "type": "EDS", "lb_policy": "ROUND_ROBIN",
+                       "eds_cluster_config": {"eds_config": {"ads": {}}}}"#;
+        assert_eq!(parse(json, Format::Json).unwrap()[0].name, "c");
+        let list =
+            "- {\"@type\": type.googleapis.com/envoy.config.route.v3.RouteConfiguration, name: r}";
+        assert_eq!(parse(list, Format::Yaml).unwrap()[0].name, "r");
+        assert!(parse("", Format::Yaml).unwrap().is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let unknown_field = r#"
+resources:
+- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+  name: r
+  virtual_hosts:
+  - name: v
+    routes:
+    - match: { prefix: "/" }
+      route: { cluster: c, retry_policy: {} }
+"#;
+        let error = parse(unknown_field, Format::Yaml).unwrap_err();
+        assert_eq!(error.path, "resources[0].virtual_hosts[0].routes[0].route");
+        assert!(error.message.contains("retry_policy"), "{error}");
+        let bad_enum = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "lb_policy": "FASTEST"}"#;
+        let error = parse(bad_enum, Format::Json).unwrap_err();
+        assert_eq!(error.path, "lb_policy");
+        let no_type = "name: x";
+        assert!(parse(no_type, Format::Yaml).is_err());
+        let unknown_type = r#"{"@type": "type.googleapis.com/envoy.config.listener.v3.Nope"}"#;
+        assert!(parse(unknown_type, Format::Json).is_err());
+        let no_name = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster"}"#;
+        assert!(parse(no_name, Format::Json).is_err());
+        let bad_duration = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "connect_timeout": "1m"}"#;
+        assert!(parse(bad_duration, Format::Json).is_err());
+    }
+
+    fn names(updates: &[Update], type_url: &str) -> Vec<String> {
+        updates
+            .iter()
+            .find_map(|u| match u {
+                Update::ReplaceType {
+                    type_url: t,
+                    resources,
+                    ..
+                } if t.as_str() == type_url => {
+                    Some(resources.iter().map(|(n, _)| n.to_string()).collect())
+                }
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    fn cluster_yaml(names: &[&str]) -> String {
+        names
+            .iter()
+            .map(|n| format!("- {{\"@type\": {CLUSTER_TYPE_URL}, name: {n}}}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn directory_bad_file_keeps_previous_and_removal_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yml");
+        std::fs::write(&a, cluster_yaml(&["one", "two"])).unwrap();
+        std::fs::write(&b, cluster_yaml(&["two", "three"])).unwrap();
+        std::fs::write(dir.path().join(".tmp.yaml"), "not: [valid").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let mut loader = DirLoader::new(dir.path());
+        assert!(loader.scan());
+        let updates = loader.updates();
+        assert_eq!(updates.len(), 4, "all four types replaced together");
+        assert_eq!(names(&updates, CLUSTER_TYPE_URL), ["one", "three", "two"]);
+        assert!(names(&updates, LISTENER_TYPE_URL).is_empty());
+        assert!(!loader.scan(), "nothing changed");
+
+        std::fs::write(&a, "- {\"@type\": broken").unwrap();
+        assert!(!loader.scan(), "a bad file changes nothing");
+        assert_eq!(
+            names(&loader.updates(), CLUSTER_TYPE_URL),
+            ["one", "three", "two"]
+        );
+        std::fs::write(&a, cluster_yaml(&["four"])).unwrap();
+        assert!(loader.scan());
+        assert_eq!(
+            names(&loader.updates(), CLUSTER_TYPE_URL),
+            ["four", "three", "two"]
+        );
+        std::fs::remove_file(&b).unwrap();
+        assert!(loader.scan());
+        assert_eq!(names(&loader.updates(), CLUSTER_TYPE_URL), ["four"]);
+    }
+
+    #[tokio::test]
+    async fn start_loads_before_returning_and_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.yaml"), cluster_yaml(&["one"])).unwrap();
+        let (cache, writer) = pixiu_xds::cache();
+        let shutdown = CancellationToken::new();
+        let config = EnvoyConfig {
+            config_dir: Some(dir.path().to_path_buf()),
+            poll_interval: Duration::from_millis(20),
+        };
+        let task = start(&config, writer, shutdown.clone()).unwrap();
+        let view = pixiu_xds::View::new([Partition::new(GLOBAL_PARTITION)]);
+        let clusters = TypeUrl::new(CLUSTER_TYPE_URL);
+        assert!(cache.snapshot().get(&view, &clusters, "one").is_some());
+        let mut changes = cache.changes();
+        std::fs::write(dir.path().join("c.yaml"), cluster_yaml(&["two"])).unwrap();
+        let snapshot = tokio::time::timeout(Duration::from_secs(5), changes.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(snapshot.get(&view, &clusters, "one").is_none());
+        assert!(snapshot.get(&view, &clusters, "two").is_some());
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
