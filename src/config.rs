@@ -12,6 +12,8 @@ use crate::api::ApiConfig;
 pub struct Config {
     /// The gRPC port.
     pub grpc: GrpcConfig,
+    /// The admin HTTP port.
+    pub admin: AdminConfig,
     /// Where records live.
     pub store: StoreConfig,
     /// The metadata API.
@@ -37,6 +39,17 @@ pub struct GrpcConfig {
     /// Address to bind (default `127.0.0.1:15010`, the xDS port Istio-style control planes
     /// use).
     pub addr: SocketAddr,
+}
+
+/// The admin HTTP listener (health, metrics, debug pages, the operators' page).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to bind (default `127.0.0.1:15014`, the port istiod serves its monitoring
+    /// on); loopback by default because the debug pages show every record.
+    pub addr: SocketAddr,
+    /// How long in-flight admin requests may take to finish on shutdown (default 5 s), so a
+    /// client that never hangs up cannot hold the process.
+    pub shutdown_timeout: Duration,
 }
 
 /// Which backend stores records.
@@ -72,6 +85,10 @@ impl Default for Config {
                 max_records_per_namespace: 100_000,
             },
             api: ApiConfig::default(),
+            admin: AdminConfig {
+                addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
+                shutdown_timeout: Duration::from_secs(5),
+            },
             xds: pixiu_xds::ServerConfig::default(),
             lease: LeaseConfig {
                 ttl: Duration::from_secs(24 * 60 * 60),
