@@ -24,6 +24,12 @@ use crate::{
     pb::{self, metadata as proto},
 };
 
+mod file;
+pub mod status;
+
+pub use file::parse_from;
+pub use status::Output;
+
 /// pixiu-metadata: store Dubbo application metadata and service definitions, and push them
 /// to consumers over xDS.
 #[derive(Debug, Parser)]
@@ -32,6 +38,24 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on standard error (filter with `RUST_LOG`, e.g. `RUST_LOG=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "PIXIU_METADATA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// The subcommands.
@@ -45,6 +69,9 @@ pub enum Command {
     /// Publish, read and watch service definitions.
     #[command(subcommand)]
     Definition(DefinitionCommand),
+    /// Show each connected client's sync state per type (SYNCED, STALE, NACKED), like
+    /// `istioctl proxy-status`, from the server's admin port.
+    Status(status::StatusArgs),
 }
 
 /// Flags of `serve`.
@@ -57,6 +84,23 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:15010"
     )]
     pub grpc_addr: SocketAddr,
+    /// Address of the admin HTTP port (health, metrics, debug pages, the operators' page).
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_ADMIN_ADDR",
+        default_value = "127.0.0.1:15014"
+    )]
+    pub admin_addr: SocketAddr,
+    /// TOML file of defaults for these flags, keyed by flag name (`grpc-addr = "..."`);
+    /// environment variables and flags override it.
+    #[arg(long, env = "PIXIU_METADATA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (and where each value came from) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// The effective configuration as TOML, filled in by [`parse_from`].
+    #[arg(skip)]
+    pub effective_config: String,
     /// Where records are stored.
     #[arg(
         long,
@@ -110,6 +154,7 @@ impl ServeArgs {
         config.api.default_namespace = self.default_namespace.clone();
         config.api.max_value_bytes = self.max_value_bytes;
         config.xds.max_streams = self.max_streams;
+        config.admin.addr = self.admin_addr;
         if self.metadata_ttl.is_zero() {
             anyhow::bail!("--metadata-ttl must be longer than zero");
         }
@@ -289,6 +334,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 revision: revision.clone(),
                 metadata_info: value.read()?,
             })?;
+        Command::Status(args) => status::run(args, out).await?,
             MetadataServiceClient::new(client.channel().await?)
                 .publish(request)
                 .await

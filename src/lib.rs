@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -56,26 +57,43 @@ pub fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>,
     })
 }
 
-/// Runs the server on an already-bound listener until `shutdown` is cancelled.
+/// The already-bound listeners the server runs on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC port.
+    pub grpc: TcpListener,
+    /// The admin HTTP port; `None` serves no admin HTTP.
+    pub admin: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    /// Only the gRPC port, no admin HTTP.
+    fn from(grpc: TcpListener) -> Self {
+        Self { grpc, admin: None }
+    }
+}
+
+/// Runs the server on already-bound listeners until `shutdown` is cancelled.
 ///
-/// Taking the listener (rather than an address) lets tests bind port 0 and learn the port
+/// Taking listeners (rather than addresses) lets tests bind port 0 and learn the ports
 /// before the server starts.
 pub async fn run(
     config: Config,
-    grpc: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let store = open_store(&config.store)?;
-    serve(config, store, grpc, shutdown).await
+    serve(config, store, listeners, shutdown).await
 }
 
 /// Runs the server over an already-open store.
 pub async fn serve(
     config: Config,
     store: Arc<dyn store::Store>,
-    grpc: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let Listeners { grpc, admin } = listeners.into();
     let (cache, writer) = pixiu_xds::cache();
     // Envoy resources are in the cache before ADS serves, like the store's first state.
     let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
@@ -86,10 +104,29 @@ pub async fn serve(
         warmed_tx,
         shutdown.clone(),
     ));
+    let metrics = metrics::Metrics::new();
+    let registry = pixiu_xds::Registry::new();
+    let pushes = admin::PushLog::new();
+    // Admin HTTP starts before the cache is warmed, so /readyz can say it is not.
+    let admin_task = admin.map(|listener| {
+        let state = admin::AdminState::new(
+            store.clone(),
+            cache.clone(),
+            registry.clone(),
+            metrics.clone(),
+            warmed.clone(),
+            pushes.clone(),
+        );
+        tokio::spawn(admin::serve(
+            listener,
+            admin::router(state),
+            shutdown.clone(),
+            config.admin.shutdown_timeout,
+        ))
+    });
     // Do not serve ADS from an empty cache as if it were the truth.
     let _ = warmed.wait_for(|w| *w).await;
 
-    let metrics = metrics::Metrics::new();
     let expired = metrics.expired_records.clone();
     let sweeper = tokio::spawn(lease::run(
         store.clone(),
@@ -100,7 +137,6 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone());
-    let registry = pixiu_xds::Registry::new();
     let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone());
     let ads = pixiu_xds::AdsServer::new(
         cache,
@@ -109,7 +145,10 @@ pub async fn serve(
         config.xds.clone(),
         shutdown.clone(),
     )
-    .with_observer(Arc::new(metrics::XdsObserver(metrics.clone())));
+    .with_observer(admin::observer(
+        metrics::XdsObserver(metrics.clone()),
+        pushes,
+    ));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::metadata::metadata_service_server::MetadataServiceServer<api::Api>>()
@@ -146,6 +185,12 @@ pub async fn serve(
         .map_err(Error::Transport);
     shutdown.cancel();
     let _ = push_task.await;
+    if let Some(Ok(Err(error))) = match admin_task {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        tracing::warn!(%error, "admin HTTP failed");
+    }
     if let Some(envoy_task) = envoy_task {
         let _ = envoy_task.await;
     }

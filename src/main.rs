@@ -1,29 +1,49 @@
 //! The `pixiu-metadata` binary: parse flags, set up logging, run.
 
 use anyhow::Context;
-use clap::Parser;
-use pixiu_metadata::cli::{Cli, Command};
+use pixiu_metadata::cli::{Command, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let cli = match pixiu_metadata::cli::parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(error) => match error.downcast::<clap::Error>() {
+            Ok(error) => error.exit(),
+            Err(error) => return Err(error),
+        },
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Command::Serve(args) => {
             let config = args.config()?;
+            if args.print_config {
+                print!("{}", args.effective_config);
+                return Ok(());
+            }
             let listener = tokio::net::TcpListener::bind(config.grpc.addr)
                 .await
                 .with_context(|| format!("binding the gRPC port {}", config.grpc.addr))?;
+            let admin = tokio::net::TcpListener::bind(config.admin.addr)
+                .await
+                .with_context(|| format!("binding the admin port {}", config.admin.addr))?;
+            println!("admin listening on {}", admin.local_addr()?);
             let shutdown = CancellationToken::new();
             tokio::spawn(signal(shutdown.clone()));
-            pixiu_metadata::run(config, listener, shutdown)
+            let listeners = pixiu_metadata::Listeners {
+                grpc: listener,
+                admin: Some(admin),
+            };
+            pixiu_metadata::run(config, listeners, shutdown)
                 .await
                 .map_err(anyhow::Error::new)?;
             Ok(())

@@ -7,7 +7,12 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -45,6 +50,15 @@ pub struct ProtocolLabels {
     pub protocol: String,
 }
 
+/// Labels of per-namespace record gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    /// The namespace.
+    pub namespace: String,
+    /// `metadata` or `definition`.
+    pub kind: String,
+}
+
 /// Every metric of the service.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -65,6 +79,14 @@ pub struct Metrics {
     pub xds_nacks: Family<TypeLabels, Counter>,
     /// Open ADS streams, by protocol.
     pub xds_streams: Family<ProtocolLabels, Gauge>,
+    /// Seconds from a cache change to a response carrying it being written, by type.
+    pub xds_push_latency: Family<TypeLabels, Histogram>,
+    /// Connected xDS clients (streams past their first request). Set when scraped.
+    pub xds_clients: Gauge,
+    /// Streams subscribed to each type. Set when scraped.
+    pub xds_subscriptions: Family<TypeLabels, Gauge>,
+    /// Records held, by namespace and kind. Set when scraped.
+    pub records: Family<NamespaceLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -121,6 +143,28 @@ impl Metrics {
             "Open ADS streams, by protocol",
             xds_streams.clone(),
         );
+        let xds_push_latency = Family::<TypeLabels, Histogram>::new_with_constructor(
+            push_latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "xds_push_latency_seconds",
+            "Seconds from a cache change (a committed publish or delete) to the response carrying it being written, by type",
+            xds_push_latency.clone(),
+        );
+        let xds_clients = Gauge::default();
+        registry.register("xds_clients", "Connected xDS clients", xds_clients.clone());
+        let xds_subscriptions = Family::<TypeLabels, Gauge>::default();
+        registry.register(
+            "xds_subscriptions",
+            "xDS streams subscribed to each type",
+            xds_subscriptions.clone(),
+        );
+        let records = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "records",
+            "Records held, by namespace and kind",
+            records.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -131,6 +175,10 @@ impl Metrics {
             xds_acks,
             xds_nacks,
             xds_streams,
+            xds_push_latency,
+            xds_clients,
+            xds_subscriptions,
+            records,
         }
     }
 
@@ -158,6 +206,11 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Buckets of the push latency histogram: 100 µs to ~13 s.
+fn push_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
 /// Feeds xDS stream events into the metrics.
@@ -190,6 +243,17 @@ impl pixiu_xds::StreamObserver for XdsObserver {
                 type_url: type_url.to_string(),
             })
             .inc();
+    }
+
+    fn pushed(&self, push: &pixiu_xds::Pushed<'_>) {
+        if let Some(changed_at) = push.changed_at {
+            self.0
+                .xds_push_latency
+                .get_or_create(&TypeLabels {
+                    type_url: push.type_url.to_string(),
+                })
+                .observe(changed_at.elapsed().as_secs_f64());
+        }
     }
 
     fn notice(&self, notice: &pixiu_xds::Notice) {

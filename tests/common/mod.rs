@@ -24,6 +24,8 @@ use tonic::{Streaming, transport::Channel};
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin HTTP port.
+    pub admin_addr: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), pixiu_metadata::Error>>>,
 }
@@ -48,10 +50,18 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         config.grpc.addr = addr;
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        config.admin.addr = admin_addr;
+        let listeners = pixiu_metadata::Listeners {
+            grpc: listener,
+            admin: Some(admin),
+        };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pixiu_metadata::run(config, listener, shutdown.clone()));
+        let task = tokio::spawn(pixiu_metadata::run(config, listeners, shutdown.clone()));
         Self {
             addr,
+            admin_addr,
             shutdown,
             task: Some(task),
         }
@@ -59,6 +69,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The admin HTTP base URL, e.g. `http://127.0.0.1:40000`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 
     pub async fn channel(&self) -> Channel {

@@ -1,0 +1,199 @@
+//! Admin HTTP: health, Prometheus metrics, sync status, a dump of the xDS cache, and a page
+//! for mesh operators, on their own port (default `127.0.0.1:15014`).
+//!
+//! | route                 | what                                                        |
+//! |-----------------------|-------------------------------------------------------------|
+//! | `/healthz`            | 200 while the process runs                                  |
+//! | `/readyz`             | 200 when the store answers and the cache is warmed, else 503 |
+//! | `/metrics`            | Prometheus text exposition                                  |
+//! | `/debug/syncz`        | per stream and type: sent, ACKed, NACKed ([`views::SyncStatus`]) |
+//! | `/debug/config_dump`  | what the cache holds, filtered by `type`, `namespace`, `application` |
+//! | `/api/overview`       | everything the page shows, in one JSON document             |
+//! | `/`                   | the page (static HTML and JS, polling `/api/overview`)       |
+//!
+//! Everything here reads shared state (the store, the cache, the stream registry, the
+//! metrics) and writes nothing, so the admin port can never change what clients see.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+use tracing::{info, warn};
+
+use crate::{metrics::Metrics, store::Store};
+
+mod pushes;
+pub mod views;
+
+pub use pushes::{PushLog, observer};
+
+/// The content type of `/metrics`: prometheus-client writes OpenMetrics text (counters
+/// named without `_total` in `# TYPE`, a final `# EOF`), and Prometheus picks its parser by
+/// this header, so it must say OpenMetrics (the crate's own examples serve the same).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The page for mesh operators: one static file, no build step.
+const PAGE: &str = include_str!("page.html");
+
+/// What the admin routes read. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    store: Arc<dyn Store>,
+    cache: pixiu_xds::Cache,
+    registry: pixiu_xds::Registry,
+    metrics: Metrics,
+    warmed: watch::Receiver<bool>,
+    pushes: PushLog,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("store", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminState {
+    /// State over the server's parts. `warmed` turns true once the cache holds the store's
+    /// full state.
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: pixiu_xds::Cache,
+        registry: pixiu_xds::Registry,
+        metrics: Metrics,
+        warmed: watch::Receiver<bool>,
+        pushes: PushLog,
+    ) -> Self {
+        Self {
+            store,
+            cache,
+            registry,
+            metrics,
+            warmed,
+            pushes,
+        }
+    }
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/syncz", get(syncz))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/api/overview", get(overview))
+        // One span per request, named by the matched route (STYLE 4).
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &http::Request<_>| {
+                let route = request
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map_or("", |p| p.as_str());
+                tracing::debug_span!("admin_request", http.method = %request.method(), http.route = route)
+            }),
+        )
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown`, then gives in-flight requests
+/// `drain_timeout` to finish before returning anyway.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    drain_timeout: Duration,
+) -> std::io::Result<()> {
+    info!(admin.addr = ?listener.local_addr().ok(), "admin HTTP serving");
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            warn!(timeout = ?drain_timeout, "admin HTTP requests still open at shutdown; dropping them");
+            Ok(())
+        }
+    }
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let mut problems = Vec::new();
+    if !*state.warmed.borrow() {
+        problems.push("cache not warmed: the first full read of the store has not finished".into());
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => problems.push(format!("store ({}): {error}", state.store.backend())),
+        Err(_) => problems.push(format!(
+            "store ({}): no answer within 2s",
+            state.store.backend()
+        )),
+    }
+    if problems.is_empty() {
+        "ok\n".into_response()
+    } else {
+        let mut body = String::from("not ready\n");
+        for problem in problems {
+            body.push_str(&problem);
+            body.push('\n');
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    views::refresh_gauges(&state.metrics, &state.cache.snapshot(), &state.registry);
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn syncz(State(state): State<AdminState>) -> Json<views::SyncStatus> {
+    Json(views::sync_status(&state.registry))
+}
+
+async fn config_dump(
+    State(state): State<AdminState>,
+    Query(filter): Query<views::DumpFilter>,
+) -> Json<views::ConfigDump> {
+    Json(views::config_dump(&state.cache.snapshot(), &filter))
+}
+
+async fn overview(State(state): State<AdminState>) -> Json<views::Overview> {
+    Json(views::overview(
+        &state.cache.snapshot(),
+        &state.registry,
+        &state.pushes,
+        *state.warmed.borrow(),
+        state.store.backend(),
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! Admin routes through `Router::oneshot`: no socket.
+
+use std::time::SystemTime;
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode},
+};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::*;
+use crate::store::{Key, memory::MemoryStore};
+
+const METADATA_INFO: &str = r#"{"app":"greeter","revision":"r1","services":{"org.apache.dubbo.Greeter:tri":{"name":"org.apache.dubbo.Greeter","protocol":"tri","path":"org.apache.dubbo.Greeter","params":{}}}}"#;
+
+struct Fixture {
+    state: AdminState,
+    warmed_tx: watch::Sender<bool>,
+    _writer: pixiu_xds::CacheWriter,
+}
+
+/// A store with one metadata record per namespace and a definition, mirrored into a cache.
+async fn fixture() -> Fixture {
+    let store = Arc::new(MemoryStore::default());
+    let now = SystemTime::now();
+    store
+        .put(
+            &Key::metadata("default", "greeter", "r1"),
+            METADATA_INFO,
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .put(&Key::metadata("team-b", "orders", "r9"), "not json", now)
+        .await
+        .unwrap();
+    store
+        .put(
+            &Key::definition("default", "org.apache.dubbo.Greeter::provider:greeter"),
+            r#"{"canonicalName":"org.apache.dubbo.Greeter","methods":[]}"#,
+            now,
+        )
+        .await
+        .unwrap();
+    let (cache, writer) = pixiu_xds::cache();
+    let records = store
+        .list(&crate::store::ListQuery::all(crate::model::Kind::Metadata))
+        .await
+        .unwrap()
+        .into_iter()
+        .chain(
+            store
+                .list(&crate::store::ListQuery::all(
+                    crate::model::Kind::Definition,
+                ))
+                .await
+                .unwrap(),
+        );
+    writer.apply(records.map(|record| {
+        let (name, body) = crate::push::resource(&record);
+        pixiu_xds::Update::Put {
+            partition: pixiu_xds::Partition::new(&record.key.namespace),
+            type_url: pixiu_xds::TypeUrl::new(crate::push::type_url(record.key.kind)),
+            name,
+            body,
+        }
+    }));
+    let (warmed_tx, warmed) = watch::channel(false);
+    Fixture {
+        state: AdminState::new(
+            store,
+            cache,
+            pixiu_xds::Registry::new(),
+            Metrics::new(),
+            warmed,
+            PushLog::new(),
+        ),
+        warmed_tx,
+        _writer: writer,
+    }
+}
+
+async fn get(state: &AdminState, uri: &str) -> (StatusCode, String, String) {
+    let response = router(state.clone())
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8(body.to_vec()).unwrap(),
+    )
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(state: &AdminState, uri: &str) -> T {
+    let (status, content_type, body) = get(state, uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(content_type, "application/json");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn healthz_is_ok_and_readyz_waits_for_the_cache() {
+    let f = fixture().await;
+    assert_eq!(get(&f.state, "/healthz").await.0, StatusCode::OK);
+    let (status, _, body) = get(&f.state, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("cache not warmed"), "{body}");
+    f.warmed_tx.send_replace(true);
+    let (status, _, body) = get(&f.state, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn metrics_are_openmetrics_with_records_per_namespace() {
+    let f = fixture().await;
+    let (status, content_type, body) = get(&f.state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, METRICS_CONTENT_TYPE);
+    for line in [
+        r#"pixiu_metadata_records{namespace="default",kind="metadata"} 1"#,
+        r#"pixiu_metadata_records{namespace="default",kind="definition"} 1"#,
+        r#"pixiu_metadata_records{namespace="team-b",kind="metadata"} 1"#,
+        "pixiu_metadata_xds_clients 0",
+        "# EOF",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+}
+
+#[tokio::test]
+async fn config_dump_decodes_and_filters() {
+    let f = fixture().await;
+    let all: views::ConfigDump = get_json(&f.state, "/debug/config_dump").await;
+    assert_eq!(all.resources.len(), 3);
+    let greeter = &all.resources[0];
+    assert_eq!(greeter.namespace, "default");
+    assert_eq!(greeter.application.as_deref(), Some("greeter"));
+    assert_eq!(greeter.revision.as_deref(), Some("r1"));
+    assert_eq!(greeter.value.as_deref(), Some(METADATA_INFO));
+
+    let by_ns: views::ConfigDump = get_json(&f.state, "/debug/config_dump?namespace=team-b").await;
+    assert_eq!(by_ns.resources.len(), 1);
+    assert_eq!(by_ns.resources[0].name, "orders/r9");
+
+    for type_ in [
+        "definition",
+        "ServiceDefinition",
+        crate::pb::SERVICE_DEFINITION_TYPE_URL,
+    ] {
+        let dump: views::ConfigDump =
+            get_json(&f.state, &format!("/debug/config_dump?type={type_}")).await;
+        assert_eq!(dump.resources.len(), 1, "type={type_}");
+        assert_eq!(dump.resources[0].kind.as_deref(), Some("definition"));
+    }
+
+    let by_app: views::ConfigDump =
+        get_json(&f.state, "/debug/config_dump?application=greeter").await;
+    let names: Vec<_> = by_app.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["greeter/r1", "org.apache.dubbo.Greeter::provider:greeter"],
+        "its metadata and the definitions it provides"
+    );
+}
+
+#[tokio::test]
+async fn overview_groups_applications_and_revisions_by_namespace() {
+    let f = fixture().await;
+    let overview: views::Overview = get_json(&f.state, "/api/overview").await;
+    let names: Vec<_> = overview
+        .namespaces
+        .iter()
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(names, ["default", "team-b"]);
+    let default = &overview.namespaces[0];
+    assert_eq!(default.applications.len(), 1);
+    assert_eq!(default.applications[0].name, "greeter");
+    assert_eq!(default.applications[0].revisions[0].revision, "r1");
+    assert_eq!(default.definitions.len(), 1);
+    assert!(overview.clients.is_empty());
+    assert_eq!(overview.store, "memory");
+}
+
+#[tokio::test]
+async fn syncz_with_no_clients_is_empty() {
+    let f = fixture().await;
+    let syncz: views::SyncStatus = get_json(&f.state, "/debug/syncz").await;
+    assert!(syncz.streams.is_empty());
+}
+
+#[tokio::test]
+async fn the_page_is_served() {
+    let f = fixture().await;
+    let (status, content_type, body) = get(&f.state, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert!(body.contains("<title>pixiu-metadata</title>"));
+    assert!(body.contains("/api/overview"));
+}
+
+#[tokio::test]
+async fn serve_stops_within_the_drain_timeout() {
+    let f = fixture().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(
+        listener,
+        router(f.state.clone()),
+        shutdown.clone(),
+        Duration::from_millis(200),
+    ));
+    // A client that opens a connection and never sends a complete request.
+    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("admin HTTP stopped in time")
+        .unwrap()
+        .unwrap();
+}
