@@ -564,16 +564,17 @@ impl<'a> Obj<'a> {
             Value::Object(map) => map,
             _ => return Err(err(path, "expected an object")),
         };
-        if !allowed.is_empty() {
-            if let Some(key) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-                return Err(err(
-                    path,
-                    format!(
-                        "unsupported field {key:?} (supported: {})",
-                        allowed.join(", ")
-                    ),
-                ));
-            }
+        if let Some(key) = map
+            .keys()
+            .find(|k| !allowed.is_empty() && !allowed.contains(&k.as_str()))
+        {
+            return Err(err(
+                path,
+                format!(
+                    "unsupported field {key:?} (supported: {})",
+                    allowed.join(", ")
+                ),
+            ));
         }
         Ok(Self {
             value,
