@@ -323,6 +323,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
     };
     match command {
         Command::Serve(_) => bail!("serve is not a client command"),
+        Command::Status(args) => status::run(args, out).await?,
         Command::Metadata(MetadataCommand::Publish {
             client,
             application,
@@ -334,7 +335,6 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 revision: revision.clone(),
                 metadata_info: value.read()?,
             })?;
-        Command::Status(args) => status::run(args, out).await?,
             MetadataServiceClient::new(client.channel().await?)
                 .publish(request)
                 .await
