@@ -1,0 +1,340 @@
+//! The `pixiu-metadata` binary's client commands, end to end, against a server started in
+//! this process on `127.0.0.1:0`.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::TestServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pixiu-metadata");
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The binary with a clean environment for its own `PIXIU_METADATA_*` settings.
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_remove("PIXIU_METADATA_SERVER")
+        .env_remove("PIXIU_METADATA_NAMESPACE")
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// Waits for `child`, killing it and failing the test after [`TIMEOUT`].
+fn wait(mut child: Child, shown: &str) -> Output {
+    let deadline = Instant::now() + TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "{shown} did not finish within {TIMEOUT:?}\n{}",
+                show(&output)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn show(output: &Output) -> String {
+    format!(
+        "exit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs the binary with `args` (and `stdin`, if any) to completion.
+///
+/// Output is small, so the pipes cannot fill up while we wait. Blocks the thread: the tests
+/// run on a multi-threaded runtime so the in-process server keeps serving.
+fn cli_with_stdin(args: &[&str], stdin: Option<&str>) -> Output {
+    let shown = format!("pixiu-metadata {}", args.join(" "));
+    let mut child = command(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).unwrap();
+    }
+    let output = wait(child, &shown);
+    println!("$ {shown}\n{}", show(&output));
+    output
+}
+
+fn cli(args: &[&str]) -> Output {
+    cli_with_stdin(args, None)
+}
+
+/// Runs the binary and returns its standard output, failing unless it succeeded.
+fn cli_ok(args: &[&str]) -> String {
+    let output = cli(args);
+    assert!(
+        output.status.success(),
+        "pixiu-metadata {} failed\n{}",
+        args.join(" "),
+        show(&output)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_get_metadata_and_definitions() {
+    let server = TestServer::memory().await;
+    let url = server.url();
+    let value = r#"{"app":"app","services":{"g/org.example.Greeter:1.0.0:tri":{"params":{"说明":"问候 👋"}}}}"#;
+
+    let out = cli_ok(&[
+        "metadata", "publish", "--server", &url, "-a", "app", "-r", "rev", "--value", value,
+    ]);
+    assert_eq!(out, "published app/rev\n");
+    let out = cli_ok(&[
+        "metadata",
+        "get",
+        "--server",
+        &url,
+        "--application",
+        "app",
+        "--revision",
+        "rev",
+    ]);
+    assert_eq!(out, format!("{value}\n"), "get prints the raw value");
+
+    // --file - reads standard input, byte for byte (multi-line here).
+    let multiline = "line one\nzweite Zeile ü\n";
+    let output = cli_with_stdin(
+        &[
+            "metadata", "publish", "--server", &url, "-a", "app", "-r", "rev2", "--file", "-",
+        ],
+        Some(multiline),
+    );
+    assert!(output.status.success(), "{}", show(&output));
+    let out = cli_ok(&[
+        "metadata", "get", "--server", &url, "-a", "app", "-r", "rev2",
+    ]);
+    assert_eq!(out, format!("{multiline}\n"));
+
+    // --file PATH.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("definition.json");
+    let definition = r#"{"canonicalName":"org.example.Greeter","methods":[{"name":"greet","parameterTypes":["java.lang.String"],"returnType":"java.lang.String"}]}"#;
+    std::fs::write(&path, definition).unwrap();
+    let identifier = "org.example.Greeter:1.0.0::provider:app";
+    let out = cli_ok(&[
+        "definition",
+        "publish",
+        "--server",
+        &url,
+        "-i",
+        identifier,
+        "--file",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out, format!("published {identifier}\n"));
+    let out = cli_ok(&["definition", "get", "--server", &url, "-i", identifier]);
+    assert_eq!(out, format!("{definition}\n"));
+
+    // --namespace isolates.
+    cli_ok(&[
+        "metadata",
+        "publish",
+        "--server",
+        &url,
+        "-n",
+        "team-a",
+        "-a",
+        "app",
+        "-r",
+        "ns",
+        "--value",
+        "in team-a",
+    ]);
+    let out = cli_ok(&[
+        "metadata", "get", "--server", &url, "-n", "team-a", "-a", "app", "-r", "ns",
+    ]);
+    assert_eq!(out, "in team-a\n");
+    let output = cli(&["metadata", "get", "--server", &url, "-a", "app", "-r", "ns"]);
+    assert!(!output.status.success(), "{}", show(&output));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_exit_non_zero_with_a_helpful_message() {
+    let server = TestServer::memory().await;
+    let url = server.url();
+
+    let output = cli(&[
+        "metadata", "get", "--server", &url, "-a", "ghost", "-r", "r404",
+    ]);
+    assert!(!output.status.success(), "{}", show(&output));
+    assert!(output.stdout.is_empty(), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("ghost") && stderr.contains("r404"),
+        "the error names the code and the key\n{}",
+        show(&output)
+    );
+
+    let output = cli(&[
+        "definition",
+        "get",
+        "--server",
+        &url,
+        "-i",
+        "org.example.Missing",
+    ]);
+    assert!(!output.status.success(), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("NotFound"), "{}", show(&output));
+
+    let output = cli(&[
+        "metadata", "publish", "--server", &url, "-a", "", "-r", "r", "--value", "v",
+    ]);
+    assert!(!output.status.success(), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("InvalidArgument"), "{}", show(&output));
+
+    // Nobody listens on port 1: the message says what to check.
+    let output = cli(&[
+        "metadata",
+        "get",
+        "--server",
+        "http://127.0.0.1:1",
+        "-a",
+        "a",
+        "-r",
+        "r",
+    ]);
+    assert!(!output.status.success(), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach http://127.0.0.1:1") && stderr.contains("serve"),
+        "{}",
+        show(&output)
+    );
+
+    // A value is required.
+    let output = cli(&[
+        "metadata", "publish", "--server", &url, "-a", "a", "-r", "r",
+    ]);
+    assert!(!output.status.success(), "{}", show(&output));
+    server.stop().await;
+}
+
+/// Reads `child`'s standard output line by line on a thread.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn next_push(lines: &mpsc::Receiver<String>, child: &mut Child) -> serde_json::Value {
+    match lines.recv_timeout(Duration::from_secs(10)) {
+        Ok(line) => serde_json::from_str(&line).unwrap_or_else(|error| {
+            panic!("watch printed a line that is not JSON: {line:?}: {error}")
+        }),
+        Err(_) => {
+            let _ = child.kill();
+            let mut stderr = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+            panic!("watch printed nothing within 10s\n--- stderr ---\n{stderr}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_the_current_state_then_pushes() {
+    let server = TestServer::memory().await;
+    let url = server.url();
+    cli_ok(&[
+        "metadata", "publish", "--server", &url, "-a", "app", "-r", "rev", "--value", "v1",
+    ]);
+
+    let mut watch = command(&[
+        "metadata", "watch", "--server", &url, "--count", "2", "app/rev",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let lines = lines_of(&mut watch);
+
+    let first = next_push(&lines, &mut watch);
+    println!("watch: {first}");
+    assert_eq!(
+        first["resources"],
+        serde_json::json!({"app/rev": "v1"}),
+        "the current state comes first"
+    );
+
+    // A new value for the watched key is pushed (a revision collision overwrites).
+    cli_ok(&[
+        "metadata", "publish", "--server", &url, "-a", "app", "-r", "rev", "--value", "v2",
+    ]);
+    let second = next_push(&lines, &mut watch);
+    println!("watch: {second}");
+    assert_eq!(second["resources"], serde_json::json!({"app/rev": "v2"}));
+    assert_ne!(second["version"], first["version"]);
+
+    // --count 2: it exits by itself, successfully.
+    let output = wait(watch, "pixiu-metadata metadata watch");
+    assert!(output.status.success(), "{}", show(&output));
+    server.stop().await;
+}
+
+#[test]
+fn help_describes_the_commands() {
+    let out = cli_ok(&["--help"]);
+    for command in ["serve", "metadata", "definition"] {
+        assert!(out.contains(command), "--help lacks {command}:\n{out}");
+    }
+    let out = cli_ok(&["serve", "--help"]);
+    for flag in [
+        "--grpc-addr",
+        "--store",
+        "--data-dir",
+        "--default-namespace",
+        "PIXIU_METADATA_GRPC_ADDR",
+    ] {
+        assert!(out.contains(flag), "serve --help lacks {flag}:\n{out}");
+    }
+    let out = cli_ok(&["metadata", "publish", "--help"]);
+    for flag in [
+        "--server",
+        "--application",
+        "--revision",
+        "--value",
+        "--file",
+    ] {
+        assert!(
+            out.contains(flag),
+            "metadata publish --help lacks {flag}:\n{out}"
+        );
+    }
+    let out = cli_ok(&["--version"]);
+    assert!(out.starts_with("pixiu-metadata "), "{out}");
+}
