@@ -181,7 +181,7 @@ fn write_table(rows: &[Row], out: &mut impl std::io::Write) -> anyhow::Result<()
 pub async fn fetch(admin: &str) -> anyhow::Result<SyncStatus> {
     let url = format!("{}/debug/syncz", admin.trim_end_matches('/'));
     let uri: http::Uri = url.parse().with_context(|| {
-        format!("bad --admin {admin:?}: give a URL like http://127.0.0.1:15014")
+        format!("bad --admin {admin:?}: give an http:// URL like http://127.0.0.1:15014")
     })?;
     if uri.scheme_str() != Some("http") {
         bail!("bad --admin {admin:?}: give an http:// URL like http://127.0.0.1:15014");
