@@ -112,6 +112,12 @@ pub struct ServeArgs {
     /// Directory of the embedded store.
     #[arg(long, env = "PIXIU_METADATA_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// etcd client URLs of the etcd store, comma-separated (`http://10.0.0.1:2379,...`).
+    #[arg(long, env = "PIXIU_METADATA_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every etcd key of the etcd store.
+    #[arg(long, env = "PIXIU_METADATA_ETCD_PREFIX", default_value = crate::store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
     /// Namespace of requests and streams that name none.
     #[arg(
         long,
@@ -151,6 +157,11 @@ impl ServeArgs {
         config.store.backend = self.store;
         config.store.data_dir = self.data_dir.clone();
         config.store.max_records_per_namespace = self.max_records_per_namespace;
+        if self.store == Backend::Etcd && self.etcd_endpoints.is_empty() {
+            bail!("--store etcd needs --etcd-endpoints");
+        }
+        config.store.etcd_endpoints = self.etcd_endpoints.clone();
+        config.store.etcd_prefix = self.etcd_prefix.clone();
         config.api.default_namespace = self.default_namespace.clone();
         config.api.max_value_bytes = self.max_value_bytes;
         config.xds.max_streams = self.max_streams;

@@ -59,6 +59,8 @@ pub enum Backend {
     Memory,
     /// Embedded durable store (redb) under `--data-dir`: the default.
     Embedded,
+    /// etcd v3 at `--etcd-endpoints`, shared by any number of replicas.
+    Etcd,
 }
 
 /// The store.
@@ -71,6 +73,10 @@ pub struct StoreConfig {
     /// Most records per namespace and kind (default 100,000), so one namespace cannot fill
     /// the store.
     pub max_records_per_namespace: usize,
+    /// etcd client URLs (`http://host:2379`) of the etcd backend.
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every etcd key of the etcd backend (default `/pixiu-metadata`).
+    pub etcd_prefix: String,
 }
 
 impl Default for Config {
@@ -83,6 +89,8 @@ impl Default for Config {
                 backend: Backend::Embedded,
                 data_dir: PathBuf::from("./data"),
                 max_records_per_namespace: 100_000,
+                etcd_endpoints: Vec::new(),
+                etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.to_string(),
             },
             api: ApiConfig::default(),
             admin: AdminConfig {

@@ -42,7 +42,7 @@ pub enum Error {
 }
 
 /// Opens the store named by `config`.
-pub fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>, Error> {
+pub async fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>, Error> {
     Ok(match config.backend {
         config::Backend::Memory => Arc::new(store::memory::MemoryStore::new(
             config.max_records_per_namespace,
@@ -52,6 +52,15 @@ pub fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>,
                 &config.data_dir,
                 config.max_records_per_namespace,
             )
+            .map_err(Error::Store)?,
+        ),
+        config::Backend::Etcd => Arc::new(
+            store::etcd::EtcdStore::connect(
+                &config.etcd_endpoints,
+                &config.etcd_prefix,
+                config.max_records_per_namespace,
+            )
+            .await
             .map_err(Error::Store)?,
         ),
     })
@@ -82,7 +91,7 @@ pub async fn run(
     listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = open_store(&config.store)?;
+    let store = open_store(&config.store).await?;
     serve(config, store, listeners, shutdown).await
 }
 

@@ -3,7 +3,8 @@
 //! A store keeps records (raw values with a lease stamp) and tells watchers about every
 //! change. It knows nothing of gRPC or xDS: `api/` calls it, `push/` watches it.
 //!
-//! Backends: [`memory`] (tests, `--store memory`) and [`embedded`] (the durable default).
+//! Backends: [`memory`] (tests, `--store memory`), [`embedded`] (the durable default) and
+//! [`etcd`] (shared by any number of replicas).
 
 use std::{
     sync::Arc,
@@ -15,6 +16,7 @@ use futures::stream::BoxStream;
 pub use crate::model::{Key, Kind};
 
 pub mod embedded;
+pub mod etcd;
 pub mod memory;
 
 #[cfg(test)]

@@ -227,3 +227,4 @@ impl AdsClient {
         .await;
     }
 }
+pub mod etcd;
