@@ -36,7 +36,15 @@ async fn main() -> anyhow::Result<()> {
             let admin = tokio::net::TcpListener::bind(config.admin.addr)
                 .await
                 .with_context(|| format!("binding the admin port {}", config.admin.addr))?;
-            println!("admin listening on {}", admin.local_addr()?);
+            // Machine-readable lines, so scripts and tests can bind port 0. A closed stdout
+            // must not stop the server, so write errors are ignored.
+            {
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "grpc listening on {}", listener.local_addr()?);
+                let _ = writeln!(stdout, "admin listening on {}", admin.local_addr()?);
+                let _ = stdout.flush();
+            }
             let shutdown = CancellationToken::new();
             tokio::spawn(signal(shutdown.clone()));
             let listeners = pixiu_metadata::Listeners {
