@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod file;
+pub mod records;
 pub mod status;
 
 pub use file::parse_from;
@@ -72,6 +73,11 @@ pub enum Command {
     /// Show each connected client's sync state per type (SYNCED, STALE, NACKED), like
     /// `istioctl proxy-status`, from the server's admin port.
     Status(status::StatusArgs),
+    /// Print a shell completion script, e.g. `pixiu-metadata completions bash > /etc/bash_completion.d/pixiu-metadata`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Flags of `serve`.
@@ -142,6 +148,10 @@ pub struct ServeArgs {
     /// re-publish to refresh it.
     #[arg(long, env = "PIXIU_METADATA_METADATA_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub metadata_ttl: std::time::Duration,
+    /// How long open connections may take to finish on shutdown before they are closed
+    /// (e.g. `10s`).
+    #[arg(long, env = "PIXIU_METADATA_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: std::time::Duration,
     /// Directory of YAML/JSON files with Envoy Listener, RouteConfiguration, Cluster and
     /// ClusterLoadAssignment resources, served to every xDS client and watched for changes.
     #[arg(long, env = "PIXIU_METADATA_ENVOY_CONFIG_DIR")]
@@ -154,6 +164,7 @@ impl ServeArgs {
         crate::model::check_namespace(&self.default_namespace).context("--default-namespace")?;
         let mut config = Config::default();
         config.grpc.addr = self.grpc_addr;
+        config.grpc.drain_timeout = self.drain_timeout;
         config.store.backend = self.store;
         config.store.data_dir = self.data_dir.clone();
         config.store.max_records_per_namespace = self.max_records_per_namespace;
@@ -246,6 +257,39 @@ pub enum MetadataCommand {
         /// Revision.
         #[arg(long, short = 'r')]
         revision: String,
+        /// Print a record as a table, JSON or YAML instead of the raw value.
+        #[arg(long, short = 'o', value_enum)]
+        output: Option<Output>,
+    },
+    /// List stored revisions of the namespace (names, sizes and ages; values with `-o json`).
+    List {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Only this application's revisions.
+        #[arg(long, short = 'a')]
+        application: Option<String>,
+        /// Leave the values out.
+        #[arg(long)]
+        names_only: bool,
+        /// Print at most this many records.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete one revision's metadata (subscribers are pushed the removal).
+    Delete {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Application name.
+        #[arg(long, short = 'a')]
+        application: String,
+        /// Revision.
+        #[arg(long, short = 'r')]
+        revision: String,
     },
     /// Subscribe over ADS and print every push (all revisions when none is named).
     Watch {
@@ -277,6 +321,36 @@ pub enum DefinitionCommand {
     },
     /// Print the raw definition.
     Get {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Identifier.
+        #[arg(long, short = 'i')]
+        identifier: String,
+        /// Print a record as a table, JSON or YAML instead of the raw value.
+        #[arg(long, short = 'o', value_enum)]
+        output: Option<Output>,
+    },
+    /// List stored definitions of the namespace (names, sizes and ages; values with `-o json`).
+    List {
+        #[command(flatten)]
+        /// Connection.
+        client: ClientArgs,
+        /// Only identifiers starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Leave the values out.
+        #[arg(long)]
+        names_only: bool,
+        /// Print at most this many records.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete one definition (subscribers are pushed the removal).
+    Delete {
         #[command(flatten)]
         /// Connection.
         client: ClientArgs,
@@ -352,20 +426,77 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 .map_err(status_error)?;
             writeln!(out, "published {application}/{revision}")?;
         }
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "pixiu-metadata",
+                &mut script,
+            );
+            out.write_all(&script)?;
+        }
         Command::Metadata(MetadataCommand::Get {
             client,
             application,
             revision,
+            output,
         }) => {
             let request = client.request(proto::GetMetadataRequest {
-                application_name: application,
-                revision,
+                application_name: application.clone(),
+                revision: revision.clone(),
             })?;
             let response = MetadataServiceClient::new(client.channel().await?)
                 .get(request)
                 .await
                 .map_err(status_error)?;
-            writeln!(out, "{}", response.into_inner().metadata_info)?;
+            let value = response.into_inner().metadata_info;
+            match output {
+                None => writeln!(out, "{value}")?,
+                Some(output) => {
+                    let name = format!("{application}/{revision}");
+                    let record = records::got(
+                        client.namespace.as_deref(),
+                        name,
+                        Some((application, revision)),
+                        value,
+                    );
+                    records::print(&[record], output, out)?;
+                }
+            }
+        }
+        Command::Metadata(MetadataCommand::List {
+            client,
+            application,
+            names_only,
+            limit,
+            output,
+        }) => {
+            let listed = records::list_metadata(&client, application, names_only, limit).await?;
+            records::print(&listed, output, out)?;
+        }
+        Command::Metadata(MetadataCommand::Delete {
+            client,
+            application,
+            revision,
+        }) => {
+            records::delete_metadata(&client, application.clone(), revision.clone()).await?;
+            writeln!(out, "deleted {application}/{revision}")?;
+        }
+        Command::Definition(DefinitionCommand::List {
+            client,
+            prefix,
+            names_only,
+            limit,
+            output,
+        }) => {
+            let listed = records::list_definitions(&client, prefix, names_only, limit).await?;
+            records::print(&listed, output, out)?;
+        }
+        Command::Definition(DefinitionCommand::Delete { client, identifier }) => {
+            records::delete_definition(&client, identifier.clone()).await?;
+            writeln!(out, "deleted {identifier}")?;
         }
         Command::Metadata(MetadataCommand::Watch {
             client,
@@ -387,13 +518,26 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 .map_err(status_error)?;
             writeln!(out, "published {identifier}")?;
         }
-        Command::Definition(DefinitionCommand::Get { client, identifier }) => {
-            let request = client.request(proto::GetServiceDefinitionRequest { identifier })?;
+        Command::Definition(DefinitionCommand::Get {
+            client,
+            identifier,
+            output,
+        }) => {
+            let request = client.request(proto::GetServiceDefinitionRequest {
+                identifier: identifier.clone(),
+            })?;
             let response = ServiceDefinitionServiceClient::new(client.channel().await?)
                 .get(request)
                 .await
                 .map_err(status_error)?;
-            writeln!(out, "{}", response.into_inner().service_definition)?;
+            let value = response.into_inner().service_definition;
+            match output {
+                None => writeln!(out, "{value}")?,
+                Some(output) => {
+                    let record = records::got(client.namespace.as_deref(), identifier, None, value);
+                    records::print(&[record], output, out)?;
+                }
+            }
         }
         Command::Definition(DefinitionCommand::Watch {
             client,

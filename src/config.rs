@@ -39,6 +39,11 @@ pub struct GrpcConfig {
     /// Address to bind (default `127.0.0.1:15010`, the xDS port Istio-style control planes
     /// use).
     pub addr: SocketAddr,
+    /// How long connections may take to finish on shutdown (default 10 s): in-flight
+    /// publishes complete and streams end within it; connections still open after it (a
+    /// client that never finishes its request or never reads) are closed, so shutdown is
+    /// bounded.
+    pub drain_timeout: Duration,
 }
 
 /// The admin HTTP listener (health, metrics, debug pages, the operators' page).
@@ -84,6 +89,7 @@ impl Default for Config {
         Self {
             grpc: GrpcConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
+                drain_timeout: Duration::from_secs(10),
             },
             store: StoreConfig {
                 backend: Backend::Embedded,

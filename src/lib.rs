@@ -175,7 +175,7 @@ pub async fn serve(
 
     let addr = grpc.local_addr().ok();
     info!(grpc.addr = ?addr, store = store.backend(), "serving");
-    let result = tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         // tonic reports a request over the message size limit as OUT_OF_RANGE; our contract
         // for size limits is RESOURCE_EXHAUSTED. No handler of ours returns OUT_OF_RANGE.
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
@@ -189,9 +189,21 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc),
             shutdown.clone().cancelled_owned(),
-        )
-        .await
-        .map_err(Error::Transport);
+        );
+    // Graceful shutdown waits for every connection to finish; bound that wait, so a client
+    // that never completes a request cannot hold the process.
+    let drain_timeout = config.grpc.drain_timeout;
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    let result = tokio::select! {
+        result = serving => result.map_err(Error::Transport),
+        () = drained => {
+            tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+            Ok(())
+        }
+    };
     shutdown.cancel();
     let _ = push_task.await;
     if let Some(Ok(Err(error))) = match admin_task {

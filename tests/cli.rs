@@ -338,3 +338,133 @@ fn help_describes_the_commands() {
     let out = cli_ok(&["--version"]);
     assert!(out.starts_with("pixiu-metadata "), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_delete_and_output_formats() {
+    let server = TestServer::memory().await;
+    let url = server.url();
+    let s = url.as_str();
+    for (app, revision) in [("greeter", "r1"), ("greeter", "r2"), ("billing", "b1")] {
+        let value = format!("{{\"app\":\"{app}\",\"revision\":\"{revision}\"}}");
+        cli_ok(&[
+            "metadata", "publish", "--server", s, "-a", app, "-r", revision, "--value", &value,
+        ]);
+    }
+    cli_ok(&[
+        "definition",
+        "publish",
+        "--server",
+        s,
+        "-i",
+        "org.Greeter:1.0.0::provider:greeter",
+        "--value",
+        "{\"canonicalName\":\"org.Greeter\"}",
+    ]);
+
+    // The table: a header, one row per record, no values.
+    let table = cli_ok(&["metadata", "list", "--server", s]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("NAMESPACE"), "{table}");
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[1].contains("billing/b1"), "sorted by name: {table}");
+    assert!(
+        !table.contains("\"app\""),
+        "no values in the table: {table}"
+    );
+    // Filtered by application, as JSON with the raw values.
+    let json = cli_ok(&[
+        "metadata", "list", "--server", s, "-a", "greeter", "-o", "json",
+    ]);
+    let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["greeter/r1", "greeter/r2"]);
+    assert_eq!(
+        listed[0]["value"],
+        "{\"app\":\"greeter\",\"revision\":\"r1\"}"
+    );
+    assert!(listed[0]["refreshed_at"].as_str().unwrap().ends_with('Z'));
+    // Pages are followed and --limit is honoured.
+    let limited = cli_ok(&[
+        "metadata", "list", "--server", s, "--limit", "2", "-o", "yaml",
+    ]);
+    let limited: serde_json::Value = serde_norway::from_str(&limited).unwrap();
+    assert_eq!(limited.as_array().unwrap().len(), 2);
+    // One record as YAML.
+    let yaml = cli_ok(&[
+        "metadata", "get", "--server", s, "-a", "greeter", "-r", "r2", "-o", "yaml",
+    ]);
+    let got: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+    assert_eq!(got[0]["revision"], "r2");
+    assert_eq!(got[0]["value"], "{\"app\":\"greeter\",\"revision\":\"r2\"}");
+
+    // Delete, then it is gone and a second delete says so.
+    assert_eq!(
+        cli_ok(&[
+            "metadata", "delete", "--server", s, "-a", "greeter", "-r", "r1"
+        ]),
+        "deleted greeter/r1\n"
+    );
+    let names_only = cli_ok(&[
+        "metadata",
+        "list",
+        "--server",
+        s,
+        "--names-only",
+        "-o",
+        "json",
+    ]);
+    let listed: serde_json::Value = serde_json::from_str(&names_only).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert!(listed[0].get("value").is_none(), "{names_only}");
+    let again = cli(&[
+        "metadata", "delete", "--server", s, "-a", "greeter", "-r", "r1",
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("NotFound"),
+        "{}",
+        show(&again)
+    );
+
+    // Definitions the same way.
+    let defs = cli_ok(&[
+        "definition",
+        "list",
+        "--server",
+        s,
+        "--prefix",
+        "org.",
+        "-o",
+        "json",
+    ]);
+    let defs: serde_json::Value = serde_json::from_str(&defs).unwrap();
+    assert_eq!(defs[0]["name"], "org.Greeter:1.0.0::provider:greeter");
+    cli_ok(&[
+        "definition",
+        "delete",
+        "--server",
+        s,
+        "-i",
+        "org.Greeter:1.0.0::provider:greeter",
+    ]);
+    assert_eq!(
+        cli_ok(&["definition", "list", "--server", s]),
+        "no records\n"
+    );
+    server.stop().await;
+}
+
+#[test]
+fn shell_completions_are_generated() {
+    let bash = cli_ok(&["completions", "bash"]);
+    assert!(bash.contains("_pixiu__metadata()"), "{bash}");
+    assert!(bash.contains("complete -F _pixiu__metadata"), "{bash}");
+    assert!(bash.contains("publish"), "subcommands are completed");
+    let zsh = cli_ok(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef pixiu-metadata"), "{zsh}");
+}

@@ -240,3 +240,328 @@ async fn etcd_outage_reads_and_streams_survive_and_writes_recover() {
     a.stop().await;
     b.stop().await;
 }
+
+fn cluster_config(endpoints: Vec<String>) -> Config {
+    let mut config = Config::default();
+    config.store.backend = Backend::Etcd;
+    config.store.etcd_endpoints = endpoints;
+    config
+}
+
+/// Publishes until acknowledged or `deadline`; returns whether it was acknowledged. Only
+/// `UNAVAILABLE` is an acceptable failure.
+async fn publish_retrying(
+    md: &mut pixiu_metadata::pb::metadata::metadata_service_client::MetadataServiceClient<
+        tonic::transport::Channel,
+    >,
+    request: PublishMetadataRequest,
+    deadline: Instant,
+) -> (bool, usize) {
+    let mut n_unavailable = 0;
+    loop {
+        match md.publish(request.clone()).await {
+            Ok(_) => return (true, n_unavailable),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                n_unavailable += 1;
+                if Instant::now() > deadline {
+                    return (false, n_unavailable);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_cluster_member_killed_loses_no_acknowledged_write() {
+    const N: usize = 300;
+    let mut cluster = common::etcd::EtcdCluster::start(3).await;
+    let a = TestServer::start(cluster_config(cluster.endpoints())).await;
+    let mut md = metadata_client(a.channel().await);
+    let mut acknowledged = Vec::new();
+    let mut n_unavailable = 0;
+    let mut killed_at = None;
+    for i in 0..N {
+        if i == N / 3 {
+            // Member 0 is the first endpoint the client knows; it dies mid-stream.
+            cluster.kill(0);
+            killed_at = Some(Instant::now());
+        }
+        if i == 2 * N / 3 {
+            cluster.restart(0).await;
+        }
+        let request = publish_md("greeter", &format!("r{i}"), &format!("value {i}"));
+        let (acked, n_failed) =
+            publish_retrying(&mut md, request, Instant::now() + Duration::from_secs(10)).await;
+        n_unavailable += n_failed;
+        if acked {
+            acknowledged.push(i);
+        }
+    }
+    eprintln!(
+        "3-member etcd, member 0 killed at publish {} ({:?} ago) and restarted at {}: {} of {N} \
+         publishes acknowledged, {n_unavailable} UNAVAILABLE answers retried",
+        N / 3,
+        killed_at.map(|t| t.elapsed()),
+        2 * N / 3,
+        acknowledged.len()
+    );
+    assert_eq!(
+        acknowledged.len(),
+        N,
+        "every publish is eventually acknowledged"
+    );
+
+    // Kill another member: the cluster keeps its quorum with two of three.
+    cluster.kill(1);
+    // A fresh replica lists everything from etcd: each acknowledged write is there.
+    let b = TestServer::start(cluster_config(cluster.endpoints())).await;
+    let mut md_b = metadata_client(b.channel().await);
+    for i in &acknowledged {
+        let got = md_b
+            .get(get_md("greeter", &format!("r{i}")))
+            .await
+            .unwrap_or_else(|s| panic!("acknowledged r{i} lost: {s:?}"))
+            .into_inner();
+        assert_eq!(got.metadata_info, format!("value {i}"));
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_down_30s_under_a_publisher_and_a_subscriber() {
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let mut etcd = Etcd::start().await;
+    let a = TestServer::start(etcd_config(&etcd)).await;
+    let b = TestServer::start(etcd_config(&etcd)).await;
+    let mut md_b = metadata_client(b.channel().await);
+    let mut ads = AdsClient::open(
+        b.channel().await,
+        node("consumer-on-b", None),
+        METADATA_TYPE_URL,
+        &[],
+    )
+    .await;
+    let first = ads.recv().await;
+    ads.ack(&first, &[]).await;
+
+    // A publisher on A, one new revision every 100 ms, for the whole test.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let channel = a.channel().await;
+        let stop = stop.clone();
+        async move {
+            let mut md = metadata_client(channel);
+            let mut acknowledged = Vec::new();
+            let mut n_unavailable = 0usize;
+            for i in 0.. {
+                if stop.is_cancelled() {
+                    break;
+                }
+                match md
+                    .publish(publish_md("greeter", &format!("p{i}"), &format!("v{i}")))
+                    .await
+                {
+                    Ok(_) => acknowledged.push(i),
+                    Err(status) => {
+                        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                        n_unavailable += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (acknowledged, n_unavailable)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd.kill();
+    let down_at = Instant::now();
+    // Reads keep working from memory during the whole outage.
+    while down_at.elapsed() < OUTAGE {
+        let listed = md_b
+            .get(get_md("greeter", "p0"))
+            .await
+            .expect("reads work while etcd is down")
+            .into_inner();
+        assert_eq!(listed.metadata_info, "v0");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    etcd.restart().await;
+    let restarted = Instant::now();
+    // Give the publisher time to get through again, then stop it.
+    let deadline = restarted + Duration::from_secs(20);
+    loop {
+        if md_b.get(get_md("greeter", "after-outage")).await.is_ok() {
+            break;
+        }
+        let mut md_a = metadata_client(a.channel().await);
+        let _ = md_a
+            .publish(publish_md("greeter", "after-outage", "ok"))
+            .await;
+        assert!(
+            Instant::now() < deadline,
+            "writes did not recover within 20s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovered = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let (acknowledged, n_unavailable) = publisher.await.unwrap();
+    eprintln!(
+        "etcd down {OUTAGE:?}: {} publishes acknowledged, {n_unavailable} answered UNAVAILABLE; \
+         writes recovered {recovered:?} after etcd restarted",
+        acknowledged.len()
+    );
+    assert!(n_unavailable >= 100, "writes failed during the outage");
+
+    // B's subscriber converges to every acknowledged publish, and B serves each one.
+    let want: std::collections::BTreeSet<String> =
+        acknowledged.iter().map(|i| format!("p{i}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = ads.recv().await;
+        ads.ack(&response, &[]).await;
+        let have: std::collections::BTreeSet<String> = decode_metadata(&response)
+            .into_iter()
+            .map(|m| m.revision)
+            .collect();
+        if want.is_subset(&have) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the subscriber did not converge");
+    }
+    for i in &acknowledged {
+        let got = md_b
+            .get(get_md("greeter", &format!("p{i}")))
+            .await
+            .unwrap_or_else(|s| panic!("acknowledged p{i} lost: {s:?}"))
+            .into_inner();
+        assert_eq!(got.metadata_info, format!("v{i}"));
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_replica_lost_delta_subscriber_resumes_on_another_with_only_the_changes() {
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest,
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    };
+    use std::collections::{BTreeMap, HashMap};
+
+    async fn delta_stream(
+        channel: tonic::transport::Channel,
+        initial_resource_versions: HashMap<String, String>,
+    ) -> (
+        tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+        tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node("moving-consumer", None)),
+            type_url: METADATA_TYPE_URL.into(),
+            resource_names_subscribe: vec!["*".into()],
+            initial_resource_versions,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let responses = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, responses)
+    }
+
+    let etcd = Etcd::start().await;
+    let a = TestServer::start(etcd_config(&etcd)).await;
+    let b = TestServer::start(etcd_config(&etcd)).await;
+    let mut md_b = metadata_client(b.channel().await);
+    for i in 0..20 {
+        md_b.publish(publish_md("greeter", &format!("r{i}"), &format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    // The consumer follows replica A until it has all 20.
+    let mut known: HashMap<String, String> = HashMap::new();
+    {
+        let (tx, mut responses) = delta_stream(a.channel().await, HashMap::new()).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while known.len() < 20 {
+            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .expect("a response")
+                .unwrap()
+                .unwrap();
+            for resource in &response.resources {
+                known.insert(resource.name.clone(), resource.version.clone());
+            }
+            tx.send(DeltaDiscoveryRequest {
+                type_url: METADATA_TYPE_URL.into(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            assert!(Instant::now() < deadline, "A did not send all 20");
+        }
+    }
+    // Replica A is lost; meanwhile one revision changes, one is deleted, one is added.
+    a.stop().await;
+    md_b.publish(publish_md("greeter", "r3", "v3-changed"))
+        .await
+        .unwrap();
+    let mut md_b_client = metadata_client(b.channel().await);
+    md_b_client
+        .delete(pixiu_metadata::pb::metadata::DeleteMetadataRequest {
+            application_name: "greeter".into(),
+            revision: "r5".into(),
+        })
+        .await
+        .unwrap();
+    md_b.publish(publish_md("greeter", "r20", "v20"))
+        .await
+        .unwrap();
+
+    // It reconnects to B with the versions it holds: B sends only the difference.
+    let (_tx, mut responses) = delta_stream(b.channel().await, known.clone()).await;
+    let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("a response")
+        .unwrap()
+        .unwrap();
+    let sent: BTreeMap<String, String> = response
+        .resources
+        .iter()
+        .map(|r| {
+            let any = r.resource.as_ref().expect("a resource body");
+            (
+                r.name.clone(),
+                Metadata::decode(any.value.as_slice())
+                    .unwrap()
+                    .metadata_info,
+            )
+        })
+        .collect();
+    eprintln!(
+        "resumed on replica B with {} known versions: {} resources sent, removed {:?}",
+        known.len(),
+        sent.len(),
+        response.removed_resources
+    );
+    assert_eq!(
+        sent,
+        BTreeMap::from([
+            ("greeter/r20".to_string(), "v20".to_string()),
+            ("greeter/r3".to_string(), "v3-changed".to_string()),
+        ]),
+        "only what changed while it moved"
+    );
+    assert_eq!(response.removed_resources, vec!["greeter/r5".to_string()]);
+    b.stop().await;
+}

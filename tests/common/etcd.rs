@@ -159,20 +159,7 @@ impl Etcd {
 
     /// Whether `GET /health` answers `"health":"true"`.
     pub async fn healthy(&self) -> bool {
-        let check = async {
-            let mut stream = TcpStream::connect(self.client_addr()).await.ok()?;
-            stream
-                .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            let mut body = String::new();
-            stream.read_to_string(&mut body).await.ok()?;
-            Some(body.contains("\"health\":\"true\""))
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), check).await,
-            Ok(Some(true))
-        )
+        health(self.client_addr()).await
     }
 
     /// The tail of etcd's log, for failure messages.
@@ -190,6 +177,171 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A three-member etcd cluster on loopback, each member with its own data directory; every
+/// member is killed on drop.
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    members: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members (3 for a cluster that survives one loss) and waits until every one
+    /// is healthy.
+    pub async fn start(n: usize) -> Self {
+        let mut cluster = Self {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            members: (0..n).map(|_| (free_port(), free_port())).collect(),
+            children: (0..n).map(|_| None).collect(),
+        };
+        for idx in 0..n {
+            cluster.spawn(idx, "new");
+        }
+        for idx in 0..n {
+            cluster.wait_healthy(idx).await;
+        }
+        cluster
+    }
+
+    /// Client URLs of every member, comma-free, in member order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|(client, _)| format!("http://127.0.0.1:{client}"))
+            .collect()
+    }
+
+    /// Kills member `idx` (SIGKILL).
+    pub fn kill(&mut self, idx: usize) {
+        if let Some(mut child) = self.children[idx].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `idx` again on its data directory and waits until it is healthy.
+    pub async fn restart(&mut self, idx: usize) {
+        self.kill(idx);
+        self.spawn(idx, "existing");
+        self.wait_healthy(idx).await;
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(idx, (_, peer))| format!("m{idx}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, idx: usize, state: &str) {
+        let (client_port, peer_port) = self.members[idx];
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("m{idx}.log")))
+            .expect("etcd log file");
+        let child = Command::new(etcd_binary())
+            .arg("--name")
+            .arg(format!("m{idx}"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("m{idx}")))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(self.initial_cluster())
+            .arg("--initial-cluster-state")
+            .arg(state)
+            .arg("--initial-cluster-token")
+            .arg("pixiu-test")
+            .arg("--logger")
+            .arg("zap")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("etcd log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run ./scripts/test, which installs Debian's etcd-server",
+                    etcd_binary().display()
+                )
+            });
+        self.children[idx] = Some(child);
+    }
+
+    async fn wait_healthy(&mut self, idx: usize) {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[idx].0));
+        loop {
+            if let Some(status) = self.children[idx]
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "etcd member m{idx} exited with {status} while starting:\n{}",
+                    self.log(idx)
+                );
+            }
+            if health(addr).await {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "etcd member m{idx} not healthy within {START_TIMEOUT:?}:\n{}",
+                    self.log(idx)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The tail of member `idx`'s log.
+    pub fn log(&self, idx: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join(format!("m{idx}.log")))
+            .unwrap_or_default();
+        let start = log.len().saturating_sub(4000);
+        let start = (start..log.len())
+            .find(|i| log.is_char_boundary(*i))
+            .unwrap_or(log.len());
+        log[start..].to_string()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for idx in 0..self.children.len() {
+            self.kill(idx);
+        }
+    }
+}
+
+/// Whether the etcd member at `addr` answers `GET /health` with `"health":"true"`.
+async fn health(addr: SocketAddr) -> bool {
+    let check = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        Some(body.contains("\"health\":\"true\""))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Some(true))
+    )
 }
 
 /// A TCP proxy in front of one address that can cut every connection through it and refuse

@@ -137,7 +137,7 @@ pub fn with_namespace<T>(message: T, namespace: &str) -> tonic::Request<T> {
 /// A State-of-the-World ADS client that behaves like a real one.
 pub struct AdsClient {
     tx: mpsc::Sender<DiscoveryRequest>,
-    responses: Streaming<DiscoveryResponse>,
+    pub responses: Streaming<DiscoveryResponse>,
 }
 
 pub fn node(id: &str, namespace: Option<&str>) -> Node {
