@@ -103,6 +103,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let Listeners { grpc, admin } = listeners.into();
+    let metrics = metrics::Metrics::new();
+    // Every user of the store goes through one timed wrapper.
+    let store: Arc<dyn store::Store> = Arc::new(metrics::InstrumentedStore::new(
+        store,
+        metrics.store_operations.clone(),
+    ));
     let (cache, writer) = pixiu_xds::cache();
     // Envoy resources are in the cache before ADS serves, like the store's first state.
     let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
@@ -113,7 +119,6 @@ pub async fn serve(
         warmed_tx,
         shutdown.clone(),
     ));
-    let metrics = metrics::Metrics::new();
     let registry = pixiu_xds::Registry::new();
     let pushes = admin::PushLog::new();
     // Admin HTTP starts before the cache is warmed, so /readyz can say it is not.

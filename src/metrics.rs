@@ -18,6 +18,26 @@ use prometheus_client::{
 
 use crate::model::Kind;
 
+mod store;
+
+pub use store::InstrumentedStore;
+
+/// Labels of store operation histograms.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// The backend: `memory`, `embedded`, `etcd`, ...
+    pub backend: String,
+    /// `put`, `get`, `delete`, `list`.
+    pub operation: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// Buckets from 50 µs to about 3 s: a memory read to an etcd write timing out.
+fn store_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+}
+
 /// Labels of per-kind counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -87,6 +107,8 @@ pub struct Metrics {
     pub xds_subscriptions: Family<TypeLabels, Gauge>,
     /// Records held, by namespace and kind. Set when scraped.
     pub records: Family<NamespaceLabels, Gauge>,
+    /// Seconds each store operation took, by backend, operation and result.
+    pub store_operations: Family<StoreLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -165,6 +187,14 @@ impl Metrics {
             "Records held, by namespace and kind",
             records.clone(),
         );
+        let store_operations = Family::<StoreLabels, Histogram>::new_with_constructor(
+            store_latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "store_operation_duration_seconds",
+            "Seconds a store operation took (a put includes its durable commit), by backend, operation and result",
+            store_operations.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -179,6 +209,7 @@ impl Metrics {
             xds_clients,
             xds_subscriptions,
             records,
+            store_operations,
         }
     }
 

@@ -1,0 +1,107 @@
+//! A [`Store`] wrapper that times every operation into
+//! `pixiu_metadata_store_operation_duration_seconds`.
+//!
+//! It sits between the services and the backend, so `store/` stays free of metrics and every
+//! backend is measured the same way.
+
+use std::{sync::Arc, time::SystemTime};
+
+use futures::stream::BoxStream;
+use prometheus_client::metrics::{family::Family, histogram::Histogram};
+use tokio::time::Instant;
+
+use super::StoreLabels;
+use crate::store::{Event, Key, ListQuery, PutOutcome, Record, Result, Store};
+
+/// Times every operation of the store it wraps.
+pub struct InstrumentedStore {
+    inner: Arc<dyn Store>,
+    histograms: Family<StoreLabels, Histogram>,
+}
+
+impl InstrumentedStore {
+    /// Wraps `inner`, recording into `histograms`.
+    pub fn new(inner: Arc<dyn Store>, histograms: Family<StoreLabels, Histogram>) -> Self {
+        Self { inner, histograms }
+    }
+
+    fn record<T>(&self, operation: &str, started: Instant, result: &Result<T>) {
+        let labels = StoreLabels {
+            backend: self.inner.backend().to_string(),
+            operation: operation.to_string(),
+            result: if result.is_ok() { "ok" } else { "error" }.to_string(),
+        };
+        self.histograms
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for InstrumentedStore {
+    async fn put(&self, key: &Key, value: &str, now: SystemTime) -> Result<PutOutcome> {
+        let started = Instant::now();
+        let result = self.inner.put(key, value, now).await;
+        self.record("put", started, &result);
+        result
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>> {
+        let started = Instant::now();
+        let result = self.inner.get(key).await;
+        self.record("get", started, &result);
+        result
+    }
+
+    async fn delete(&self, key: &Key, if_revision: Option<u64>) -> Result<bool> {
+        let started = Instant::now();
+        let result = self.inner.delete(key, if_revision).await;
+        self.record("delete", started, &result);
+        result
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
+        let started = Instant::now();
+        let result = self.inner.list(query).await;
+        self.record("list", started, &result);
+        result
+    }
+
+    fn watch(&self) -> BoxStream<'static, Event> {
+        self.inner.watch()
+    }
+
+    async fn ready(&self) -> Result<()> {
+        self.inner.ready().await
+    }
+
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{metrics::Metrics, store::memory::MemoryStore};
+
+    #[tokio::test]
+    async fn operations_are_timed_by_backend_operation_and_result() {
+        let metrics = Metrics::new();
+        let store = InstrumentedStore::new(
+            Arc::new(MemoryStore::default()),
+            metrics.store_operations.clone(),
+        );
+        let key = Key::metadata("default", "greeter", "r1");
+        store.put(&key, "v", SystemTime::now()).await.unwrap();
+        assert!(store.get(&key).await.unwrap().is_some());
+        assert!(store.delete(&key, None).await.unwrap());
+        let text = metrics.encode();
+        for operation in ["put", "get", "delete"] {
+            let line = format!(
+                "pixiu_metadata_store_operation_duration_seconds_count{{backend=\"memory\",operation=\"{operation}\",result=\"ok\"}} 1"
+            );
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+    }
+}
