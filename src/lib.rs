@@ -17,6 +17,7 @@ use tracing::info;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod lease;
 pub mod metrics;
