@@ -196,7 +196,12 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
+            // Small pushes must not wait for Nagle's algorithm and a delayed ACK (~40 ms).
+            futures::StreamExt::inspect(TcpListenerStream::new(grpc), |accepted| {
+                if let Ok(stream) = accepted {
+                    let _ = stream.set_nodelay(true);
+                }
+            }),
             shutdown.clone().cancelled_owned(),
         )
         .await
