@@ -2,7 +2,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/pixiu/pkg/metadata/metadata.proto"];
+    let protos = [
+        "proto/pixiu/pkg/metadata/metadata.proto",
+        "proto/pixiu/pkg/metadata/mapping.proto",
+        "proto/dubbo/networking/v1alpha1/service_name_mapping.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("pixiu_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;

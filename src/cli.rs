@@ -7,26 +7,18 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use envoy_types::pb::envoy::{
-    config::core::v3::Node,
-    service::discovery::v3::{
-        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
-};
-use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, transport::Channel};
 
 use crate::{
     api::NAMESPACE_HEADER,
     config::{Backend, Config},
-    pb::{self, metadata as proto},
+    pb::metadata as proto,
 };
 
 mod file;
 pub mod records;
 pub mod status;
+mod watch;
 
 pub use file::parse_from;
 pub use status::Output;
@@ -502,7 +494,16 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
             client,
             names,
             count,
-        }) => watch(&client, pb::METADATA_TYPE_URL, names, count, out).await?,
+        }) => {
+            watch::run(
+                &client,
+                names,
+                count,
+                |m: &proto::Metadata| m.metadata_info.clone(),
+                out,
+            )
+            .await?
+        }
         Command::Definition(DefinitionCommand::Publish {
             client,
             identifier,
@@ -543,85 +544,14 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
             client,
             names,
             count,
-        }) => watch(&client, pb::SERVICE_DEFINITION_TYPE_URL, names, count, out).await?,
+        }) => {
+            let value_of = |d: &proto::ServiceDefinition| d.service_definition.clone();
+            watch::run(&client, names, count, value_of, out).await?;
+        }
     }
     Ok(())
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
-/// Subscribes over State-of-the-World ADS, ACKs every response and prints each as one JSON
-/// line: `{"version": .., "resources": {name: value}}`.
-async fn watch(
-    client: &ClientArgs,
-    type_url: &str,
-    names: Vec<String>,
-    count: Option<usize>,
-    out: &mut impl std::io::Write,
-) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(4);
-    let mut node = Node {
-        id: format!("pixiu-metadata-cli-{}", std::process::id()),
-        ..Default::default()
-    };
-    if let Some(namespace) = &client.namespace {
-        node.metadata = Some(envoy_types::pb::google::protobuf::Struct {
-            fields: [(
-                crate::push::NODE_NAMESPACE_KEY.to_string(),
-                envoy_types::pb::google::protobuf::Value {
-                    kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
-                        namespace.clone(),
-                    )),
-                },
-            )]
-            .into(),
-        });
-    }
-    tx.send(DiscoveryRequest {
-        node: Some(node),
-        type_url: type_url.to_string(),
-        resource_names: names.clone(),
-        ..Default::default()
-    })
-    .await?;
-    let mut responses = AggregatedDiscoveryServiceClient::new(client.channel().await?)
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let mut n_seen = 0;
-    while count.is_none_or(|c| n_seen < c) {
-        let Some(response) = responses.message().await.map_err(status_error)? else {
-            bail!("the server closed the stream");
-        };
-        let mut resources = serde_json::Map::new();
-        for any in &response.resources {
-            let (name, value) = if type_url == pb::METADATA_TYPE_URL {
-                let m = proto::Metadata::decode(any.value.as_slice())?;
-                (
-                    format!("{}/{}", m.application_name, m.revision),
-                    m.metadata_info,
-                )
-            } else {
-                let d = proto::ServiceDefinition::decode(any.value.as_slice())?;
-                (d.identifier, d.service_definition)
-            };
-            resources.insert(name, serde_json::Value::String(value));
-        }
-        let line = serde_json::json!({"version": response.version_info, "resources": resources});
-        writeln!(out, "{line}")?;
-        out.flush()?;
-        n_seen += 1;
-        tx.send(DiscoveryRequest {
-            type_url: type_url.to_string(),
-            resource_names: names.clone(),
-            version_info: response.version_info.clone(),
-            response_nonce: response.nonce.clone(),
-            ..Default::default()
-        })
-        .await?;
-    }
-    Ok(())
 }

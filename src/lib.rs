@@ -17,6 +17,7 @@ use tracing::info;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod lease;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod pb;
 pub mod push;
 pub mod store;
+pub mod watches;
 
 pub use config::Config;
 
@@ -150,7 +152,9 @@ pub async fn serve(
         }),
         shutdown.clone(),
     ));
-    let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone());
+    let watch_hub = watches::WatchHub::new(cache.clone(), config.xds.max_streams, shutdown.clone());
+    let api =
+        api::Api::new(store.clone(), config.api.clone(), metrics.clone()).with_watch(watch_hub);
     let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone());
     let ads = pixiu_xds::AdsServer::new(
         cache,
@@ -170,6 +174,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::metadata::service_definition_service_server::ServiceDefinitionServiceServer<api::Api>>()
         .await;
+    health_reporter
+        .set_serving::<pb::metadata::service_mapping_service_server::ServiceMappingServiceServer<api::Api>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -186,13 +193,20 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
         .add_service(api.metadata_service())
         .add_service(api.definition_service())
+        .add_service(api.mapping_service())
+        .add_service(api.upstream_mapping_service())
         .add_service(ads.into_service())
         .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
+            // Small pushes must not wait for Nagle's algorithm and a delayed ACK (~40 ms).
+            futures::StreamExt::inspect(TcpListenerStream::new(grpc), |accepted| {
+                if let Ok(stream) = accepted {
+                    let _ = stream.set_nodelay(true);
+                }
+            }),
             shutdown.clone().cancelled_owned(),
         );
     // Graceful shutdown waits for every connection to finish; bound that wait, so a client

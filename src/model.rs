@@ -19,17 +19,23 @@ pub enum Kind {
     Metadata,
     /// A service definition, named by its identifier.
     Definition,
+    /// One provider application of an interface (Dubbo's service-name mapping), named
+    /// `<interface>/<application>`. Each application's registration has its own lease, so
+    /// one application expires alone and no compare-and-set on a shared list is needed.
+    Mapping,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 2] = [Kind::Metadata, Kind::Definition];
+    pub const ALL: [Kind; 3] = [Kind::Metadata, Kind::Definition, Kind::Mapping];
 
-    /// A short stable label: `metadata` or `definition` (used in keys, metrics, logs).
+    /// A short stable label: `metadata`, `definition` or `mapping` (used in keys, metrics,
+    /// logs).
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Metadata => "metadata",
             Kind::Definition => "definition",
+            Kind::Mapping => "mapping",
         }
     }
 
@@ -75,11 +81,28 @@ impl Key {
         }
     }
 
+    /// The key of one application's registration as a provider of `interface`.
+    pub fn mapping(namespace: &str, interface: &str, application: &str) -> Self {
+        Self {
+            kind: Kind::Mapping,
+            namespace: namespace.to_string(),
+            name: mapping_name(interface, application),
+        }
+    }
+
     /// For metadata, `(application, revision)`; applications never contain `/`.
     pub fn application_revision(&self) -> Option<(&str, &str)> {
         match self.kind {
             Kind::Metadata => self.name.split_once('/'),
-            Kind::Definition => None,
+            Kind::Definition | Kind::Mapping => None,
+        }
+    }
+
+    /// For a mapping, `(interface, application)`.
+    pub fn interface_application(&self) -> Option<(&str, &str)> {
+        match self.kind {
+            Kind::Mapping => split_mapping_name(&self.name),
+            Kind::Metadata | Kind::Definition => None,
         }
     }
 }
@@ -168,6 +191,22 @@ pub fn check_application(value: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The record name of a mapping: `<interface>/<application>`.
+pub fn mapping_name(interface: &str, application: &str) -> String {
+    format!("{interface}/{application}")
+}
+
+/// Splits a mapping record name into `(interface, application)`. Applications never contain
+/// `/`, so the last `/` separates them (an interface may contain one).
+pub fn split_mapping_name(name: &str) -> Option<(&str, &str)> {
+    name.rsplit_once('/')
+}
+
+/// Checks an interface name (of a service-name mapping): a name like any other.
+pub fn check_interface(value: &str) -> Result<(), Invalid> {
+    check_name("interface", value)
+}
+
 /// Checks a namespace: a name without `/`.
 pub fn check_namespace(value: &str) -> Result<(), Invalid> {
     check_name("namespace", value)?;
@@ -222,6 +261,14 @@ mod tests {
         let key = Key::metadata("ns", "app", "rev/with/slash");
         assert_eq!(key.application_revision(), Some(("app", "rev/with/slash")));
         assert_eq!(Kind::from_label("definition"), Some(Kind::Definition));
+        assert_eq!(Kind::from_label("mapping"), Some(Kind::Mapping));
+        let key = Key::mapping("ns", "group/org.example.Api", "app");
+        assert_eq!(key.name, "group/org.example.Api/app");
+        assert_eq!(
+            key.interface_application(),
+            Some(("group/org.example.Api", "app"))
+        );
+        assert_eq!(key.application_revision(), None);
     }
 
     proptest! {

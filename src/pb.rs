@@ -6,6 +6,11 @@ pub mod metadata {
     tonic::include_proto!("pixiu.pkg.metadata");
 }
 
+/// `dubbo.networking.v1alpha1`: upstream Pixiu's service-name mapping API.
+pub mod dubbo_networking {
+    tonic::include_proto!("dubbo.networking.v1alpha1");
+}
+
 /// The encoded `FileDescriptorSet` of every proto in `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pixiu_descriptor");
 
@@ -14,6 +19,11 @@ pub const METADATA_TYPE_URL: &str = "type.googleapis.com/pixiu.pkg.metadata.Meta
 /// Type URL of the `ServiceDefinition` xDS resource.
 pub const SERVICE_DEFINITION_TYPE_URL: &str =
     "type.googleapis.com/pixiu.pkg.metadata.ServiceDefinition";
+
+/// Type URL of the `ServiceMapping` xDS resource.
+pub const SERVICE_MAPPING_TYPE_URL: &str = "type.googleapis.com/pixiu.pkg.metadata.ServiceMapping";
+/// Type URL of upstream's service-name mapping resource (no `type.googleapis.com/` prefix).
+pub const UPSTREAM_MAPPING_TYPE_URL: &str = "dubbo.networking.v1alpha1.v1.servicenamemapping";
 
 #[cfg(test)]
 mod tests {

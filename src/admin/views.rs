@@ -240,6 +240,12 @@ fn decode(namespace: &str, type_url: &TypeUrl, resource: &pixiu_xds::Resource) -
                 dumped.value = Some(d.service_definition);
             }
         }
+        Some(Kind::Mapping) => {
+            if let Ok(m) = proto::ServiceMapping::decode(resource.body.value.as_slice()) {
+                dumped.kind = Some(Kind::Mapping.as_str().into());
+                dumped.value = Some(m.application_names.join(","));
+            }
+        }
         None => {}
     }
     dumped

@@ -28,7 +28,9 @@ use crate::{
     store::{ListQuery, PutOutcome, Record, Store},
 };
 
+pub mod mapping;
 pub mod status;
+mod watch;
 
 pub use status::Error;
 
@@ -60,6 +62,7 @@ pub struct Api {
     store: Arc<dyn Store>,
     config: Arc<ApiConfig>,
     metrics: Metrics,
+    watch: Option<crate::watches::WatchHub>,
 }
 
 /// Default and largest `page_size` of `List`.
@@ -82,7 +85,15 @@ impl Api {
             store,
             config: Arc::new(config),
             metrics,
+            watch: None,
         }
+    }
+
+    /// Serves the `Watch` methods from `hub`; without it they answer `UNIMPLEMENTED`.
+    #[must_use]
+    pub fn with_watch(mut self, hub: crate::watches::WatchHub) -> Self {
+        self.watch = Some(hub);
+        self
     }
 
     /// Counts a finished request and turns its error into a status.
@@ -231,6 +242,16 @@ fn refreshed_at_ms(record: &Record) -> i64 {
 
 #[tonic::async_trait]
 impl MetadataService for Api {
+    type WatchStream = crate::watches::WatchStream<crate::pb::metadata::WatchMetadataResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<crate::pb::metadata::WatchMetadataRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let result = watch::metadata(self, request);
+        self.finish(Kind::Metadata, "watch", result)
+    }
+
     async fn publish(
         &self,
         request: Request<PublishMetadataRequest>,
@@ -352,6 +373,17 @@ impl MetadataService for Api {
 
 #[tonic::async_trait]
 impl ServiceDefinitionService for Api {
+    type WatchStream =
+        crate::watches::WatchStream<crate::pb::metadata::WatchServiceDefinitionResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<crate::pb::metadata::WatchServiceDefinitionRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let result = watch::definition(self, request);
+        self.finish(Kind::Definition, "watch", result)
+    }
+
     async fn publish(
         &self,
         request: Request<PublishServiceDefinitionRequest>,

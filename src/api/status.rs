@@ -25,6 +25,18 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// As many streams are open as the server allows.
+    #[error("stream limit reached ({limit} open streams)")]
+    TooManyStreams {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// This server was started without what the method needs.
+    #[error("{what} is not enabled on this server")]
+    Unsupported {
+        /// What is missing.
+        what: &'static str,
+    },
 }
 
 /// The status code of an error.
@@ -43,6 +55,8 @@ pub fn code(error: &Error) -> Code {
             store::Error::Storage(_) => Code::Internal,
             store::Error::NamespaceFull { .. } => Code::ResourceExhausted,
         },
+        Error::TooManyStreams { .. } => Code::ResourceExhausted,
+        Error::Unsupported { .. } => Code::Unimplemented,
     }
 }
 
@@ -60,7 +74,9 @@ impl From<Error> for Status {
             Error::Invalid(_)
             | Error::Namespace(_)
             | Error::NotFound { .. }
-            | Error::Store(store::Error::NamespaceFull { .. }) => error.to_string(),
+            | Error::Store(store::Error::NamespaceFull { .. })
+            | Error::TooManyStreams { .. }
+            | Error::Unsupported { .. } => error.to_string(),
         };
         Status::new(code, message)
     }
@@ -86,6 +102,8 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (Error::NotFound { what: "x".into() }, Code::NotFound),
+            (Error::TooManyStreams { limit: 1 }, Code::ResourceExhausted),
+            (Error::Unsupported { what: "watch" }, Code::Unimplemented),
             (
                 Error::Store(store::Error::Unavailable("down".into())),
                 Code::Unavailable,

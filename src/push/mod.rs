@@ -7,6 +7,7 @@
 //! `[its namespace, global]`.
 
 pub mod envoy;
+pub mod mapping;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -39,10 +40,18 @@ pub fn type_url(kind: Kind) -> &'static str {
     match kind {
         Kind::Metadata => pb::METADATA_TYPE_URL,
         Kind::Definition => pb::SERVICE_DEFINITION_TYPE_URL,
+        Kind::Mapping => pb::SERVICE_MAPPING_TYPE_URL,
     }
 }
 
+/// The kinds whose records are resources one for one (mappings are aggregated per interface
+/// by [`mapping::MappingIndex`]).
+const RECORD_KINDS: [Kind; 2] = [Kind::Metadata, Kind::Definition];
+
 /// The xDS resource of a record: its name and packed body.
+///
+/// A mapping record alone is packed as a `ServiceMapping` listing only its own application;
+/// the resources pushed aggregate every application of the interface (see [`mapping`]).
 pub fn resource(record: &Record) -> (ResourceName, Any) {
     let key = &record.key;
     let value = match key.kind {
@@ -64,6 +73,16 @@ pub fn resource(record: &Record) -> (ResourceName, Any) {
             namespace: key.namespace.clone(),
         }
         .encode_to_vec(),
+        Kind::Mapping => {
+            let (interface, application) = key
+                .interface_application()
+                .expect("mapping keys are always <interface>/<application>");
+            let applications = std::iter::once(application.to_string()).collect();
+            return (
+                ResourceName::new(interface),
+                mapping::resource(&key.namespace, interface, &applications),
+            );
+        }
     };
     (
         ResourceName::new(&key.name),
@@ -85,6 +104,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut events = store.watch();
+    let mut mappings = mapping::MappingIndex::default();
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -97,7 +117,7 @@ pub async fn run(
             },
         };
         let is_reset = matches!(event, Event::Reset { .. });
-        let seq = writer.apply(updates(&writer, event));
+        let seq = writer.apply(updates(&writer, &mut mappings, event));
         debug!(snapshot.seq = seq, "cache updated");
         if is_reset {
             warmed.send_replace(true);
@@ -106,8 +126,14 @@ pub async fn run(
 }
 
 /// The cache updates for one store event.
-fn updates(writer: &CacheWriter, event: Event) -> Vec<Update> {
+fn updates(
+    writer: &CacheWriter,
+    mappings: &mut mapping::MappingIndex,
+    event: Event,
+) -> Vec<Update> {
     match event {
+        Event::Put(record) if record.key.kind == Kind::Mapping => mappings.put(&record.key),
+        Event::Delete { key, .. } if key.kind == Kind::Mapping => mappings.delete(&key),
         Event::Put(record) => {
             let (name, body) = resource(&record);
             vec![Update::Put {
@@ -127,7 +153,7 @@ fn updates(writer: &CacheWriter, event: Event) -> Vec<Update> {
             // Replace every (namespace, type) we own, including ones that are now empty.
             let mut sets: BTreeMap<(String, Kind), Vec<(ResourceName, Any)>> = BTreeMap::new();
             let snapshot = writer.reader().snapshot();
-            for kind in Kind::ALL {
+            for kind in RECORD_KINDS {
                 let url = TypeUrl::new(type_url(kind));
                 for (partition, t) in snapshot.keys() {
                     if *t == url && partition.as_str() != GLOBAL_PARTITION {
@@ -135,18 +161,29 @@ fn updates(writer: &CacheWriter, event: Event) -> Vec<Update> {
                     }
                 }
             }
-            for record in &records {
+            for record in records.iter().filter(|r| r.key.kind != Kind::Mapping) {
                 sets.entry((record.key.namespace.clone(), record.key.kind))
                     .or_default()
                     .push(resource(record));
             }
-            sets.into_iter()
+            let mapping_url = TypeUrl::new(pb::SERVICE_MAPPING_TYPE_URL);
+            let mapping_namespaces: Vec<String> = snapshot
+                .keys()
+                .filter(|(partition, t)| {
+                    **t == mapping_url && partition.as_str() != GLOBAL_PARTITION
+                })
+                .map(|(partition, _)| partition.to_string())
+                .collect();
+            let mut updates: Vec<Update> = sets
+                .into_iter()
                 .map(|((namespace, kind), resources)| Update::ReplaceType {
                     partition: Partition::new(namespace),
                     type_url: TypeUrl::new(type_url(kind)),
                     resources,
                 })
-                .collect()
+                .collect();
+            updates.extend(mappings.reset(&records, mapping_namespaces));
+            updates
         }
     }
 }

@@ -30,6 +30,7 @@ where
     watch_starts_with_reset_then_follows(make().await).await;
     refresh_racing_delete_wins(make().await).await;
     concurrent_puts_all_land(make().await).await;
+    mappings_have_one_lease_per_application(make().await).await;
 }
 
 async fn put_get_refresh_update(store: impl Store) {
@@ -255,4 +256,85 @@ async fn concurrent_puts_all_land(store: impl Store) {
             format!("value {i}")
         );
     }
+}
+
+async fn mappings_have_one_lease_per_application(store: impl Store) {
+    // Same names under another kind must not collide with mappings.
+    store
+        .put(&Key::definition("ns", "org.Api/a"), "definition", at(1))
+        .await
+        .unwrap();
+    let a = Key::mapping("ns", "org.Api", "a");
+    let b = Key::mapping("ns", "org.Api", "b");
+    let other = Key::mapping("ns", "org.Api2", "a");
+    let created_a = store.put(&a, "", at(1_000)).await.unwrap();
+    assert!(
+        matches!(created_a, PutOutcome::Created { .. }),
+        "{created_a:?}"
+    );
+    store.put(&b, "", at(1_000)).await.unwrap();
+    store.put(&other, "", at(1_000)).await.unwrap();
+    store
+        .put(&Key::mapping("elsewhere", "org.Api", "c"), "", at(1_000))
+        .await
+        .unwrap();
+    // Re-registering refreshes only that application's lease.
+    let refreshed_b = store.put(&b, "", at(5_000)).await.unwrap();
+    assert!(
+        matches!(refreshed_b, PutOutcome::Refreshed { .. }),
+        "{refreshed_b:?}"
+    );
+    assert_eq!(store.get(&a).await.unwrap().unwrap().refreshed_at_ms, 1_000);
+    assert_eq!(store.get(&b).await.unwrap().unwrap().refreshed_at_ms, 5_000);
+    let query = ListQuery {
+        namespace: Some("ns".into()),
+        name_prefix: "org.Api/".into(),
+        ..ListQuery::all(Kind::Mapping)
+    };
+    let names: Vec<_> = store
+        .list(&query)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            r.key
+                .interface_application()
+                .map(|(i, app)| format!("{i} {app}"))
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![Some("org.Api a".to_string()), Some("org.Api b".to_string())]
+    );
+    // One application expires alone: a conditional delete at its own revision.
+    assert!(store.delete(&a, Some(created_a.revision())).await.unwrap());
+    assert!(store.get(&a).await.unwrap().is_none());
+    assert!(store.get(&b).await.unwrap().is_some());
+    assert_eq!(
+        store
+            .list(&ListQuery::all(Kind::Mapping))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        store
+            .list(&ListQuery::all(Kind::Definition))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut watch = store.watch();
+    let Event::Reset { records, .. } = next(&mut watch).await else {
+        panic!("first event must be a reset");
+    };
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.key.kind == Kind::Mapping)
+            .count(),
+        3
+    );
 }

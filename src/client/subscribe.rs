@@ -1,0 +1,197 @@
+//! The IO loop of a subscription: one ADS stream at a time, Delta first, State of the World
+//! when the server answers `UNIMPLEMENTED`, reconnecting with jittered back-off and resuming
+//! from what the [`Subscription`] holds.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, transport::Channel};
+use tracing::{debug, warn};
+
+use super::{
+    Backoff, Resource,
+    protocol::{Subscription, Update},
+};
+
+/// Which ADS variant a subscription speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Incremental xDS (the default).
+    Delta,
+    /// State of the World.
+    Sotw,
+}
+
+/// How a stream ended.
+enum Ended {
+    /// The consumer dropped the update stream, or the client is gone: stop.
+    Stop,
+    /// The stream failed; `delivered` says whether it got as far as a response.
+    Failed { status: Status, delivered: bool },
+}
+
+pub(super) struct Driver<T> {
+    pub(super) channel: Channel,
+    pub(super) subscription: Subscription<T>,
+    pub(super) variant: Variant,
+    pub(super) backoff: Backoff,
+    pub(super) max_message_bytes: usize,
+    pub(super) updates: mpsc::Sender<Update<T>>,
+    pub(super) shutdown: CancellationToken,
+}
+
+impl<T: Resource> Driver<T> {
+    pub(super) async fn run(mut self) {
+        let mut attempt: u32 = 0;
+        loop {
+            let ended = match self.variant {
+                Variant::Delta => self.delta().await,
+                Variant::Sotw => self.sotw().await,
+            };
+            match ended {
+                Ended::Stop => return,
+                Ended::Failed { status, .. }
+                    if status.code() == Code::Unimplemented && self.variant == Variant::Delta =>
+                {
+                    debug!(
+                        "the server does not speak Delta ADS; falling back to State of the World"
+                    );
+                    self.variant = Variant::Sotw;
+                    continue;
+                }
+                Ended::Failed { status, delivered } => {
+                    if delivered {
+                        attempt = 0;
+                    }
+                    let delay = self.backoff.delay(attempt, fastrand::f64());
+                    attempt = attempt.saturating_add(1);
+                    warn!(code = ?status.code(), message = status.message(), ?delay, "ADS stream ended; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.updates.closed() => return,
+                        () = self.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn client(&self) -> AggregatedDiscoveryServiceClient<Channel> {
+        AggregatedDiscoveryServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(self.max_message_bytes)
+    }
+
+    async fn delta(&mut self) -> Ended {
+        let (tx, rx) = mpsc::channel(4);
+        if tx.send(self.subscription.delta_request()).await.is_err() {
+            return Ended::Stop;
+        }
+        let mut client = self.client();
+        let opened = tokio::select! {
+            opened = client.delta_aggregated_resources(ReceiverStream::new(rx)) => opened,
+            () = self.shutdown.cancelled() => return Ended::Stop,
+        };
+        let mut responses = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return Ended::Failed {
+                    status,
+                    delivered: false,
+                };
+            }
+        };
+        let mut delivered = false;
+        loop {
+            let message = tokio::select! {
+                message = responses.message() => message,
+                () = self.updates.closed() => return Ended::Stop,
+                () = self.shutdown.cancelled() => return Ended::Stop,
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => {
+                    return Ended::Failed {
+                        status: Status::unavailable("the server ended the stream"),
+                        delivered,
+                    };
+                }
+                Err(status) => return Ended::Failed { status, delivered },
+            };
+            delivered = true;
+            let reply = self.subscription.on_delta(&response);
+            if let Some(error) = &reply.rejected {
+                warn!(nonce = response.nonce, error, "NACK");
+            }
+            for update in reply.updates {
+                if self.updates.send(update).await.is_err() {
+                    return Ended::Stop;
+                }
+            }
+            if let Some(request) = reply.request
+                && tx.send(request).await.is_err()
+            {
+                return Ended::Stop;
+            }
+        }
+    }
+
+    async fn sotw(&mut self) -> Ended {
+        let (tx, rx) = mpsc::channel(4);
+        if tx.send(self.subscription.sotw_request()).await.is_err() {
+            return Ended::Stop;
+        }
+        let mut client = self.client();
+        let opened = tokio::select! {
+            opened = client.stream_aggregated_resources(ReceiverStream::new(rx)) => opened,
+            () = self.shutdown.cancelled() => return Ended::Stop,
+        };
+        let mut responses = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return Ended::Failed {
+                    status,
+                    delivered: false,
+                };
+            }
+        };
+        let mut delivered = false;
+        loop {
+            let message = tokio::select! {
+                message = responses.message() => message,
+                () = self.updates.closed() => return Ended::Stop,
+                () = self.shutdown.cancelled() => return Ended::Stop,
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => {
+                    return Ended::Failed {
+                        status: Status::unavailable("the server ended the stream"),
+                        delivered,
+                    };
+                }
+                Err(status) => return Ended::Failed { status, delivered },
+            };
+            delivered = true;
+            let reply = self.subscription.on_sotw(&response);
+            if let Some(error) = &reply.rejected {
+                warn!(nonce = response.nonce, error, "NACK");
+            }
+            for update in reply.updates {
+                if self.updates.send(update).await.is_err() {
+                    return Ended::Stop;
+                }
+            }
+            if let Some(request) = reply.request
+                && tx.send(request).await.is_err()
+            {
+                return Ended::Stop;
+            }
+        }
+    }
+}
+
+/// How long to wait for a first connection before giving up in [`super::Client::connect`].
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
