@@ -6,6 +6,16 @@ pub mod metadata {
     tonic::include_proto!("pixiu.pkg.metadata");
 }
 
+/// `pixiu.api.v1`: Pixiu's xDS model (listeners and clusters carried by ECDS).
+pub mod pixiu_api {
+    tonic::include_proto!("pixiu.api.v1");
+}
+
+/// `dubbo.networking.v1alpha1`: upstream Pixiu's metadata API.
+pub mod dubbo_networking {
+    tonic::include_proto!("dubbo.networking.v1alpha1");
+}
+
 /// The encoded `FileDescriptorSet` of every proto in `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pixiu_descriptor");
 

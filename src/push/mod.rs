@@ -6,6 +6,8 @@
 //! client sees (standard Envoy resources). [`NamespaceResolver`] gives a stream the view
 //! `[its namespace, global]`.
 
+pub mod dir;
+mod doc;
 pub mod envoy;
 
 use std::{collections::BTreeMap, sync::Arc};
