@@ -67,6 +67,8 @@ struct FileState<T> {
 pub struct DirLoader<P: Parser> {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState<P::Item>>,
+    /// Whether the last scan could list the directory.
+    listed: bool,
     parser: PhantomData<fn() -> P>,
 }
 
@@ -76,6 +78,7 @@ impl<P: Parser> DirLoader<P> {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            listed: false,
             parser: PhantomData,
         }
     }
@@ -85,6 +88,12 @@ impl<P: Parser> DirLoader<P> {
         &self.dir
     }
 
+    /// Whether the last scan could list the directory: until it could, the items say
+    /// nothing about what the directory holds.
+    pub fn listed(&self) -> bool {
+        self.listed
+    }
+
     /// Every file's last good items, in path order.
     pub fn files(&self) -> impl Iterator<Item = (&Path, &[P::Item])> {
         self.files
@@ -92,7 +101,8 @@ impl<P: Parser> DirLoader<P> {
             .map(|(path, state)| (path.as_path(), state.items.as_slice()))
     }
 
-    /// Reads the directory again; returns whether the set of items may have changed.
+    /// Reads the directory again; returns whether the set of items may have changed (the
+    /// first scan that lists the directory counts as a change).
     ///
     /// A file that cannot be read or parsed keeps its previous items (logged once per
     /// content); a file that is gone drops them. A directory that cannot be listed keeps
@@ -107,7 +117,8 @@ impl<P: Parser> DirLoader<P> {
             }
         };
         let mut seen = Vec::new();
-        let mut changed = false;
+        let mut changed = !self.listed;
+        self.listed = true;
         for entry in entries.flatten() {
             let path = entry.path();
             let hidden = path

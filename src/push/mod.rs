@@ -9,6 +9,7 @@
 pub mod dir;
 mod doc;
 pub mod envoy;
+pub mod pixiu;
 
 use std::{collections::BTreeMap, sync::Arc};
 
