@@ -29,6 +29,7 @@ use crate::{
 };
 
 pub mod status;
+pub mod upstream;
 
 pub use status::Error;
 

@@ -94,7 +94,11 @@ impl<'a> Obj<'a> {
             .ok_or_else(|| err(&self.sub(key), "missing"))
     }
 
-    pub(crate) fn opt_obj(&self, key: &str, allowed: &[&str]) -> Result<Option<Obj<'a>>, ParseError> {
+    pub(crate) fn opt_obj(
+        &self,
+        key: &str,
+        allowed: &[&str],
+    ) -> Result<Option<Obj<'a>>, ParseError> {
         self.get(key)
             .map(|v| Obj::new(v, &self.sub(key), allowed))
             .transpose()
@@ -203,4 +207,3 @@ impl<'a> Obj<'a> {
         Ok(Some(PbDuration { seconds, nanos }))
     }
 }
-

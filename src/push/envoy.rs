@@ -65,11 +65,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use super::{dir::Format, doc::ParseError};
 use super::{
     GLOBAL_PARTITION,
     doc::{Obj, err},
 };
+pub use super::{dir::Format, doc::ParseError};
 
 /// Type URL of `envoy.config.listener.v3.Listener`.
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -525,35 +525,35 @@ fn lb_endpoint(obj: &Obj<'_>) -> Result<LbEndpoint, ParseError> {
 
 /// The complete new sets of the four types, for one atomic cache batch.
 pub fn updates(loader: &DirLoader) -> Vec<Update> {
-        let mut sets: BTreeMap<&'static str, BTreeMap<&str, (&Path, &Any)>> =
-            TYPE_URLS.iter().map(|t| (*t, BTreeMap::new())).collect();
-        for (path, resources) in loader.files() {
-            for resource in resources {
-                let set = sets.entry(resource.type_url).or_default();
-                match set.get(resource.name.as_str()) {
-                    Some((first, _)) => warn!(
-                        type_url = resource.type_url,
-                        resource.name = resource.name,
-                        file = %path.display(),
-                        first = %first.display(),
-                        "duplicate envoy resource; the first file wins"
-                    ),
-                    None => {
-                        set.insert(&resource.name, (path, &resource.body));
-                    }
+    let mut sets: BTreeMap<&'static str, BTreeMap<&str, (&Path, &Any)>> =
+        TYPE_URLS.iter().map(|t| (*t, BTreeMap::new())).collect();
+    for (path, resources) in loader.files() {
+        for resource in resources {
+            let set = sets.entry(resource.type_url).or_default();
+            match set.get(resource.name.as_str()) {
+                Some((first, _)) => warn!(
+                    type_url = resource.type_url,
+                    resource.name = resource.name,
+                    file = %path.display(),
+                    first = %first.display(),
+                    "duplicate envoy resource; the first file wins"
+                ),
+                None => {
+                    set.insert(&resource.name, (path, &resource.body));
                 }
             }
         }
-        sets.into_iter()
-            .map(|(type_url, set)| Update::ReplaceType {
-                partition: Partition::new(GLOBAL_PARTITION),
-                type_url: TypeUrl::new(type_url),
-                resources: set
-                    .into_iter()
-                    .map(|(name, (_, body))| (ResourceName::new(name), body.clone()))
-                    .collect(),
-            })
-            .collect()
+    }
+    sets.into_iter()
+        .map(|(type_url, set)| Update::ReplaceType {
+            partition: Partition::new(GLOBAL_PARTITION),
+            type_url: TypeUrl::new(type_url),
+            resources: set
+                .into_iter()
+                .map(|(name, (_, body))| (ResourceName::new(name), body.clone()))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Loads `config.config_dir` into the cache once, then spawns the task that follows it until

@@ -120,7 +120,11 @@ pub fn parse(text: &str, format: Format) -> Result<Vec<PixiuItem>, ParseError> {
     if document.is_null() {
         return Ok(Vec::new());
     }
-    let top = Obj::new(&document, "", &["static_resources", "listeners", "clusters"])?;
+    let top = Obj::new(
+        &document,
+        "",
+        &["static_resources", "listeners", "clusters"],
+    )?;
     let resources = match top.opt_obj("static_resources", &["listeners", "clusters"])? {
         Some(inner) => {
             if top.get("listeners").is_some() || top.get("clusters").is_some() {
@@ -142,7 +146,13 @@ pub fn parse(text: &str, format: Format) -> Result<Vec<PixiuItem>, ParseError> {
     }
     for cluster_obj in resources.objs(
         "clusters",
-        &["name", "type", "lb_policy", "eds_cluster_config", "endpoints"],
+        &[
+            "name",
+            "type",
+            "lb_policy",
+            "eds_cluster_config",
+            "endpoints",
+        ],
     )? {
         items.push(PixiuItem::Cluster(cluster(&cluster_obj)?));
     }
@@ -155,12 +165,16 @@ fn listener(obj: &Obj<'_>) -> Result<api::Listener, ParseError> {
         None => api::listener::Protocols::Http,
         Some(_) => {
             let name = obj.string("protocol_type")?;
-            api::listener::Protocols::from_str_name(&name.to_ascii_uppercase()).ok_or_else(|| {
-                err(
-                    &obj.sub("protocol_type"),
-                    format!("unknown protocol {name:?} (HTTP, TCP, UDP, HTTPS, GRPC, HTTP2, TRIPLE)"),
-                )
-            })?
+            api::listener::Protocols::from_str_name(&name.to_ascii_uppercase()).ok_or_else(
+                || {
+                    err(
+                        &obj.sub("protocol_type"),
+                        format!(
+                            "unknown protocol {name:?} (HTTP, TCP, UDP, HTTPS, GRPC, HTTP2, TRIPLE)"
+                        ),
+                    )
+                },
+            )?
         }
     };
     let address = obj.obj("address", &["socket_address", "name"])?;
@@ -197,7 +211,10 @@ fn network_filter(obj: &Obj<'_>) -> Result<api::NetworkFilter, ParseError> {
         None => None,
         Some(Value::Object(map)) => {
             if name == HTTP_CONNECTION_MANAGER {
-                check_routes(obj.get("config").unwrap_or(&Value::Null), &obj.sub("config"))?;
+                check_routes(
+                    obj.get("config").unwrap_or(&Value::Null),
+                    &obj.sub("config"),
+                )?;
             }
             Some(api::network_filter::Config::Struct(to_struct(map)))
         }
@@ -231,7 +248,10 @@ fn check_routes(config: &Value, path: &str) -> Result<(), ParseError> {
 fn socket_address(obj: &Obj<'_>) -> Result<api::SocketAddress, ParseError> {
     let address = obj.string("address")?;
     if address.trim().is_empty() || address.trim() != address {
-        return Err(err(&obj.sub("address"), "a host is required (without spaces)"));
+        return Err(err(
+            &obj.sub("address"),
+            "a host is required (without spaces)",
+        ));
     }
     let port = obj.u32("port")?;
     if !(1..=65535).contains(&port) {
@@ -260,7 +280,10 @@ fn one_of(obj: &Obj<'_>, key: &str, allowed: &[&str]) -> Result<String, ParseErr
 fn cluster(obj: &Obj<'_>) -> Result<api::Cluster, ParseError> {
     let name = obj.string("name")?;
     if name.trim().is_empty() || name.trim() != name {
-        return Err(err(&obj.sub("name"), "a cluster needs a name (without surrounding spaces)"));
+        return Err(err(
+            &obj.sub("name"),
+            "a cluster needs a name (without surrounding spaces)",
+        ));
     }
     let mut type_str = one_of(obj, "type", &DISCOVERY_TYPES)?;
     if type_str.is_empty() {
@@ -309,7 +332,10 @@ fn cluster(obj: &Obj<'_>) -> Result<api::Cluster, ParseError> {
                     .iter()
                     .map(|(k, v)| {
                         scalar(v).map(|v| (k.clone(), v)).ok_or_else(|| {
-                            err(&format!("{}.{k}", endpoint.sub("meta")), "expected a string")
+                            err(
+                                &format!("{}.{k}", endpoint.sub("meta")),
+                                "expected a string",
+                            )
                         })
                     })
                     .collect::<Result<_, _>>()?,
@@ -339,18 +365,29 @@ fn eds_cluster_config(obj: &Obj<'_>) -> Result<api::EdsClusterConfig, ParseError
     let source = obj.obj("eds_config", &["path", "api_config_source"])?;
     let api_source = source.obj(
         "api_config_source",
-        &["api_type", "cluster_name", "refresh_delay", "request_timeout"],
+        &[
+            "api_type",
+            "cluster_name",
+            "refresh_delay",
+            "request_timeout",
+        ],
     )?;
     let api_type = api_source.string("api_type")?;
     if !API_TYPES.contains(&api_type.as_str()) {
         return Err(err(
             &api_source.sub("api_type"),
-            format!("unknown api_type {api_type:?} (one of {})", API_TYPES.join(", ")),
+            format!(
+                "unknown api_type {api_type:?} (one of {})",
+                API_TYPES.join(", ")
+            ),
         ));
     }
     let cluster_name = api_source.strings("cluster_name")?;
     if cluster_name.is_empty() || cluster_name.iter().any(|c| c.trim().is_empty()) {
-        return Err(err(&api_source.sub("cluster_name"), "name at least one cluster"));
+        return Err(err(
+            &api_source.sub("cluster_name"),
+            "name at least one cluster",
+        ));
     }
     Ok(api::EdsClusterConfig {
         eds_config: Some(api::ConfigSource {
@@ -403,8 +440,8 @@ fn listener_key(listener: &api::Listener) -> String {
         .address
         .as_ref()
         .and_then(|a| a.socket_address.as_ref());
-    let protocol = api::listener::Protocols::try_from(listener.protocol)
-        .map_or("HTTP", |p| p.as_str_name());
+    let protocol =
+        api::listener::Protocols::try_from(listener.protocol).map_or("HTTP", |p| p.as_str_name());
     match socket {
         Some(s) => format!("{}-{}-{protocol}", s.address, s.port),
         None => format!("?-?-{protocol}"),
@@ -467,8 +504,16 @@ pub fn resources<'a>(items: impl Iterator<Item = &'a PixiuItem>) -> [(ResourceNa
         )
     };
     [
-        pack(LISTENER_RESOURCE, LISTENERS_TYPE_URL, listeners.encode_to_vec()),
-        pack(CLUSTER_RESOURCE, CLUSTERS_TYPE_URL, clusters.encode_to_vec()),
+        pack(
+            LISTENER_RESOURCE,
+            LISTENERS_TYPE_URL,
+            listeners.encode_to_vec(),
+        ),
+        pack(
+            CLUSTER_RESOURCE,
+            CLUSTERS_TYPE_URL,
+            clusters.encode_to_vec(),
+        ),
     ]
 }
 

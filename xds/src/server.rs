@@ -481,7 +481,10 @@ async fn run<M: Machine>(
     });
     let quirks = inner.resolver.quirks(M::node(&first));
     if quirks != Quirks::default() {
-        debug!(?quirks, "stream deviates from the protocol's general rules for this client");
+        debug!(
+            ?quirks,
+            "stream deviates from the protocol's general rules for this client"
+        );
     }
     let mut machine = M::start(view, format!("{stream_id:x}"), inner.config.limits, quirks);
     // Subscribe before reading the snapshot, so no change slips between the two.

@@ -146,14 +146,11 @@ impl SotwStream {
             }
         } else if subscription_changed {
             let nonces = &mut self.nonces;
-            if let Some(response) = refresh(
-                snapshot,
-                &self.view,
-                &type_url,
-                state,
-                &self.quirks,
-                || nonces.next(),
-            ) {
+            if let Some(response) =
+                refresh(snapshot, &self.view, &type_url, state, &self.quirks, || {
+                    nonces.next()
+                })
+            {
                 step.responses.push(response);
             }
         }
@@ -180,14 +177,11 @@ impl SotwStream {
             }
             state.seen_generation = generation;
             let nonces = &mut self.nonces;
-            if let Some(response) = refresh(
-                snapshot,
-                &self.view,
-                &type_url,
-                state,
-                &self.quirks,
-                || nonces.next(),
-            ) {
+            if let Some(response) =
+                refresh(snapshot, &self.view, &type_url, state, &self.quirks, || {
+                    nonces.next()
+                })
+            {
                 step.responses.push(response);
             }
         }
