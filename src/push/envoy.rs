@@ -61,7 +61,7 @@ use envoy_types::pb::{
 };
 use pixiu_xds::{CacheWriter, Partition, ResourceName, TypeUrl, Update};
 use prost::Message;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -192,12 +192,14 @@ fn resource(value: &Value, path: &str) -> Result<EnvoyResource, ParseError> {
             (ROUTE_TYPE_URL, route.name.clone(), route.encode_to_vec())
         }
         CLUSTER_TYPE_URL => {
-            let cluster = cluster(value, path)?;
-            (
-                CLUSTER_TYPE_URL,
-                cluster.name.clone(),
-                cluster.encode_to_vec(),
-            )
+            let (cluster, metadata) = cluster(value, path)?;
+            let mut bytes = cluster.encode_to_vec();
+            // Fields may come in any order on the wire: the metadata, encoded from ordered
+            // maps, is appended so the bytes (and the version) do not depend on hash order.
+            if let Some(metadata) = metadata {
+                prost::encoding::message::encode(CLUSTER_METADATA_TAG, &metadata, &mut bytes);
+            }
+            (CLUSTER_TYPE_URL, cluster.name.clone(), bytes)
         }
         ENDPOINT_TYPE_URL => {
             let cla = cluster_load_assignment(value, path)?;
@@ -395,7 +397,73 @@ fn route_entry(obj: &Obj<'_>) -> Result<Route, ParseError> {
     })
 }
 
-fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
+/// The field number of `Cluster.metadata`.
+const CLUSTER_METADATA_TAG: u32 = 25;
+
+/// `envoy.config.core.v3.Metadata` with ordered maps, so that it encodes deterministically
+/// (envoy-types' own uses hash maps).
+#[derive(Clone, PartialEq, prost::Message)]
+struct OrderedMetadata {
+    #[prost(btree_map = "string, message", tag = "1")]
+    filter_metadata: BTreeMap<String, prost_types::Struct>,
+}
+
+/// `metadata: {filter_metadata: {...}}` of a cluster. When set, it must name the cluster's
+/// service as `filter_metadata.istio.services[0].name`, where Pixiu's `ISTIO` mode reads it
+/// without checking (`readServiceNameOfCluster` in dubbo-go-pixiu's `grpc_envoy.go`).
+fn cluster_metadata(obj: &Obj<'_>) -> Result<OrderedMetadata, ParseError> {
+    let filters = obj.obj("filter_metadata", &[])?;
+    let Value::Object(map) = filters.value else {
+        return Err(err(&filters.path, "expected an object"));
+    };
+    let service_name = map
+        .get("istio")
+        .and_then(|istio| istio.get("services"))
+        .and_then(Value::as_array)
+        .and_then(|services| services.first())
+        .and_then(|service| service.get("name"))
+        .and_then(Value::as_str);
+    if service_name.is_none_or(str::is_empty) {
+        return Err(err(
+            &filters.path,
+            "cluster metadata needs istio.services[0].name (Pixiu's ISTIO mode reads it)",
+        ));
+    }
+    let filter_metadata = map
+        .iter()
+        .map(|(name, value)| match value {
+            Value::Object(fields) => Ok((name.clone(), json_struct(fields))),
+            _ => Err(err(&format!("{}.{name}", filters.path), "expected an object")),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(OrderedMetadata { filter_metadata })
+}
+
+fn json_struct(map: &Map<String, Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_value(v)))
+            .collect(),
+    }
+}
+
+fn json_value(value: &Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(json_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn cluster(value: &Value, path: &str) -> Result<(Cluster, Option<OrderedMetadata>), ParseError> {
     let obj = Obj::new(
         value,
         path,
@@ -406,8 +474,13 @@ fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
             "eds_cluster_config",
             "lb_policy",
             "connect_timeout",
+            "metadata",
         ],
     )?;
+    let metadata = obj
+        .opt_obj("metadata", &["filter_metadata"])?
+        .map(|m| cluster_metadata(&m))
+        .transpose()?;
     let eds_cluster_config = obj
         .opt_obj("eds_cluster_config", &["service_name", "eds_config"])?
         .map(|eds| -> Result<EdsClusterConfig, ParseError> {
@@ -422,14 +495,15 @@ fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
         .map(|_| obj.enumeration("type", DiscoveryType::from_str_name))
         .transpose()?
         .map(ClusterDiscoveryType::Type);
-    Ok(Cluster {
+    let cluster = Cluster {
         name: obj.string("name")?,
         cluster_discovery_type: discovery_type,
         eds_cluster_config,
         lb_policy: obj.enumeration("lb_policy", LbPolicy::from_str_name)?,
         connect_timeout: obj.duration("connect_timeout")?,
         ..Default::default()
-    })
+    };
+    Ok((cluster, metadata))
 }
 
 fn config_source(obj: &Obj<'_>) -> Result<ConfigSource, ParseError> {
@@ -481,7 +555,14 @@ fn cluster_load_assignment(value: &Value, path: &str) -> Result<ClusterLoadAssig
                 )?
                 .into_iter()
                 .map(|lb| lb_endpoint(&lb))
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
+            // Pixiu's ISTIO mode reads `lb_endpoints[0]` of every locality unchecked.
+            if lb_endpoints.is_empty() {
+                return Err(err(
+                    &group.sub("lb_endpoints"),
+                    "a locality needs at least one endpoint",
+                ));
+            }
             Ok(LocalityLbEndpoints {
                 locality,
                 lb_endpoints,
@@ -679,6 +760,45 @@ resources:
             cla.endpoints[0].load_balancing_weight,
             Some(UInt32Value { value: 1 })
         );
+    }
+
+    #[test]
+    fn cluster_metadata_names_the_istio_service_and_encodes_stably() {
+        let yaml = r#"
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|20000||app.default.svc.cluster.local
+  type: EDS
+  eds_cluster_config: { eds_config: { ads: {} } }
+  metadata:
+    filter_metadata:
+      istio:
+        services: [ { name: app, namespace: default, host: app.default.svc.cluster.local } ]
+      other: { b: 1, a: [x, y] }
+"#;
+        let first = parse(yaml, Format::Yaml).unwrap();
+        for _ in 0..5 {
+            assert_eq!(parse(yaml, Format::Yaml).unwrap(), first, "same bytes every time");
+        }
+        let cluster = Cluster::decode(first[0].body.value.as_slice()).unwrap();
+        let metadata = cluster.metadata.unwrap();
+        let services = &metadata.filter_metadata["istio"].fields["services"];
+        let Some(envoy_types::pb::google::protobuf::value::Kind::ListValue(list)) = &services.kind
+        else {
+            panic!("a list");
+        };
+        assert_eq!(list.values.len(), 1);
+        let no_istio = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "metadata": {"filter_metadata": {"envoy.lb": {}}}}"#;
+        assert!(parse(no_istio, Format::Json).is_err());
+        let no_services = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "metadata": {"filter_metadata": {"istio": {"services": []}}}}"#;
+        assert!(parse(no_services, Format::Json).is_err());
+    }
+
+    #[test]
+    fn a_locality_without_endpoints_is_refused() {
+        let json = r#"{"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                       "cluster_name": "c", "endpoints": [{"locality": {"zone": "a"}, "lb_endpoints": []}]}"#;
+        let error = parse(json, Format::Json).unwrap_err();
+        assert_eq!(error.path, "endpoints[0].lb_endpoints");
     }
 
     #[test]
