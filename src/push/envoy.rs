@@ -433,7 +433,10 @@ fn cluster_metadata(obj: &Obj<'_>) -> Result<OrderedMetadata, ParseError> {
         .iter()
         .map(|(name, value)| match value {
             Value::Object(fields) => Ok((name.clone(), json_struct(fields))),
-            _ => Err(err(&format!("{}.{name}", filters.path), "expected an object")),
+            _ => Err(err(
+                &format!("{}.{name}", filters.path),
+                "expected an object",
+            )),
         })
         .collect::<Result<_, _>>()?;
     Ok(OrderedMetadata { filter_metadata })
@@ -777,7 +780,11 @@ resources:
 "#;
         let first = parse(yaml, Format::Yaml).unwrap();
         for _ in 0..5 {
-            assert_eq!(parse(yaml, Format::Yaml).unwrap(), first, "same bytes every time");
+            assert_eq!(
+                parse(yaml, Format::Yaml).unwrap(),
+                first,
+                "same bytes every time"
+            );
         }
         let cluster = Cluster::decode(first[0].body.value.as_slice()).unwrap();
         let metadata = cluster.metadata.unwrap();

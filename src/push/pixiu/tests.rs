@@ -117,7 +117,7 @@ fn what_pixiu_cannot_take_is_refused_with_its_path() {
     let address = "address: { socket_address: { address: 0.0.0.0, port: 80 } }";
     assert_eq!(refused(&listener(chain)).path, "listeners[0].address");
     assert_eq!(
-        refused(&listener(&format!("{address}"))).path,
+        refused(&listener(address)).path,
         "listeners[0].filter_chains"
     );
     let e = refused(&listener(&format!(
