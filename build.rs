@@ -6,8 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/pixiu/pkg/metadata/metadata.proto",
         "proto/pixiu/pkg/metadata/mapping.proto",
         "proto/dubbo/networking/v1alpha1/service_name_mapping.proto",
+        "proto/pixiu/api/v1/extension.proto",
+        "proto/dubbo/networking/v1alpha1/service_metadata.proto",
     ];
     tonic_prost_build::configure()
+        // Ordered maps encode deterministically, so versions hashed from the bytes are stable.
+        .btree_map(".pixiu.api.v1")
         .file_descriptor_set_path(out_dir.join("pixiu_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     for proto in protos {

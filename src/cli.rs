@@ -148,6 +148,10 @@ pub struct ServeArgs {
     /// ClusterLoadAssignment resources, served to every xDS client and watched for changes.
     #[arg(long, env = "PIXIU_METADATA_ENVOY_CONFIG_DIR")]
     pub envoy_config_dir: Option<PathBuf>,
+    /// Directory of Pixiu-style YAML/JSON files with listeners and clusters, served to Pixiu
+    /// data planes over ECDS and watched for changes.
+    #[arg(long, env = "PIXIU_METADATA_PIXIU_CONFIG_DIR")]
+    pub pixiu_config_dir: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -174,6 +178,7 @@ impl ServeArgs {
         }
         config.lease.ttl = self.metadata_ttl;
         config.envoy.config_dir = self.envoy_config_dir.clone();
+        config.pixiu.config_dir = self.pixiu_config_dir.clone();
         Ok(config)
     }
 }

@@ -24,6 +24,8 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// Standard Envoy resources from a watched directory.
     pub envoy: crate::push::envoy::EnvoyConfig,
+    /// Pixiu listeners and clusters (served over ECDS) from a watched directory.
+    pub pixiu: crate::push::pixiu::PixiuConfig,
 }
 
 /// Record leases: a record not re-published within `ttl` is deleted.
@@ -108,6 +110,7 @@ impl Default for Config {
                 ttl: Duration::from_secs(24 * 60 * 60),
             },
             envoy: crate::push::envoy::EnvoyConfig::default(),
+            pixiu: crate::push::pixiu::PixiuConfig::default(),
         }
     }
 }

@@ -18,7 +18,9 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod clients;
 pub mod config;
+pub mod ecds;
 pub mod lease;
 pub mod metrics;
 pub mod model;
@@ -114,6 +116,7 @@ pub async fn serve(
     let (cache, writer) = pixiu_xds::cache();
     // Envoy resources are in the cache before ADS serves, like the store's first state.
     let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
+    let pixiu_task = push::pixiu::start(&config.pixiu, writer.clone(), shutdown.clone());
     let (warmed_tx, mut warmed) = watch::channel(false);
     let push_task = tokio::spawn(push::run(
         store.clone(),
@@ -158,7 +161,9 @@ pub async fn serve(
     let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone());
     let ads = pixiu_xds::AdsServer::new(
         cache,
-        Arc::new(push::NamespaceResolver::new(&config.api.default_namespace)),
+        Arc::new(clients::WithQuirks(push::NamespaceResolver::new(
+            &config.api.default_namespace,
+        ))),
         registry,
         config.xds.clone(),
         shutdown.clone(),
@@ -167,6 +172,7 @@ pub async fn serve(
         metrics::XdsObserver(metrics.clone()),
         pushes,
     ));
+    let ecds = ecds::EcdsService::new(&ads);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::metadata::metadata_service_server::MetadataServiceServer<api::Api>>()
@@ -196,6 +202,8 @@ pub async fn serve(
         .add_service(api.mapping_service())
         .add_service(api.upstream_mapping_service())
         .add_service(ads.into_service())
+        .add_service(ecds.into_service())
+        .add_service(api.upstream_metadata_service())
         .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)
@@ -233,6 +241,9 @@ pub async fn serve(
     }
     if let Some(envoy_task) = envoy_task {
         let _ = envoy_task.await;
+    }
+    if let Some(pixiu_task) = pixiu_task {
+        let _ = pixiu_task.await;
     }
     let _ = sweeper.await;
     info!("stopped");

@@ -6,7 +6,12 @@ pub mod metadata {
     tonic::include_proto!("pixiu.pkg.metadata");
 }
 
-/// `dubbo.networking.v1alpha1`: upstream Pixiu's service-name mapping API.
+/// `pixiu.api.v1`: Pixiu's xDS model (listeners and clusters carried by ECDS).
+pub mod pixiu_api {
+    tonic::include_proto!("pixiu.api.v1");
+}
+
+/// `dubbo.networking.v1alpha1`: upstream Pixiu's metadata and service-name mapping APIs.
 pub mod dubbo_networking {
     tonic::include_proto!("dubbo.networking.v1alpha1");
 }

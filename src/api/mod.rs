@@ -31,6 +31,7 @@ use crate::{
 pub mod mapping;
 pub mod status;
 mod watch;
+pub mod upstream;
 
 pub use status::Error;
 

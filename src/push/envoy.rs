@@ -12,17 +12,12 @@
 //! mapping is explicit and covers the fields listed in `docs/protocol.md`; any other field is
 //! an error naming its path, never silently dropped.
 //!
-//! Watching is polling: every [`EnvoyConfig::poll_interval`] the directory is listed and each
-//! file's bytes hashed; a file whose hash changed is parsed again. Polling needs no inotify
-//! (containers and network filesystems often lack it), sees a file replaced by `rename`, and
-//! costs a read of a few small files per second. A file that fails to read or parse is logged
-//! and keeps its previous good resources; a deleted file drops its resources. After a scan
+//! The directory is watched by [`super::dir`] (polling every [`EnvoyConfig::poll_interval`];
+//! a file that fails to read or parse keeps its previous good resources). After a scan
 //! that changed anything, the four types are replaced together in one cache batch
 //! ([`Update::ReplaceType`]), so a client never sees a listener without its route.
-//!
-//! Hidden files (starting with `.`) are skipped, so editors' and `rename`-based writers'
-//! temporary files are not read half-written. When two files define the same type and name,
-//! the first file in path order wins and the clash is logged.
+//! When two files define the same type and name, the first file in path order wins and the
+//! clash is logged.
 
 use std::{
     collections::BTreeMap,
@@ -62,15 +57,19 @@ use envoy_types::pb::{
             },
         },
     },
-    google::protobuf::{Any, Duration as PbDuration, UInt32Value},
+    google::protobuf::Any,
 };
 use pixiu_xds::{CacheWriter, Partition, ResourceName, TypeUrl, Update};
 use prost::Message;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::GLOBAL_PARTITION;
+use super::{
+    GLOBAL_PARTITION,
+    doc::{Obj, err},
+};
+pub use super::{dir::Format, doc::ParseError};
 
 /// Type URL of `envoy.config.listener.v3.Listener`.
 pub const LISTENER_TYPE_URL: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -113,16 +112,6 @@ impl Default for EnvoyConfig {
     }
 }
 
-/// A file's content that is not a valid set of supported resources.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct ParseError {
-    /// Where in the document, e.g. `resources[0].virtual_hosts[1].routes`.
-    pub path: String,
-    /// What is wrong there.
-    pub message: String,
-}
-
 /// One parsed resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnvoyResource {
@@ -134,25 +123,20 @@ pub struct EnvoyResource {
     pub body: Any,
 }
 
-/// The format of a file, from its extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// `.yaml` or `.yml`.
-    Yaml,
-    /// `.json`.
-    Json,
-}
+/// The parser of Envoy resource files.
+#[derive(Debug)]
+pub struct EnvoyParser;
 
-impl Format {
-    /// The format of `path`, or `None` for files this module does not read.
-    pub fn of(path: &Path) -> Option<Self> {
-        match path.extension()?.to_str()? {
-            "yaml" | "yml" => Some(Format::Yaml),
-            "json" => Some(Format::Json),
-            _ => None,
-        }
+impl super::dir::Parser for EnvoyParser {
+    type Item = EnvoyResource;
+    const KIND: &'static str = "envoy";
+    fn parse(text: &str, format: Format) -> Result<Vec<EnvoyResource>, ParseError> {
+        parse(text, format)
     }
 }
+
+/// The Envoy resources of a directory, file by file.
+pub type DirLoader = super::dir::DirLoader<EnvoyParser>;
 
 /// Parses the resources of one file.
 pub fn parse(text: &str, format: Format) -> Result<Vec<EnvoyResource>, ParseError> {
@@ -208,12 +192,14 @@ fn resource(value: &Value, path: &str) -> Result<EnvoyResource, ParseError> {
             (ROUTE_TYPE_URL, route.name.clone(), route.encode_to_vec())
         }
         CLUSTER_TYPE_URL => {
-            let cluster = cluster(value, path)?;
-            (
-                CLUSTER_TYPE_URL,
-                cluster.name.clone(),
-                cluster.encode_to_vec(),
-            )
+            let (cluster, metadata) = cluster(value, path)?;
+            let mut bytes = cluster.encode_to_vec();
+            // Fields may come in any order on the wire: the metadata, encoded from ordered
+            // maps, is appended so the bytes (and the version) do not depend on hash order.
+            if let Some(metadata) = metadata {
+                prost::encoding::message::encode(CLUSTER_METADATA_TAG, &metadata, &mut bytes);
+            }
+            (CLUSTER_TYPE_URL, cluster.name.clone(), bytes)
         }
         ENDPOINT_TYPE_URL => {
             let cla = cluster_load_assignment(value, path)?;
@@ -411,7 +397,76 @@ fn route_entry(obj: &Obj<'_>) -> Result<Route, ParseError> {
     })
 }
 
-fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
+/// The field number of `Cluster.metadata`.
+const CLUSTER_METADATA_TAG: u32 = 25;
+
+/// `envoy.config.core.v3.Metadata` with ordered maps, so that it encodes deterministically
+/// (envoy-types' own uses hash maps).
+#[derive(Clone, PartialEq, prost::Message)]
+struct OrderedMetadata {
+    #[prost(btree_map = "string, message", tag = "1")]
+    filter_metadata: BTreeMap<String, prost_types::Struct>,
+}
+
+/// `metadata: {filter_metadata: {...}}` of a cluster. When set, it must name the cluster's
+/// service as `filter_metadata.istio.services[0].name`, where Pixiu's `ISTIO` mode reads it
+/// without checking (`readServiceNameOfCluster` in dubbo-go-pixiu's `grpc_envoy.go`).
+fn cluster_metadata(obj: &Obj<'_>) -> Result<OrderedMetadata, ParseError> {
+    let filters = obj.obj("filter_metadata", &[])?;
+    let Value::Object(map) = filters.value else {
+        return Err(err(&filters.path, "expected an object"));
+    };
+    let service_name = map
+        .get("istio")
+        .and_then(|istio| istio.get("services"))
+        .and_then(Value::as_array)
+        .and_then(|services| services.first())
+        .and_then(|service| service.get("name"))
+        .and_then(Value::as_str);
+    if service_name.is_none_or(str::is_empty) {
+        return Err(err(
+            &filters.path,
+            "cluster metadata needs istio.services[0].name (Pixiu's ISTIO mode reads it)",
+        ));
+    }
+    let filter_metadata = map
+        .iter()
+        .map(|(name, value)| match value {
+            Value::Object(fields) => Ok((name.clone(), json_struct(fields))),
+            _ => Err(err(
+                &format!("{}.{name}", filters.path),
+                "expected an object",
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(OrderedMetadata { filter_metadata })
+}
+
+fn json_struct(map: &Map<String, Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_value(v)))
+            .collect(),
+    }
+}
+
+fn json_value(value: &Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(json_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn cluster(value: &Value, path: &str) -> Result<(Cluster, Option<OrderedMetadata>), ParseError> {
     let obj = Obj::new(
         value,
         path,
@@ -422,8 +477,13 @@ fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
             "eds_cluster_config",
             "lb_policy",
             "connect_timeout",
+            "metadata",
         ],
     )?;
+    let metadata = obj
+        .opt_obj("metadata", &["filter_metadata"])?
+        .map(|m| cluster_metadata(&m))
+        .transpose()?;
     let eds_cluster_config = obj
         .opt_obj("eds_cluster_config", &["service_name", "eds_config"])?
         .map(|eds| -> Result<EdsClusterConfig, ParseError> {
@@ -438,14 +498,15 @@ fn cluster(value: &Value, path: &str) -> Result<Cluster, ParseError> {
         .map(|_| obj.enumeration("type", DiscoveryType::from_str_name))
         .transpose()?
         .map(ClusterDiscoveryType::Type);
-    Ok(Cluster {
+    let cluster = Cluster {
         name: obj.string("name")?,
         cluster_discovery_type: discovery_type,
         eds_cluster_config,
         lb_policy: obj.enumeration("lb_policy", LbPolicy::from_str_name)?,
         connect_timeout: obj.duration("connect_timeout")?,
         ..Default::default()
-    })
+    };
+    Ok((cluster, metadata))
 }
 
 fn config_source(obj: &Obj<'_>) -> Result<ConfigSource, ParseError> {
@@ -497,7 +558,14 @@ fn cluster_load_assignment(value: &Value, path: &str) -> Result<ClusterLoadAssig
                 )?
                 .into_iter()
                 .map(|lb| lb_endpoint(&lb))
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
+            // Pixiu's ISTIO mode reads `lb_endpoints[0]` of every locality unchecked.
+            if lb_endpoints.is_empty() {
+                return Err(err(
+                    &group.sub("lb_endpoints"),
+                    "a locality needs at least one endpoint",
+                ));
+            }
             Ok(LocalityLbEndpoints {
                 locality,
                 lb_endpoints,
@@ -537,313 +605,39 @@ fn lb_endpoint(obj: &Obj<'_>) -> Result<LbEndpoint, ParseError> {
     })
 }
 
-fn err(path: &str, message: impl std::fmt::Display) -> ParseError {
-    ParseError {
-        path: if path.is_empty() {
-            "(document)".to_string()
-        } else {
-            path.to_string()
-        },
-        message: message.to_string(),
-    }
-}
-
-/// An object being read, with its path for error messages. Unknown keys are refused when it
-/// is made; each accessor reads one key, absent meaning the protobuf default.
-struct Obj<'a> {
-    value: &'a Value,
-    map: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    /// `value` as an object whose keys are all in `allowed` (an empty `allowed` accepts any
-    /// key: the caller checks again with the real list).
-    fn new(value: &'a Value, path: &str, allowed: &[&str]) -> Result<Self, ParseError> {
-        let map = match value {
-            Value::Object(map) => map,
-            _ => return Err(err(path, "expected an object")),
-        };
-        if let Some(key) = map
-            .keys()
-            .find(|k| !allowed.is_empty() && !allowed.contains(&k.as_str()))
-        {
-            return Err(err(
-                path,
-                format!(
-                    "unsupported field {key:?} (supported: {})",
-                    allowed.join(", ")
-                ),
-            ));
-        }
-        Ok(Self {
-            value,
-            map,
-            path: path.to_string(),
-        })
-    }
-
-    fn sub(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn expect_type(&self, type_url: &str) -> Result<(), ParseError> {
-        match self.get("@type").and_then(Value::as_str) {
-            Some(t) if t == type_url => Ok(()),
-            Some(t) => Err(err(
-                &self.path,
-                format!("\"@type\" must be {type_url}, not {t}"),
-            )),
-            None => Err(err(&self.path, format!("missing \"@type\": {type_url}"))),
-        }
-    }
-
-    fn obj(&self, key: &str, allowed: &[&str]) -> Result<Obj<'a>, ParseError> {
-        self.opt_obj(key, allowed)?
-            .ok_or_else(|| err(&self.sub(key), "missing"))
-    }
-
-    fn opt_obj(&self, key: &str, allowed: &[&str]) -> Result<Option<Obj<'a>>, ParseError> {
-        self.get(key)
-            .map(|v| Obj::new(v, &self.sub(key), allowed))
-            .transpose()
-    }
-
-    fn list(&self, key: &str) -> Result<Vec<&'a Value>, ParseError> {
-        match self.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => Ok(items.iter().collect()),
-            Some(_) => Err(err(&self.sub(key), "expected a list")),
-        }
-    }
-
-    fn objs(&self, key: &str, allowed: &[&str]) -> Result<Vec<Obj<'a>>, ParseError> {
-        self.list(key)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| Obj::new(v, &format!("{}[{i}]", self.sub(key)), allowed))
-            .collect()
-    }
-
-    fn string(&self, key: &str) -> Result<String, ParseError> {
-        match self.get(key) {
-            None => Ok(String::new()),
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(_) => Err(err(&self.sub(key), "expected a string")),
-        }
-    }
-
-    fn strings(&self, key: &str) -> Result<Vec<String>, ParseError> {
-        self.list(key)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) => Ok(s.clone()),
-                _ => Err(err(&format!("{}[{i}]", self.sub(key)), "expected a string")),
-            })
-            .collect()
-    }
-
-    fn bool(&self, key: &str) -> Result<bool, ParseError> {
-        match self.get(key) {
-            None => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(err(&self.sub(key), "expected true or false")),
-        }
-    }
-
-    /// A `uint32`, given as a number or (protobuf JSON) a decimal string.
-    fn u32(&self, key: &str) -> Result<u32, ParseError> {
-        let bad = || err(&self.sub(key), "expected an integer from 0 to 4294967295");
-        match self.get(key) {
-            None => Ok(0),
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(bad),
-            Some(Value::String(s)) => s.parse().map_err(|_| bad()),
-            Some(_) => Err(bad()),
-        }
-    }
-
-    fn uint32_value(&self, key: &str) -> Result<Option<UInt32Value>, ParseError> {
-        self.get(key)
-            .map(|_| self.u32(key).map(|value| UInt32Value { value }))
-            .transpose()
-    }
-
-    /// An enum by its protobuf name (`ROUND_ROBIN`), or 0 when absent.
-    fn enumeration<E: Into<i32>>(
-        &self,
-        key: &str,
-        from_name: fn(&str) -> Option<E>,
-    ) -> Result<i32, ParseError> {
-        match self.get(key) {
-            None => Ok(0),
-            Some(Value::String(s)) => from_name(s)
-                .map(Into::into)
-                .ok_or_else(|| err(&self.sub(key), format!("unknown value {s:?}"))),
-            Some(_) => Err(err(&self.sub(key), "expected an enum value name")),
-        }
-    }
-
-    /// A duration in protobuf JSON form: decimal seconds with an `s` suffix (`"0.25s"`).
-    fn duration(&self, key: &str) -> Result<Option<PbDuration>, ParseError> {
-        let Some(value) = self.get(key) else {
-            return Ok(None);
-        };
-        let bad = || err(&self.sub(key), "expected a duration like \"1.5s\"");
-        let text = value.as_str().ok_or_else(bad)?;
-        let digits = text.strip_suffix('s').ok_or_else(bad)?;
-        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-        if whole.is_empty()
-            || !whole.bytes().all(|b| b.is_ascii_digit())
-            || fraction.len() > 9
-            || !fraction.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(bad());
-        }
-        let seconds: i64 = whole.parse().map_err(|_| bad())?;
-        let nanos: i32 = if fraction.is_empty() {
-            0
-        } else {
-            format!("{fraction:0<9}").parse().map_err(|_| bad())?
-        };
-        Ok(Some(PbDuration { seconds, nanos }))
-    }
-}
-
 // === the watched directory ===
 
-/// One file's last good content.
-#[derive(Debug)]
-struct FileState {
-    /// Hash of the bytes last read, good or bad, so a bad file is reported once.
-    hash: u128,
-    /// The resources of the last content that parsed.
-    resources: Vec<EnvoyResource>,
-}
-
-/// The resources of a directory, file by file, with what was last read from each.
-#[derive(Debug)]
-pub struct DirLoader {
-    dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
-}
-
-impl DirLoader {
-    /// A loader of `dir` that has read nothing yet.
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self {
-            dir: dir.into(),
-            files: BTreeMap::new(),
+/// The complete new sets of the four types, for one atomic cache batch.
+pub fn updates(loader: &DirLoader) -> Vec<Update> {
+    let mut sets: BTreeMap<&'static str, BTreeMap<&str, (&Path, &Any)>> =
+        TYPE_URLS.iter().map(|t| (*t, BTreeMap::new())).collect();
+    for (path, resources) in loader.files() {
+        for resource in resources {
+            let set = sets.entry(resource.type_url).or_default();
+            match set.get(resource.name.as_str()) {
+                Some((first, _)) => warn!(
+                    type_url = resource.type_url,
+                    resource.name = resource.name,
+                    file = %path.display(),
+                    first = %first.display(),
+                    "duplicate envoy resource; the first file wins"
+                ),
+                None => {
+                    set.insert(&resource.name, (path, &resource.body));
+                }
+            }
         }
     }
-
-    /// Reads the directory again; returns whether the set of resources may have changed.
-    ///
-    /// A file that cannot be read or parsed keeps its previous resources (logged once per
-    /// content); a file that is gone drops them. A directory that cannot be listed keeps
-    /// everything (logged).
-    pub fn scan(&mut self) -> bool {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(error) => {
-                warn!(dir = %self.dir.display(), %error, "cannot list the envoy config directory");
-                return false;
-            }
-        };
-        let mut seen = Vec::new();
-        let mut changed = false;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let hidden = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_none_or(|n| n.starts_with('.'));
-            let Some(format) = Format::of(&path).filter(|_| !hidden && path.is_file()) else {
-                continue;
-            };
-            seen.push(path.clone());
-            let bytes = match std::fs::read(&path) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    warn!(file = %path.display(), %error, "cannot read envoy config file; keeping its previous resources");
-                    continue;
-                }
-            };
-            let hash = xxhash_rust::xxh3::xxh3_128(&bytes);
-            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
-                continue;
-            }
-            let parsed = std::str::from_utf8(&bytes)
-                .map_err(|e| err("", e))
-                .and_then(|text| parse(text, format));
-            match parsed {
-                Ok(resources) => {
-                    info!(file = %path.display(), n_resources = resources.len(), "envoy config file loaded");
-                    self.files.insert(path, FileState { hash, resources });
-                    changed = true;
-                }
-                Err(error) => {
-                    warn!(file = %path.display(), %error, "invalid envoy config file; keeping its previous resources");
-                    let state = self.files.entry(path).or_insert(FileState {
-                        hash,
-                        resources: Vec::new(),
-                    });
-                    state.hash = hash;
-                }
-            }
-        }
-        let n_before = self.files.len();
-        self.files.retain(|path, _| seen.contains(path));
-        if self.files.len() != n_before {
-            info!(dir = %self.dir.display(), "envoy config file removed");
-            changed = true;
-        }
-        changed
-    }
-
-    /// The complete new sets of the four types, for one atomic cache batch.
-    pub fn updates(&self) -> Vec<Update> {
-        let mut sets: BTreeMap<&'static str, BTreeMap<&str, (&Path, &Any)>> =
-            TYPE_URLS.iter().map(|t| (*t, BTreeMap::new())).collect();
-        for (path, state) in &self.files {
-            for resource in &state.resources {
-                let set = sets.entry(resource.type_url).or_default();
-                match set.get(resource.name.as_str()) {
-                    Some((first, _)) => warn!(
-                        type_url = resource.type_url,
-                        resource.name = resource.name,
-                        file = %path.display(),
-                        first = %first.display(),
-                        "duplicate envoy resource; the first file wins"
-                    ),
-                    None => {
-                        set.insert(&resource.name, (path, &resource.body));
-                    }
-                }
-            }
-        }
-        sets.into_iter()
-            .map(|(type_url, set)| Update::ReplaceType {
-                partition: Partition::new(GLOBAL_PARTITION),
-                type_url: TypeUrl::new(type_url),
-                resources: set
-                    .into_iter()
-                    .map(|(name, (_, body))| (ResourceName::new(name), body.clone()))
-                    .collect(),
-            })
-            .collect()
-    }
+    sets.into_iter()
+        .map(|(type_url, set)| Update::ReplaceType {
+            partition: Partition::new(GLOBAL_PARTITION),
+            type_url: TypeUrl::new(type_url),
+            resources: set
+                .into_iter()
+                .map(|(name, (_, body))| (ResourceName::new(name), body.clone()))
+                .collect(),
+        })
+        .collect()
 }
 
 /// Loads `config.config_dir` into the cache once, then spawns the task that follows it until
@@ -856,27 +650,23 @@ pub fn start(
     let dir = config.config_dir.clone()?;
     let mut loader = DirLoader::new(dir);
     loader.scan();
-    let seq = writer.apply(loader.updates());
+    let seq = writer.apply(updates(&loader));
     debug!(snapshot.seq = seq, "envoy resources loaded");
-    let poll_interval = config.poll_interval;
-    Some(tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(poll_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            if loader.scan() {
-                let seq = writer.apply(loader.updates());
-                debug!(snapshot.seq = seq, "envoy resources updated");
-            }
-        }
-    }))
+    Some(super::dir::follow(
+        loader,
+        config.poll_interval,
+        shutdown,
+        move |loader| {
+            let seq = writer.apply(updates(loader));
+            debug!(snapshot.seq = seq, "envoy resources updated");
+        },
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+
     use super::*;
 
     /// The example of `docs/protocol.md`.
@@ -976,6 +766,49 @@ resources:
     }
 
     #[test]
+    fn cluster_metadata_names_the_istio_service_and_encodes_stably() {
+        let yaml = r#"
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: outbound|20000||app.default.svc.cluster.local
+  type: EDS
+  eds_cluster_config: { eds_config: { ads: {} } }
+  metadata:
+    filter_metadata:
+      istio:
+        services: [ { name: app, namespace: default, host: app.default.svc.cluster.local } ]
+      other: { b: 1, a: [x, y] }
+"#;
+        let first = parse(yaml, Format::Yaml).unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                parse(yaml, Format::Yaml).unwrap(),
+                first,
+                "same bytes every time"
+            );
+        }
+        let cluster = Cluster::decode(first[0].body.value.as_slice()).unwrap();
+        let metadata = cluster.metadata.unwrap();
+        let services = &metadata.filter_metadata["istio"].fields["services"];
+        let Some(envoy_types::pb::google::protobuf::value::Kind::ListValue(list)) = &services.kind
+        else {
+            panic!("a list");
+        };
+        assert_eq!(list.values.len(), 1);
+        let no_istio = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "metadata": {"filter_metadata": {"envoy.lb": {}}}}"#;
+        assert!(parse(no_istio, Format::Json).is_err());
+        let no_services = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "metadata": {"filter_metadata": {"istio": {"services": []}}}}"#;
+        assert!(parse(no_services, Format::Json).is_err());
+    }
+
+    #[test]
+    fn a_locality_without_endpoints_is_refused() {
+        let json = r#"{"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                       "cluster_name": "c", "endpoints": [{"locality": {"zone": "a"}, "lb_endpoints": []}]}"#;
+        let error = parse(json, Format::Json).unwrap_err();
+        assert_eq!(error.path, "endpoints[0].lb_endpoints");
+    }
+
+    #[test]
     fn json_and_single_resource_forms() {
         let json = r#"{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
                        "name": "c", "type": "EDS", "lb_policy": "ROUND_ROBIN",
@@ -1049,7 +882,7 @@ resources:
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
         let mut loader = DirLoader::new(dir.path());
         assert!(loader.scan());
-        let updates = loader.updates();
+        let updates = super::updates(&loader);
         assert_eq!(updates.len(), 4, "all four types replaced together");
         assert_eq!(names(&updates, CLUSTER_TYPE_URL), ["one", "three", "two"]);
         assert!(names(&updates, LISTENER_TYPE_URL).is_empty());
@@ -1058,18 +891,18 @@ resources:
         std::fs::write(&a, "- {\"@type\": broken").unwrap();
         assert!(!loader.scan(), "a bad file changes nothing");
         assert_eq!(
-            names(&loader.updates(), CLUSTER_TYPE_URL),
+            names(&super::updates(&loader), CLUSTER_TYPE_URL),
             ["one", "three", "two"]
         );
         std::fs::write(&a, cluster_yaml(&["four"])).unwrap();
         assert!(loader.scan());
         assert_eq!(
-            names(&loader.updates(), CLUSTER_TYPE_URL),
+            names(&super::updates(&loader), CLUSTER_TYPE_URL),
             ["four", "three", "two"]
         );
         std::fs::remove_file(&b).unwrap();
         assert!(loader.scan());
-        assert_eq!(names(&loader.updates(), CLUSTER_TYPE_URL), ["four"]);
+        assert_eq!(names(&super::updates(&loader), CLUSTER_TYPE_URL), ["four"]);
     }
 
     #[tokio::test]

@@ -6,8 +6,11 @@
 //! client sees (standard Envoy resources). [`NamespaceResolver`] gives a stream the view
 //! `[its namespace, global]`.
 
+pub mod dir;
+mod doc;
 pub mod envoy;
 pub mod mapping;
+pub mod pixiu;
 
 use std::{collections::BTreeMap, sync::Arc};
 

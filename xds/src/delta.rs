@@ -53,7 +53,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 
 use crate::{
     cache::{Snapshot, View},
-    protocol::{Limits, Nonces, ProtocolError, read_response_nonce},
+    protocol::{Limits, Nonces, ProtocolError, Quirks, read_response_nonce},
     status::TypeStatus,
     types::{Nonce, ResourceName, TypeUrl, Version, WILDCARD},
 };
@@ -76,6 +76,7 @@ pub struct DeltaStream {
     view: View,
     nonces: Nonces,
     limits: Limits,
+    quirks: Quirks,
     types: HashMap<TypeUrl, TypeState>,
 }
 
@@ -87,8 +88,16 @@ impl DeltaStream {
             view,
             nonces: Nonces::new(nonce_prefix.into()),
             limits,
+            quirks: Quirks::default(),
             types: HashMap::new(),
         }
+    }
+
+    /// The same stream, deviating from the protocol's rules as `quirks` says.
+    #[must_use]
+    pub fn with_quirks(mut self, quirks: Quirks) -> Self {
+        self.quirks = quirks;
+        self
     }
 
     /// The view this stream reads.
@@ -123,7 +132,11 @@ impl DeltaStream {
             .get(&type_url)
             .map(|s| s.status.subscription.clone())
             .unwrap_or_default();
-        subscription.apply_delta(subscribe, unsubscribe, first);
+        subscription.apply_delta(
+            subscribe,
+            unsubscribe,
+            first && self.quirks.legacy_wildcard(&type_url),
+        );
         self.limits.check(
             &type_url,
             self.types.iter().map(|(t, s)| (t, &s.status.subscription)),
@@ -187,6 +200,7 @@ impl DeltaStream {
                 state,
                 &resend,
                 answer_empty,
+                &self.quirks,
                 &mut self.nonces,
             ) {
                 step.responses.push(response);
@@ -218,6 +232,7 @@ impl DeltaStream {
                 state,
                 &HashSet::new(),
                 false,
+                &self.quirks,
                 &mut self.nonces,
             ) {
                 step.responses.push(response);
@@ -230,6 +245,9 @@ impl DeltaStream {
 /// Compares what the client holds with what it should hold, and when they differ (or
 /// `answer_empty`), builds the response that makes them equal and records it as sent.
 /// Resources named in `resend` are sent even when the client holds their current version.
+/// With [`Quirks::withhold_resourceless`], a response that would carry no resource is not
+/// built, and the client is still counted as holding what it holds.
+#[allow(clippy::too_many_arguments)]
 fn reconcile(
     snapshot: &Snapshot,
     view: &View,
@@ -237,6 +255,7 @@ fn reconcile(
     state: &mut TypeState,
     resend: &HashSet<&str>,
     answer_empty: bool,
+    quirks: &Quirks,
     nonces: &mut Nonces,
 ) -> Option<DeltaDiscoveryResponse> {
     let subscription = &state.status.subscription;
@@ -273,6 +292,9 @@ fn reconcile(
         })
         .collect();
     if changed.is_empty() && removed.is_empty() && !answer_empty {
+        return None;
+    }
+    if changed.is_empty() && quirks.withhold_resourceless {
         return None;
     }
 

@@ -26,10 +26,11 @@ pub mod types;
 pub use cache::{Cache, CacheWriter, Resource, Snapshot, Update, View, cache};
 pub use csds::CsdsServer;
 pub use delta::DeltaStream;
-pub use protocol::{Limits, ProtocolError};
+pub use protocol::{Limits, ProtocolError, Quirks};
 pub use registry::Registry;
 pub use server::{
-    AdsServer, NoObserver, Pushed, ServerConfig, StreamContext, StreamObserver, ViewResolver,
+    AdsServer, NoObserver, Pushed, ResponseStream, ServerConfig, StreamContext, StreamObserver,
+    ViewResolver,
 };
 pub use sotw::SotwStream;
 pub use status::{Nack, Notice, Protocol, StreamStatus, SyncState, TypeStatus};

@@ -5,6 +5,8 @@
 //! Nothing here knows which variant it serves; [`sotw`](crate::sotw) and
 //! [`delta`](crate::delta) decide what to send.
 
+use std::collections::BTreeSet;
+
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 
 use crate::{
@@ -85,6 +87,34 @@ impl Limits {
             });
         }
         Ok(())
+    }
+}
+
+/// Deviations from the protocol's general rules for one stream, for clients known to break on
+/// them. The default is none: every rule as the xDS protocol document states it.
+///
+/// The embedding server chooses them per stream from the client's node
+/// ([`ViewResolver::quirks`](crate::ViewResolver::quirks)), so one client's needs never
+/// change what another client sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quirks {
+    /// Never send a response that carries no resource (default false).
+    ///
+    /// Delta withholds a response that would only remove resources, or be empty: the
+    /// stream goes on counting them as held, so the next change of content is sent as usual.
+    /// SotW withholds an empty set. For clients that apply every response as their complete
+    /// state, so that "nothing" would wipe them.
+    pub withhold_resourceless: bool,
+    /// Types whose first request naming no resource subscribes to nothing, rather than to
+    /// the legacy wildcard (default none). For clients that send an empty list when they
+    /// want nothing and fail on what they did not name.
+    pub no_legacy_wildcard: BTreeSet<TypeUrl>,
+}
+
+impl Quirks {
+    /// Whether an empty first request of `type_url` is the legacy wildcard.
+    pub fn legacy_wildcard(&self, type_url: &TypeUrl) -> bool {
+        !self.no_legacy_wildcard.contains(type_url)
     }
 }
 

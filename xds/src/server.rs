@@ -38,7 +38,7 @@ use tracing::{Instrument, debug, field::Empty, info_span, warn};
 use crate::{
     cache::{Cache, Snapshot, View},
     delta::DeltaStream,
-    protocol::{Limits, ProtocolError, Step},
+    protocol::{Limits, ProtocolError, Quirks, Step},
     registry::Registry,
     sotw::SotwStream,
     status::{Notice, Protocol, StreamStatus, TypeStatus},
@@ -63,6 +63,13 @@ pub struct StreamContext {
 pub trait ViewResolver: Send + Sync + 'static {
     /// The view for a stream whose first request carried `node`.
     fn view(&self, node: Option<&Node>, context: &StreamContext) -> Result<View, Status>;
+
+    /// How a stream whose first request carried `node` deviates from the protocol's
+    /// general rules; none by default. Key it on what identifies a client that needs it
+    /// (e.g. `node.user_agent_name`), never apply it to everyone.
+    fn quirks(&self, _node: Option<&Node>) -> Quirks {
+        Quirks::default()
+    }
 }
 
 /// Receives what streams do, for metrics and logs. Every method has a no-op default.
@@ -145,7 +152,9 @@ struct Inner {
     config: ServerConfig,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
-    n_streams: AtomicU64,
+    /// Shared with every server made by [`AdsServer::with_resolver`], so stream ids stay
+    /// unique in the shared registry.
+    n_streams: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AdsServer {
@@ -183,9 +192,49 @@ impl AdsServer {
                 permits: Arc::new(Semaphore::new(config.max_streams)),
                 config,
                 shutdown,
-                n_streams: AtomicU64::new(0),
+                n_streams: Arc::new(AtomicU64::new(0)),
             }),
         }
+    }
+
+    /// A server over the same cache, registry, observer, limits, stream permits and
+    /// stream ids, asking `resolver` for views: for serving the same protocol under another
+    /// discovery service (e.g. ECDS) to another audience. Call after
+    /// [`with_observer`](Self::with_observer).
+    pub fn with_resolver(&self, resolver: Arc<dyn ViewResolver>) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                cache: inner.cache.clone(),
+                resolver,
+                observer: inner.observer.clone(),
+                registry: inner.registry.clone(),
+                config: inner.config.clone(),
+                permits: inner.permits.clone(),
+                shutdown: inner.shutdown.clone(),
+                n_streams: inner.n_streams.clone(),
+            }),
+        }
+    }
+
+    /// Serves one State-of-the-World stream. Any discovery service whose stream method
+    /// carries `DiscoveryRequest` / `DiscoveryResponse` (ADS, and per-type services such as
+    /// ECDS's `StreamExtensionConfigs`) can delegate its method to this.
+    pub fn serve_sotw(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
+        self.open::<SotwStream>(request)
+    }
+
+    /// Serves one Incremental stream. Any discovery service whose delta method carries
+    /// `DeltaDiscoveryRequest` / `DeltaDiscoveryResponse` (ADS, and per-type services such
+    /// as ECDS's `DeltaExtensionConfigs`) can delegate its method to this.
+    pub fn serve_delta(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
+        self.open::<DeltaStream>(request)
     }
 
     /// Replaces the observer. Call before serving.
@@ -249,7 +298,7 @@ trait Machine: Send + Sized + 'static {
     type Response: Send + 'static;
     const PROTOCOL: Protocol;
 
-    fn start(view: View, nonce_prefix: String, limits: Limits) -> Self;
+    fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self;
     fn node(request: &Self::Request) -> Option<&Node>;
     fn on_request(
         &mut self,
@@ -276,8 +325,8 @@ impl Machine for SotwStream {
     type Response = DiscoveryResponse;
     const PROTOCOL: Protocol = Protocol::Sotw;
 
-    fn start(view: View, nonce_prefix: String, limits: Limits) -> Self {
-        SotwStream::new(view, nonce_prefix, limits)
+    fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self {
+        SotwStream::new(view, nonce_prefix, limits).with_quirks(quirks)
     }
 
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
@@ -315,8 +364,8 @@ impl Machine for DeltaStream {
     type Response = DeltaDiscoveryResponse;
     const PROTOCOL: Protocol = Protocol::Delta;
 
-    fn start(view: View, nonce_prefix: String, limits: Limits) -> Self {
-        DeltaStream::new(view, nonce_prefix, limits)
+    fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self {
+        DeltaStream::new(view, nonce_prefix, limits).with_quirks(quirks)
     }
 
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
@@ -430,7 +479,14 @@ async fn run<M: Machine>(
         connected_since: SystemTime::now(),
         types: Default::default(),
     });
-    let mut machine = M::start(view, format!("{stream_id:x}"), inner.config.limits);
+    let quirks = inner.resolver.quirks(M::node(&first));
+    if quirks != Quirks::default() {
+        debug!(
+            ?quirks,
+            "stream deviates from the protocol's general rules for this client"
+        );
+    }
+    let mut machine = M::start(view, format!("{stream_id:x}"), inner.config.limits, quirks);
     // Subscribe before reading the snapshot, so no change slips between the two.
     let mut changes = inner.cache.changes();
     let mut input = Input::Request(first);

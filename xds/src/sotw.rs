@@ -25,8 +25,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use crate::{
     cache::{Snapshot, View},
-    protocol::{Nonces, read_response_nonce},
+    protocol::{Nonces, Quirks, read_response_nonce},
     status::TypeStatus,
+    subscription::Subscription,
     types::{Nonce, ResourceName, TypeUrl, Version},
 };
 
@@ -51,6 +52,7 @@ pub struct SotwStream {
     view: View,
     nonces: Nonces,
     limits: Limits,
+    quirks: Quirks,
     types: HashMap<TypeUrl, TypeState>,
 }
 
@@ -62,8 +64,16 @@ impl SotwStream {
             view,
             nonces: Nonces::new(nonce_prefix.into()),
             limits,
+            quirks: Quirks::default(),
             types: HashMap::new(),
         }
+    }
+
+    /// The same stream, deviating from the protocol's rules as `quirks` says.
+    #[must_use]
+    pub fn with_quirks(mut self, quirks: Quirks) -> Self {
+        self.quirks = quirks;
+        self
     }
 
     /// The view this stream reads.
@@ -104,10 +114,17 @@ impl SotwStream {
             Some(&request.version_info),
         ));
 
-        let subscription = state
-            .status
-            .subscription
-            .sotw_next(&request.resource_names, first);
+        let subscription = if request.resource_names.is_empty()
+            && first
+            && !self.quirks.legacy_wildcard(&type_url)
+        {
+            Subscription::default()
+        } else {
+            state
+                .status
+                .subscription
+                .sotw_next(&request.resource_names, first)
+        };
         let subscription_changed = subscription != state.status.subscription;
         state.status.subscription = subscription;
 
@@ -121,7 +138,7 @@ impl SotwStream {
                 state.status.sent_version = Some(version.clone());
                 state.status.acked_version = Some(version);
                 state.status.resources = resources;
-            } else {
+            } else if !(resources.is_empty() && self.quirks.withhold_resourceless) {
                 let nonce = self.nonces.next();
                 step.responses.push(respond(
                     snapshot, &self.view, &type_url, state, version, resources, nonce,
@@ -130,7 +147,9 @@ impl SotwStream {
         } else if subscription_changed {
             let nonces = &mut self.nonces;
             if let Some(response) =
-                refresh(snapshot, &self.view, &type_url, state, || nonces.next())
+                refresh(snapshot, &self.view, &type_url, state, &self.quirks, || {
+                    nonces.next()
+                })
             {
                 step.responses.push(response);
             }
@@ -159,7 +178,9 @@ impl SotwStream {
             state.seen_generation = generation;
             let nonces = &mut self.nonces;
             if let Some(response) =
-                refresh(snapshot, &self.view, &type_url, state, || nonces.next())
+                refresh(snapshot, &self.view, &type_url, state, &self.quirks, || {
+                    nonces.next()
+                })
             {
                 step.responses.push(response);
             }
@@ -195,16 +216,21 @@ fn compute(
 /// Sends the current state if it differs from what the client was last sent.
 ///
 /// Comparing with the last *sent* state (not the ACKed one) is what keeps a NACKed version
-/// from being resent: only a change in content produces a new response.
+/// from being resent: only a change in content produces a new response. With
+/// [`Quirks::withhold_resourceless`] an empty set is not sent.
 fn refresh(
     snapshot: &Snapshot,
     view: &View,
     type_url: &TypeUrl,
     state: &mut TypeState,
+    quirks: &Quirks,
     nonce: impl FnOnce() -> Nonce,
 ) -> Option<DiscoveryResponse> {
     let (version, resources) = compute(snapshot, view, type_url, state);
     if state.status.sent_version.as_ref() == Some(&version) {
+        return None;
+    }
+    if resources.is_empty() && quirks.withhold_resourceless {
         return None;
     }
     Some(respond(

@@ -10,7 +10,8 @@
 //!   `error_detail`), `have=NAME=VALUE`
 //!   (`initial_resource_versions` at the version of VALUE's bytes), `have=NAME~RAW` (at a
 //!   version string as is);
-//! - `reconnect`: a new stream over the same cache;
+//! - `reconnect`: a new stream over the same cache; `reconnect withhold`: one with
+//!   [`Quirks::withhold_resourceless`] and `@t2` without the legacy wildcard;
 //! - `status [@t2]`: the type's sync state and what the client holds.
 //!
 //! Output lines (indented): `<- rN [@t2] +NAME=VALUE -NAME` for a response (`rN` counts
@@ -155,6 +156,13 @@ impl Script {
             Some("reconnect") => {
                 self.n_streams += 1;
                 self.stream = new_stream(self.n_streams);
+                if words.next() == Some("withhold") {
+                    let stream = std::mem::replace(&mut self.stream, new_stream(0));
+                    self.stream = stream.with_quirks(Quirks {
+                        withhold_resourceless: true,
+                        no_legacy_wildcard: [TypeUrl::new(T2)].into(),
+                    });
+                }
                 self.seen_nonces.clear();
             }
             Some("status") => {
@@ -742,4 +750,39 @@ fn protocol_errors_and_limits() {
         0,
         "a refused request changes nothing"
     );
+}
+
+#[test]
+fn quirk_withholds_removal_only_and_empty_responses() {
+    check(&script(
+        "
+        reconnect withhold
+        req +a +b
+        put a A1
+          <- r1 +a=A1
+        req ack=r1
+          !! ack r1
+        delete a
+        put b B1
+          <- r2 +b=B1 -a
+        delete b
+        put a A2
+          <- r3 +a=A2 -b
+        req @t2
+        put c C1
+        ",
+    ));
+}
+
+#[test]
+fn quirk_client_reconnecting_to_a_server_without_the_resource_keeps_it() {
+    check(&script(
+        "
+        reconnect withhold
+        req +a have=a=A1 nonce=9-9
+        put a A1
+        put a A2
+          <- r1 +a=A2
+        ",
+    ));
 }

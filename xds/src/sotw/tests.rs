@@ -249,3 +249,29 @@ fn unsubscribe_all_and_limits() {
         ProtocolError::MissingTypeUrl
     );
 }
+
+#[test]
+fn quirks_withhold_empty_sets_and_drop_the_legacy_wildcard() {
+    let mut h = Harness::new();
+    h.stream =
+        SotwStream::new(View::new(["p".into()]), "q1", Limits::default()).with_quirks(Quirks {
+            withhold_resourceless: true,
+            no_legacy_wildcard: [TypeUrl::new(T)].into(),
+        });
+    h.put("a", "A1");
+    assert!(
+        h.request(req(&[], "", "")).is_empty(),
+        "an empty list subscribes to nothing, and nothing is not sent"
+    );
+    assert!(h.changed().is_empty());
+    assert!(
+        h.request(req(&["b"], "", "")).is_empty(),
+        "b does not exist"
+    );
+    h.put("b", "B1");
+    assert_eq!(names(&h.changed().remove(0)), vec!["B1"]);
+    h.delete("b");
+    assert!(h.changed().is_empty(), "the empty set is withheld");
+    h.put("b", "B2");
+    assert_eq!(names(&h.changed().remove(0)), vec!["B2"]);
+}

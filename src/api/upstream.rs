@@ -1,0 +1,93 @@
+//! Upstream Pixiu's `dubbo.networking.v1alpha1.ServiceMetadataService`, beside the seed's
+//! `MetadataService`, over the same store, keys and rules: what one API publishes the other
+//! reads.
+//!
+//! Differences from upstream's server (dubbo-go-pixiu `pilot/pkg/networking/dubbo/v1alpha1`),
+//! all in the client's favour: a missing record is `NOT_FOUND` (upstream says `ABORTED`);
+//! Publish answers once the record is stored (upstream queues it and answers at once); and
+//! bad names are `INVALID_ARGUMENT` rather than a failed write later.
+//!
+//! The namespace is the request's `namespace` field; when empty, the seed API's rule applies
+//! (the `x-pixiu-namespace` header, else the server's default namespace).
+
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use super::{Api, Error};
+use crate::{
+    model::{self, Key, Kind},
+    pb::dubbo_networking::{
+        GetServiceMetadataRequest, GetServiceMetadataResponse, PublishServiceMetadataRequest,
+        PublishServiceMetadataResponse,
+        service_metadata_service_server::{ServiceMetadataService, ServiceMetadataServiceServer},
+    },
+};
+
+impl Api {
+    /// Upstream Pixiu's `ServiceMetadataService` server, with the same message size limit
+    /// as the seed's services.
+    pub fn upstream_metadata_service(&self) -> ServiceMetadataServiceServer<Self> {
+        ServiceMetadataServiceServer::new(self.clone())
+            .max_decoding_message_size(self.max_message_bytes())
+    }
+
+    /// The namespace of an upstream request: its field, else the seed API's rule.
+    fn upstream_namespace(&self, field: &str, metadata: &MetadataMap) -> Result<String, Error> {
+        if field.is_empty() {
+            return self.namespace(metadata);
+        }
+        model::check_namespace(field).map_err(Error::Namespace)?;
+        Ok(field.to_string())
+    }
+}
+
+#[tonic::async_trait]
+impl ServiceMetadataService for Api {
+    async fn publish(
+        &self,
+        request: Request<PublishServiceMetadataRequest>,
+    ) -> Result<Response<PublishServiceMetadataResponse>, Status> {
+        let result = async {
+            let namespace =
+                self.upstream_namespace(&request.get_ref().namespace, request.metadata())?;
+            let request = request.get_ref();
+            model::check_application(&request.application_name)?;
+            model::check_name("revision", &request.revision)?;
+            model::check_value(
+                "metadata_info",
+                &request.metadata_info,
+                self.config.max_value_bytes,
+            )?;
+            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
+            Api::publish(self, key, &request.metadata_info).await?;
+            Ok(PublishServiceMetadataResponse {})
+        }
+        .await;
+        self.finish(Kind::Metadata, "publish", result)
+    }
+
+    async fn get(
+        &self,
+        request: Request<GetServiceMetadataRequest>,
+    ) -> Result<Response<GetServiceMetadataResponse>, Status> {
+        let result = async {
+            let namespace =
+                self.upstream_namespace(&request.get_ref().namespace, request.metadata())?;
+            let request = request.get_ref();
+            model::check_application(&request.application_name)?;
+            model::check_name("revision", &request.revision)?;
+            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
+            let value = Api::get(self, &key, || {
+                format!(
+                    "metadata of application {:?} revision {:?} in namespace {:?}",
+                    request.application_name, request.revision, namespace
+                )
+            })
+            .await?;
+            Ok(GetServiceMetadataResponse {
+                metadata_info: value.to_string(),
+            })
+        }
+        .await;
+        self.finish(Kind::Metadata, "get", result)
+    }
+}
