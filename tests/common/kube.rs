@@ -222,7 +222,9 @@ impl KubeApiserver {
                 );
             }
             if self.dir.path().join("certs/apiserver.crt").is_file() {
-                let out = self.kubectl_output(&["get", "--raw", "/readyz"], None).await;
+                let out = self
+                    .kubectl_output(&["get", "--raw", "/readyz"], None)
+                    .await;
                 if out.status.success() {
                     return;
                 }
@@ -270,6 +272,12 @@ impl KubeApiserver {
             "--all",
         ])
         .await;
+        self.forget_discovery();
+    }
+
+    /// Drops kubectl's discovery cache, so new resource types are found.
+    pub fn forget_discovery(&self) {
+        let _ = std::fs::remove_dir_all(cache_dir(&self.kubeconfig()));
     }
 
     /// Creates namespaces (no error when they exist).
@@ -282,8 +290,8 @@ impl KubeApiserver {
 
     /// The tail of the API server's log, for failure messages.
     pub fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("kube-apiserver.log"))
-            .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(self.dir.path().join("kube-apiserver.log")).unwrap_or_default();
         let start = log.len().saturating_sub(6000);
         let start = (start..log.len())
             .find(|i| log.is_char_boundary(*i))
@@ -292,11 +300,21 @@ impl KubeApiserver {
     }
 }
 
+/// kubectl's discovery cache for the API server of `kubeconfig`: beside it, so API servers
+/// that reuse a port never share one.
+fn cache_dir(kubeconfig: &Path) -> PathBuf {
+    kubeconfig
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("kubectl-cache")
+}
+
 /// Runs kubectl with `kubeconfig`, `args` and `stdin`, whatever its outcome.
 pub async fn kubectl_with(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut command = Command::new(kubectl_binary());
     command
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--cache-dir={}", cache_dir(kubeconfig).display()))
         .arg("--request-timeout=10s")
         .args(args)
         .stdin(if stdin.is_some() {
