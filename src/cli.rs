@@ -70,6 +70,9 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Print the CustomResourceDefinitions of the Kubernetes store as YAML
+    /// (`pixiu-metadata crds | kubectl apply -f -`).
+    Crds,
 }
 
 /// Flags of `serve`.
@@ -116,6 +119,14 @@ pub struct ServeArgs {
     /// Prefix of every etcd key of the etcd store.
     #[arg(long, env = "PIXIU_METADATA_ETCD_PREFIX", default_value = crate::store::etcd::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+    /// Kubeconfig file of the Kubernetes store (default: `$KUBECONFIG`, `~/.kube/config`,
+    /// then the in-cluster service account).
+    #[arg(long, env = "PIXIU_METADATA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This replica's name in the Kubernetes store's sweeper election (default: random; give
+    /// the pod name).
+    #[arg(long, env = "PIXIU_METADATA_KUBE_IDENTITY")]
+    pub kube_identity: Option<String>,
     /// Namespace of requests and streams that name none.
     #[arg(
         long,
@@ -169,6 +180,8 @@ impl ServeArgs {
         }
         config.store.etcd_endpoints = self.etcd_endpoints.clone();
         config.store.etcd_prefix = self.etcd_prefix.clone();
+        config.store.kubeconfig = self.kubeconfig.clone();
+        config.store.kube_identity = self.kube_identity.clone();
         config.api.default_namespace = self.default_namespace.clone();
         config.api.max_value_bytes = self.max_value_bytes;
         config.xds.max_streams = self.max_streams;
@@ -406,6 +419,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
     match command {
         Command::Serve(_) => bail!("serve is not a client command"),
         Command::Status(args) => status::run(args, out).await?,
+        Command::Crds => write!(out, "{}", crate::store::kube::resources::crds_yaml())?,
         Command::Metadata(MetadataCommand::Publish {
             client,
             application,

@@ -68,6 +68,9 @@ pub enum Backend {
     Embedded,
     /// etcd v3 at `--etcd-endpoints`, shared by any number of replicas.
     Etcd,
+    /// Kubernetes custom resources (kubeconfig or in-cluster), shared by any number of
+    /// replicas.
+    Kubernetes,
 }
 
 /// The store.
@@ -84,6 +87,12 @@ pub struct StoreConfig {
     pub etcd_endpoints: Vec<String>,
     /// Prefix of every etcd key of the etcd backend (default `/pixiu-metadata`).
     pub etcd_prefix: String,
+    /// Kubeconfig file of the Kubernetes backend; `None` infers it as kubectl does
+    /// (`$KUBECONFIG`, `~/.kube/config`, in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// This replica's name in the Kubernetes backend's sweeper election (default: random;
+    /// deployments pass the pod name).
+    pub kube_identity: Option<String>,
 }
 
 impl Default for Config {
@@ -99,6 +108,8 @@ impl Default for Config {
                 max_records_per_namespace: 100_000,
                 etcd_endpoints: Vec::new(),
                 etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.to_string(),
+                kubeconfig: None,
+                kube_identity: None,
             },
             api: ApiConfig::default(),
             admin: AdminConfig {

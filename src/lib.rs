@@ -67,6 +67,19 @@ pub async fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::S
             .await
             .map_err(Error::Store)?,
         ),
+        config::Backend::Kubernetes => {
+            let mut options = store::kube::KubeOptions::new();
+            options.kubeconfig = config.kubeconfig.clone();
+            options.max_records_per_namespace = config.max_records_per_namespace;
+            if let Some(identity) = &config.kube_identity {
+                options.election.identity = identity.clone();
+            }
+            Arc::new(
+                store::kube::KubeStore::connect(options)
+                    .await
+                    .map_err(Error::Store)?,
+            )
+        }
     })
 }
 

@@ -54,6 +54,8 @@ pub fn code(error: &Error) -> Code {
             store::Error::Unavailable(_) => Code::Unavailable,
             store::Error::Storage(_) => Code::Internal,
             store::Error::NamespaceFull { .. } => Code::ResourceExhausted,
+            store::Error::TooLarge(_) => Code::ResourceExhausted,
+            store::Error::Rejected(_) => Code::InvalidArgument,
         },
         Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::Unsupported { .. } => Code::Unimplemented,
@@ -71,8 +73,14 @@ impl From<Error> for Status {
             Error::Store(store::Error::Storage(_)) => {
                 "the store failed; see the server log".to_string()
             }
+            Error::Store(store::Error::TooLarge(_)) => {
+                "the record is larger than the store accepts (the Kubernetes API server's object \
+                 size limit); publish a smaller value"
+                    .to_string()
+            }
             Error::Invalid(_)
             | Error::Namespace(_)
+            | Error::Store(store::Error::Rejected(_))
             | Error::NotFound { .. }
             | Error::Store(store::Error::NamespaceFull { .. })
             | Error::TooManyStreams { .. }
@@ -111,6 +119,14 @@ mod tests {
             (
                 Error::Store(store::Error::Storage("/secret/path".into())),
                 Code::Internal,
+            ),
+            (
+                Error::Store(store::Error::TooLarge("/secret/path".into())),
+                Code::ResourceExhausted,
+            ),
+            (
+                Error::Store(store::Error::Rejected("namespace".into())),
+                Code::InvalidArgument,
             ),
         ];
         for (error, expected) in cases {

@@ -9,7 +9,9 @@
 //! every publish. A restart therefore neither expires live records nor keeps dead ones: on
 //! start the index is rebuilt from the store and whatever expired meanwhile goes at once.
 //! With a shared backend every replica sweeps; the conditional delete makes that harmless
-//! (one delete wins, the others find a newer revision or nothing).
+//! (one delete wins, the others find a newer revision or nothing). A backend that elects one
+//! sweeper ([`Store::leadership`], the Kubernetes store) is swept only while this replica
+//! leads; the index follows events either way, so a new leader sweeps at once.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -132,9 +134,12 @@ pub async fn run(
     let mut events = store.watch();
     // Records whose delete failed or is not yet reflected: not retried before this time.
     let mut retry_after_ms: HashMap<Key, u64> = HashMap::new();
+    let mut leadership = store.leadership();
+    let mut election_over = false;
     loop {
         let now_ms = epoch_ms(SystemTime::now());
-        for expired in index.expired(now_ms) {
+        let leading = !election_over && leadership.as_ref().is_none_or(|l| *l.borrow());
+        for expired in index.expired(now_ms).into_iter().filter(|_| leading) {
             if retry_after_ms
                 .get(&expired.key)
                 .is_some_and(|t| *t > now_ms)
@@ -165,9 +170,19 @@ pub async fn run(
                 Duration::from_millis(wait.max(1)).min(MAX_SLEEP)
             })
             .unwrap_or(MAX_SLEEP);
+        let leadership_changed = async {
+            match leadership.as_mut() {
+                Some(l) if !election_over => l.changed().await.is_ok(),
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(sleep) => {}
+            changed = leadership_changed => if !changed {
+                // The election ended with its store: nobody sweeps here any more.
+                election_over = true;
+            },
             event = events.next() => match event {
                 Some(event) => {
                     match &event {

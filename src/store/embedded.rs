@@ -338,6 +338,8 @@ fn copy_error(e: &Error) -> Error {
             namespace: namespace.clone(),
             limit: *limit,
         },
+        Error::TooLarge(m) => Error::TooLarge(m.clone()),
+        Error::Rejected(m) => Error::Rejected(m.clone()),
     }
 }
 

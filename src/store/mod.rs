@@ -4,7 +4,7 @@
 //! change. It knows nothing of gRPC or xDS: `api/` calls it, `push/` watches it.
 //!
 //! Backends: [`memory`] (tests, `--store memory`), [`embedded`] (the durable default) and
-//! [`etcd`] (shared by any number of replicas).
+//! [`etcd`] and [`kube`] (shared by any number of replicas).
 
 use std::{
     sync::Arc,
@@ -17,6 +17,7 @@ pub use crate::model::{Key, Kind};
 
 pub mod embedded;
 pub mod etcd;
+pub mod kube;
 pub mod memory;
 
 #[cfg(test)]
@@ -172,6 +173,14 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// The record is larger than the backend accepts (the Kubernetes API server's object size
+    /// limit). Retrying does not help; a smaller value does.
+    #[error("record too large for the store: {0}")]
+    TooLarge(String),
+    /// The backend refused the record for a reason a retry does not fix (a namespace that is
+    /// not a Kubernetes namespace name, or does not exist).
+    #[error("store refused the record: {0}")]
+    Rejected(String),
 }
 
 /// Result of store operations.
@@ -205,4 +214,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs: `memory`, `embedded`, ...
     fn backend(&self) -> &'static str;
+
+    /// Whether this replica may sweep expired records, for backends shared by replicas that
+    /// elect one sweeper (Kubernetes). `None` (the default): always.
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
