@@ -72,6 +72,8 @@ pub enum Command {
     /// Show each connected client's sync state per type (SYNCED, STALE, NACKED), like
     /// `istioctl proxy-status`, from the server's admin port.
     Status(status::StatusArgs),
+    /// Benchmark this server against etcd and a bare tonic echo on loopback.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags of `serve`.
@@ -335,6 +337,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
     match command {
         Command::Serve(_) => bail!("serve is not a client command"),
         Command::Status(args) => status::run(args, out).await?,
+        Command::Bench(args) => crate::bench::run(args, out).await?,
         Command::Metadata(MetadataCommand::Publish {
             client,
             application,

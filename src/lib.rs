@@ -16,6 +16,7 @@ use tracing::info;
 
 pub mod admin;
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod lease;
