@@ -196,7 +196,7 @@ impl BenchArgs {
     }
 }
 
-/// A value of `bytes` bytes, distinct for each `seq`.
+/// A JSON value of `bytes` bytes (more when `bytes` is below ~30), distinct for each `seq`.
 pub fn payload(bytes: usize, seq: u64) -> String {
     let mut value = format!("{{\"seq\":{seq},\"pad\":\"");
     while value.len() + 2 < bytes {
@@ -381,7 +381,7 @@ struct Bench {
 
 /// Where an unary scenario sends its calls.
 enum Target {
-    Grpc(servers::Process),
+    Grpc(Box<servers::Process>),
     External(SocketAddr),
 }
 
@@ -432,7 +432,7 @@ impl Bench {
             None => self.dir(name)?,
         };
         let log = self.tmp.path().join(format!("{name}.log"));
-        Ok(Target::Grpc(servers::ours(&dir, &log).await?))
+        Ok(Target::Grpc(Box::new(servers::ours(&dir, &log).await?)))
     }
 
     async fn etcd(&self, name: &str) -> anyhow::Result<servers::Process> {
@@ -772,7 +772,7 @@ impl Bench {
             Server::Etcd => {
                 let etcd = self.etcd("etcd-fanout").await?;
                 let client = etcd_client::Client::connect([etcd.url()], None).await?;
-                (Target::Grpc(etcd), Publisher::Etcd(client))
+                (Target::Grpc(Box::new(etcd)), Publisher::Etcd(Box::new(client)))
             }
             _ => {
                 let ours = self.ours(None, "fanout").await?;
@@ -878,7 +878,7 @@ impl Bench {
                         None,
                     )
                     .await?;
-                Target::Grpc(etcd)
+                Target::Grpc(Box::new(etcd))
             }
             _ => {
                 let ours = self.ours(None, "streams").await?;
@@ -991,7 +991,7 @@ fn server_label(server: Server) -> &'static str {
 /// The one publisher of a fan-out run.
 enum Publisher {
     Ours(MetadataServiceClient<Channel>),
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
 }
 
 impl Publisher {
@@ -1020,7 +1020,7 @@ mod tests {
 
     #[test]
     fn payloads_have_the_size_and_differ() {
-        for bytes in [16, 100, 1024] {
+        for bytes in [32, 100, 1024] {
             assert_eq!(payload(bytes, 7).len(), bytes);
         }
         assert_ne!(payload(64, 1), payload(64, 2));
