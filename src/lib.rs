@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -188,7 +187,9 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
+            // tonic's own `tcp_nodelay` applies only to listeners it binds: without this, Nagle
+            // holds each small response until the peer's delayed ACK (~40 ms per unary call).
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         )
         .await

@@ -772,7 +772,10 @@ impl Bench {
             Server::Etcd => {
                 let etcd = self.etcd("etcd-fanout").await?;
                 let client = etcd_client::Client::connect([etcd.url()], None).await?;
-                (Target::Grpc(Box::new(etcd)), Publisher::Etcd(Box::new(client)))
+                (
+                    Target::Grpc(Box::new(etcd)),
+                    Publisher::Etcd(Box::new(client)),
+                )
             }
             _ => {
                 let ours = self.ours(None, "fanout").await?;
