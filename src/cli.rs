@@ -73,6 +73,8 @@ pub enum Command {
     /// Print the CustomResourceDefinitions of the Kubernetes store as YAML
     /// (`pixiu-metadata crds | kubectl apply -f -`).
     Crds,
+    /// Benchmark this server against etcd and a bare tonic echo on loopback.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags of `serve`.
@@ -420,6 +422,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
         Command::Serve(_) => bail!("serve is not a client command"),
         Command::Status(args) => status::run(args, out).await?,
         Command::Crds => write!(out, "{}", crate::store::kube::resources::crds_yaml())?,
+        Command::Bench(args) => crate::bench::run(args, out).await?,
         Command::Metadata(MetadataCommand::Publish {
             client,
             application,

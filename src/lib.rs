@@ -10,12 +10,12 @@
 use std::sync::Arc;
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub mod admin;
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clients;
@@ -222,12 +222,9 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            // Small pushes must not wait for Nagle's algorithm and a delayed ACK (~40 ms).
-            futures::StreamExt::inspect(TcpListenerStream::new(grpc), |accepted| {
-                if let Ok(stream) = accepted {
-                    let _ = stream.set_nodelay(true);
-                }
-            }),
+            // tonic's own `tcp_nodelay` applies only to listeners it binds: without this, Nagle
+            // holds each small response until the peer's delayed ACK (~40 ms per unary call).
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     // Graceful shutdown waits for every connection to finish; bound that wait, so a client

@@ -1,0 +1,129 @@
+//! The closed-loop unary load generator: `concurrency` workers, each issuing one call after
+//! another for a fixed time, over clients that the caller spread across connections.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use super::{procfs, stats::Latency};
+
+/// One call: given the worker's index and its call counter, performs it.
+pub type Op = Arc<dyn Fn(usize, u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// The shape of a unary run.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Workers issuing calls at once.
+    pub concurrency: usize,
+    /// Calls before this are not counted.
+    pub warmup: Duration,
+    /// How long calls are counted.
+    pub duration: Duration,
+}
+
+/// What one unary run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnaryResult {
+    /// Calls completed inside the measured window.
+    pub ops: u64,
+    /// Calls that failed (any time).
+    pub errors: u64,
+    /// The first failure, if any.
+    pub first_error: Option<String>,
+    /// Calls per second in the measured window.
+    pub throughput: f64,
+    /// Latency of the measured calls.
+    pub latency: Latency,
+    /// Server CPU microseconds per call in the measured window, when its pid was given.
+    pub server_cpu_us_per_op: Option<f64>,
+}
+
+/// Runs `op` closed-loop with `shape`; `tick` is told the elapsed fraction now and then.
+pub async fn run(
+    shape: Shape,
+    op: Op,
+    server_pid: Option<String>,
+    tick: impl Fn(f64) + Send + 'static,
+) -> UnaryResult {
+    let start = Instant::now();
+    let measure_from = start + shape.warmup;
+    let end = measure_from + shape.duration;
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(parking_lot::Mutex::new(None::<String>));
+    let mut workers = Vec::with_capacity(shape.concurrency);
+    for worker in 0..shape.concurrency {
+        let op = op.clone();
+        let errors = errors.clone();
+        let first_error = first_error.clone();
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut seq = 0u64;
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let result = op(worker, seq).await;
+                seq += 1;
+                let done = Instant::now();
+                match result {
+                    Ok(()) if began >= measure_from && done <= end => {
+                        samples.push(u64::try_from((done - began).as_micros()).unwrap_or(u64::MAX));
+                    }
+                    Ok(()) => {}
+                    Err(error) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .get_or_insert_with(|| format!("{error:#}"));
+                        // Do not spin on a dead server.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    let total = shape.warmup + shape.duration;
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tick((start.elapsed().as_secs_f64() / total.as_secs_f64()).min(1.0));
+        }
+    });
+    // Read the server's CPU at the edges of the measured window.
+    let cpu_pid = server_pid.clone();
+    let cpu = tokio::spawn(async move {
+        let pid = cpu_pid?;
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = procfs::cpu_seconds(&pid).ok()?;
+        tokio::time::sleep_until(end.into()).await;
+        let after = procfs::cpu_seconds(&pid).ok()?;
+        Some(after - before)
+    });
+    let mut samples = Vec::new();
+    for worker in workers {
+        if let Ok(mut s) = worker.await {
+            samples.append(&mut s);
+        }
+    }
+    ticker.abort();
+    let server_cpu = cpu.await.ok().flatten();
+    let ops = samples.len() as u64;
+    let latency = Latency::of(&mut samples);
+    UnaryResult {
+        ops,
+        errors: errors.load(Ordering::Relaxed),
+        first_error: first_error.lock().clone(),
+        throughput: ops as f64 / shape.duration.as_secs_f64(),
+        latency,
+        server_cpu_us_per_op: server_cpu.filter(|_| ops > 0).map(|s| s * 1e6 / ops as f64),
+    }
+}

@@ -1,0 +1,1038 @@
+//! `pixiu-metadata bench`: measures this server against etcd and a bare tonic echo on
+//! loopback, scenario by scenario, and prints a Markdown table (and JSON, and an SVG chart).
+//!
+//! Every server runs in its own process, started fresh for each group of runs (so state does
+//! not carry over) and killed after it: ours is this binary's `serve` on an embedded store in a
+//! temporary directory, the echo is the hidden `bench echo-server`, etcd is the `etcd` binary
+//! with its default durability. Server CPU and memory are read from `/proc/<pid>`.
+//!
+//! Scenarios: `get` (hot key, random keys out of `--records`), `publish-new`,
+//! `publish-refresh`, `fanout` (N ADS streams, one publish, delivery latency to each),
+//! `streams` (memory per idle stream), `startup` (spawn to ready with `--records` records).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use futures::{FutureExt, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    model::Key,
+    pb::metadata::{self as proto, metadata_service_client::MetadataServiceClient},
+    store::Store,
+};
+
+pub mod echo;
+pub mod fanout;
+pub mod load;
+pub mod procfs;
+pub mod report;
+pub mod servers;
+pub mod stats;
+pub mod svg;
+
+use report::{Figures, Report, Row, Server};
+
+/// Every scenario group, in the order they run.
+pub const SCENARIOS: [&str; 6] = [
+    "get",
+    "publish-new",
+    "publish-refresh",
+    "fanout",
+    "streams",
+    "startup",
+];
+
+/// Flags of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The hidden helper processes the harness starts.
+    #[command(subcommand)]
+    pub helper: Option<Helper>,
+    /// A short run with small numbers, to check the harness works (not for timings).
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also write the fan-out latency chart (SVG) to this file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Measure a running server at this gRPC address instead of starting one (server CPU,
+    /// memory and startup are then not measured).
+    #[arg(long)]
+    pub target: Option<SocketAddr>,
+    /// Scenario groups to run, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS))]
+    pub scenarios: Vec<String>,
+    /// Skip etcd.
+    #[arg(long)]
+    pub no_etcd: bool,
+    /// Unary calls in flight at once (get, publish).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// HTTP/2 connections the unary calls share.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// How long each unary run is measured (e.g. `10s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Unmeasured time before each unary run.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warmup: Option<Duration>,
+    /// Size of each value, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub payload_bytes: usize,
+    /// Records stored for `get` random keys and `startup`.
+    #[arg(long)]
+    pub records: Option<usize>,
+    /// Fan-out stream counts, comma-separated (the chart's x axis).
+    #[arg(long, value_delimiter = ',')]
+    pub fanout_streams: Vec<usize>,
+    /// Connections the fan-out streams share.
+    #[arg(long)]
+    pub fanout_connections: Option<usize>,
+    /// Publishes per fan-out run.
+    #[arg(long)]
+    pub fanout_updates: Option<usize>,
+    /// Idle-stream points `STREAMSxCONNECTIONS`, comma-separated (e.g. `10000x100`).
+    #[arg(long, value_delimiter = ',')]
+    pub streams_points: Vec<String>,
+}
+
+/// Processes the harness starts itself.
+#[derive(Debug, Subcommand)]
+pub enum Helper {
+    /// The bare tonic unary echo server.
+    #[command(hide = true)]
+    EchoServer {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+        /// Size of each answer.
+        #[arg(long, default_value_t = 1024)]
+        payload_bytes: usize,
+    },
+}
+
+/// The settings of a run, after `--quick` and the flags.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Settings {
+    quick: bool,
+    concurrency: usize,
+    connections: usize,
+    duration: Duration,
+    warmup: Duration,
+    payload_bytes: usize,
+    records: usize,
+    fanout_streams: Vec<usize>,
+    fanout_connections: usize,
+    fanout_updates: usize,
+    streams_points: Vec<(usize, usize)>,
+    etcd: bool,
+    target: Option<SocketAddr>,
+}
+
+fn parse_point(point: &str) -> anyhow::Result<(usize, usize)> {
+    let (s, c) = point.split_once('x').with_context(|| {
+        format!("bad --streams-points entry {point:?}: want STREAMSxCONNECTIONS")
+    })?;
+    Ok((s.trim().parse()?, c.trim().parse()?))
+}
+
+impl BenchArgs {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let q = self.quick;
+        let points = if self.streams_points.is_empty() {
+            if q {
+                vec![(20, 4), (50, 5)]
+            } else {
+                vec![(1_000, 100), (10_000, 100), (50_000, 10_000)]
+            }
+        } else {
+            self.streams_points
+                .iter()
+                .map(|p| parse_point(p))
+                .collect::<anyhow::Result<_>>()?
+        };
+        Ok(Settings {
+            quick: q,
+            concurrency: self.concurrency.unwrap_or(if q { 8 } else { 64 }),
+            connections: self.connections.unwrap_or(if q { 2 } else { 4 }),
+            duration: self.duration.unwrap_or(if q {
+                Duration::from_millis(700)
+            } else {
+                Duration::from_secs(10)
+            }),
+            warmup: self.warmup.unwrap_or(if q {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            }),
+            payload_bytes: self.payload_bytes,
+            records: self.records.unwrap_or(if q { 1_000 } else { 100_000 }),
+            fanout_streams: if self.fanout_streams.is_empty() {
+                if q {
+                    vec![20, 50]
+                } else {
+                    vec![1_000, 2_500, 5_000, 10_000]
+                }
+            } else {
+                self.fanout_streams.clone()
+            },
+            fanout_connections: self.fanout_connections.unwrap_or(if q { 5 } else { 100 }),
+            fanout_updates: self.fanout_updates.unwrap_or(if q { 2 } else { 5 }),
+            streams_points: points,
+            etcd: !self.no_etcd,
+            target: self.target,
+        })
+    }
+}
+
+/// A JSON value of `bytes` bytes (more when `bytes` is below ~30), distinct for each `seq`.
+pub fn payload(bytes: usize, seq: u64) -> String {
+    let mut value = format!("{{\"seq\":{seq},\"pad\":\"");
+    while value.len() + 2 < bytes {
+        value.push('x');
+    }
+    value.push_str("\"}");
+    value
+}
+
+/// A gRPC channel (one HTTP/2 connection) to `url`.
+pub async fn connect(url: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+    futures::stream::iter(0..n.max(1))
+        .map(|_| connect(url))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+async fn etcd_clients(url: &str, n: usize) -> anyhow::Result<Vec<etcd_client::Client>> {
+    let mut clients = Vec::new();
+    for _ in 0..n.max(1) {
+        clients.push(
+            etcd_client::Client::connect([url], None)
+                .await
+                .context("connecting to etcd")?,
+        );
+    }
+    Ok(clients)
+}
+
+fn bar(label: String, len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:<42} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(label);
+    bar
+}
+
+/// Runs the harness, or one of its helper processes.
+pub async fn run(args: BenchArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    if let Some(Helper::EchoServer {
+        addr,
+        payload_bytes,
+    }) = args.helper
+    {
+        return echo::serve(addr, payload_bytes).await;
+    }
+    let settings = args.settings()?;
+    // 10,000 connections need 10,000 descriptors here and in the servers, which inherit it.
+    let nofile = rlimit::increase_nofile_limit(1 << 20).unwrap_or(0);
+    let scenarios: Vec<String> = if args.scenarios.is_empty() {
+        SCENARIOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    let mut bench = Bench {
+        settings: settings.clone(),
+        tmp: tempfile::Builder::new().prefix("pixiu-bench").tempdir()?,
+        rows: Vec::new(),
+    };
+    let started = Instant::now();
+    for scenario in SCENARIOS
+        .iter()
+        .filter(|s| scenarios.iter().any(|c| c == *s))
+    {
+        match *scenario {
+            "get" => bench.get().await?,
+            "publish-new" => bench.publish(false).await?,
+            "publish-refresh" => bench.publish(true).await?,
+            "fanout" => bench.fanout().await?,
+            "streams" => bench.streams().await?,
+            "startup" => bench.startup().await?,
+            _ => {}
+        }
+    }
+    let ratios = report::ratios(&bench.rows);
+    let goals = report::goals(&bench.rows, &ratios);
+    let report = Report {
+        environment: serde_json::json!({
+            "machine": machine(),
+            "settings": settings,
+            "nofile_limit": nofile,
+            "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "took_seconds": started.elapsed().as_secs_f64(),
+        }),
+        scenarios,
+        rows: bench.rows,
+        ratios,
+        goals,
+    };
+    writeln!(out, "{}", report::markdown(&report))?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, fanout_chart(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn fanout_chart(report: &Report) -> String {
+    let mut series = Vec::new();
+    for (server, name, colour) in [
+        (Server::Ours, "pixiu-metadata", "#1f77b4"),
+        (Server::Etcd, "etcd watch", "#d62728"),
+    ] {
+        for (dashed, what, pick) in [
+            (
+                false,
+                "p99",
+                (|f: &Figures| f.p99_us) as fn(&Figures) -> Option<f64>,
+            ),
+            (true, "p50", |f: &Figures| f.p50_us),
+        ] {
+            let points = report
+                .rows
+                .iter()
+                .filter(|r| {
+                    r.server == server
+                        && r.scenario == "fanout"
+                        && (server == Server::Etcd || r.case.starts_with("sotw"))
+                })
+                .filter_map(|r| pick(&r.figures).map(|us| (r.concurrency as f64, us / 1000.0)))
+                .collect();
+            series.push(svg::Series {
+                label: format!("{name} {what}"),
+                colour,
+                dashed,
+                points,
+            });
+        }
+    }
+    svg::chart(
+        "Fan-out: publish to delivery on every stream",
+        "subscribed streams",
+        "latency (ms)",
+        &series,
+    )
+}
+
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .map(str::to_string);
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory": memory,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).ok(),
+        "etcd": servers::etcd_binary().display().to_string(),
+    })
+}
+
+struct Bench {
+    settings: Settings,
+    tmp: tempfile::TempDir,
+    rows: Vec<Row>,
+}
+
+/// Where an unary scenario sends its calls.
+enum Target {
+    Grpc(Box<servers::Process>),
+    External(SocketAddr),
+}
+
+impl Target {
+    fn url(&self) -> String {
+        match self {
+            Target::Grpc(p) => p.url(),
+            Target::External(addr) => format!("http://{addr}"),
+        }
+    }
+    fn pid(&self) -> Option<String> {
+        match self {
+            Target::Grpc(p) => Some(p.pid()),
+            Target::External(_) => None,
+        }
+    }
+    async fn stop(self) {
+        if let Target::Grpc(p) = self {
+            p.stop().await;
+        }
+    }
+}
+
+const GET_APPLICATION: &str = "bench-get";
+const ETCD_GET_PREFIX: &str = "/bench/get/";
+
+fn get_revision(i: u64) -> String {
+    format!("r{i:07}")
+}
+
+impl Bench {
+    fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.tmp.path().join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// A fresh server of ours on an empty (or given) data directory, or the `--target`.
+    async fn ours(&self, data_dir: Option<&Path>, name: &str) -> anyhow::Result<Target> {
+        if let Some(addr) = self.settings.target {
+            return Ok(Target::External(addr));
+        }
+        let dir = match data_dir {
+            Some(dir) => dir.to_path_buf(),
+            None => self.dir(name)?,
+        };
+        let log = self.tmp.path().join(format!("{name}.log"));
+        Ok(Target::Grpc(Box::new(servers::ours(&dir, &log).await?)))
+    }
+
+    async fn etcd(&self, name: &str) -> anyhow::Result<servers::Process> {
+        servers::etcd(&self.dir(name)?).await
+    }
+
+    fn shape(&self) -> load::Shape {
+        load::Shape {
+            concurrency: self.settings.concurrency,
+            warmup: self.settings.warmup,
+            duration: self.settings.duration,
+        }
+    }
+
+    /// Runs one unary case and records it.
+    async fn unary(
+        &mut self,
+        scenario: &str,
+        case: &str,
+        server: Server,
+        op: load::Op,
+        pid: Option<String>,
+    ) {
+        let label = format!("{scenario} {case} {}", server_label(server));
+        let progress = bar(label, 100);
+        let ticker = progress.clone();
+        let result = load::run(self.shape(), op, pid, move |f| {
+            ticker.set_position((f * 100.0) as u64)
+        })
+        .await;
+        progress.finish_and_clear();
+        self.rows.push(Row {
+            scenario: scenario.into(),
+            case: case.into(),
+            server,
+            concurrency: self.settings.concurrency,
+            connections: self.settings.connections,
+            figures: Figures {
+                throughput: Some(result.throughput),
+                p50_us: Some(result.latency.p50_us),
+                p99_us: Some(result.latency.p99_us),
+                max_us: Some(result.latency.max_us),
+                server_cpu_us_per_op: result.server_cpu_us_per_op,
+                errors: result.errors,
+                first_error: result.first_error,
+                ..Default::default()
+            },
+        });
+    }
+
+    /// Writes `records` records of the `get` data set into an embedded store in `dir`.
+    async fn preload_ours(&self, dir: &Path) -> anyhow::Result<()> {
+        let records = self.settings.records;
+        let progress = bar(
+            format!("writing {records} records (embedded)"),
+            records as u64,
+        );
+        let store = Arc::new(crate::store::embedded::EmbeddedStore::open(
+            dir,
+            usize::MAX,
+        )?);
+        let value = Arc::new(payload(self.settings.payload_bytes, 0));
+        let mut puts = futures::stream::iter(0..records as u64)
+            .map(|i| {
+                let (store, value) = (store.clone(), value.clone());
+                async move {
+                    let key = Key::metadata("default", GET_APPLICATION, &get_revision(i));
+                    store.put(&key, &value, SystemTime::now()).await
+                }
+            })
+            .buffer_unordered(1024);
+        while let Some(result) = puts.next().await {
+            result?;
+            progress.inc(1);
+        }
+        drop(puts);
+        progress.finish_and_clear();
+        drop(store);
+        Ok(())
+    }
+
+    async fn preload_etcd(&self, url: &str) -> anyhow::Result<()> {
+        let records = self.settings.records as u64;
+        let progress = bar(format!("writing {records} records (etcd)"), records);
+        let client = etcd_client::Client::connect([url], None).await?;
+        let value = payload(self.settings.payload_bytes, 0);
+        // etcd takes at most 128 operations per transaction by default.
+        let batches: Vec<(u64, u64)> = (0..records)
+            .step_by(128)
+            .map(|start| (start, (start + 128).min(records)))
+            .collect();
+        let mut txns = futures::stream::iter(batches)
+            .map(|(start, end)| {
+                let mut kv = client.kv_client();
+                let value = value.clone();
+                async move {
+                    let ops: Vec<etcd_client::TxnOp> = (start..end)
+                        .map(|i| {
+                            etcd_client::TxnOp::put(
+                                format!("{ETCD_GET_PREFIX}{}", get_revision(i)),
+                                value.clone(),
+                                None,
+                            )
+                        })
+                        .collect();
+                    kv.txn(etcd_client::Txn::new().and_then(ops))
+                        .await
+                        .map(|_| end - start)
+                }
+            })
+            .buffer_unordered(8);
+        while let Some(result) = txns.next().await {
+            progress.inc(result?);
+        }
+        progress.finish_and_clear();
+        Ok(())
+    }
+
+    async fn get(&mut self) -> anyhow::Result<()> {
+        let records = self.settings.records as u64;
+        let connections = self.settings.connections;
+        let payload_bytes = self.settings.payload_bytes;
+        let dir = self.dir("get-data")?;
+        if self.settings.target.is_none() {
+            self.preload_ours(&dir).await?;
+        }
+        let ours = self.ours(Some(&dir), "get").await?;
+        if let Target::External(_) = ours {
+            // The target has no data set of ours: publish it there.
+            let mut client = MetadataServiceClient::new(connect(&ours.url()).await?);
+            for i in 0..records {
+                client
+                    .publish(proto::PublishMetadataRequest {
+                        application_name: GET_APPLICATION.into(),
+                        revision: get_revision(i),
+                        metadata_info: payload(payload_bytes, 0),
+                    })
+                    .await?;
+            }
+        }
+        let echo = servers::echo(payload_bytes, &self.tmp.path().join("echo.log")).await?;
+        let etcd = if self.settings.etcd {
+            let etcd = self.etcd("etcd-get").await?;
+            self.preload_etcd(&etcd.url()).await?;
+            Some(etcd)
+        } else {
+            None
+        };
+        let ours_clients: Arc<Vec<_>> = Arc::new(
+            channels(&ours.url(), connections)
+                .await?
+                .into_iter()
+                .map(MetadataServiceClient::new)
+                .collect(),
+        );
+        let echo_clients: Arc<Vec<_>> = Arc::new(
+            channels(&echo.url(), connections)
+                .await?
+                .into_iter()
+                .map(MetadataServiceClient::new)
+                .collect(),
+        );
+        let etcd_clients = match &etcd {
+            Some(etcd) => Some(Arc::new(etcd_clients(&etcd.url(), connections).await?)),
+            None => None,
+        };
+        for random in [false, true] {
+            let case = if random { "random" } else { "hot" };
+            let pick = move |worker: usize, seq: u64| {
+                if random {
+                    stats::SplitMix::new((worker as u64) << 40 | seq).below(records)
+                } else {
+                    0
+                }
+            };
+            for (server, clients, pid) in [
+                (Server::Ours, ours_clients.clone(), ours.pid()),
+                (Server::Echo, echo_clients.clone(), Some(echo.pid())),
+            ] {
+                let op: load::Op = Arc::new(move |worker, seq| {
+                    let mut client = clients[worker % clients.len()].clone();
+                    let revision = get_revision(pick(worker, seq));
+                    async move {
+                        let response = client
+                            .get(proto::GetMetadataRequest {
+                                application_name: GET_APPLICATION.into(),
+                                revision,
+                            })
+                            .await?;
+                        if response.get_ref().metadata_info.is_empty() {
+                            bail!("an empty answer");
+                        }
+                        Ok(())
+                    }
+                    .boxed()
+                });
+                self.unary("get", case, server, op, pid).await;
+            }
+            if let (Some(etcd), Some(clients)) = (&etcd, &etcd_clients) {
+                let clients = clients.clone();
+                let op: load::Op = Arc::new(move |worker, seq| {
+                    let mut kv = clients[worker % clients.len()].kv_client();
+                    let key = format!("{ETCD_GET_PREFIX}{}", get_revision(pick(worker, seq)));
+                    async move {
+                        let response = kv.get(key, None).await?;
+                        if response.kvs().is_empty() {
+                            bail!("a missing key");
+                        }
+                        Ok(())
+                    }
+                    .boxed()
+                });
+                self.unary("get", case, Server::Etcd, op, Some(etcd.pid()))
+                    .await;
+            }
+        }
+        ours.stop().await;
+        echo.stop().await;
+        if let Some(etcd) = etcd {
+            etcd.stop().await;
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, refresh: bool) -> anyhow::Result<()> {
+        let scenario = if refresh {
+            "publish-refresh"
+        } else {
+            "publish-new"
+        };
+        let connections = self.settings.connections;
+        let payload_bytes = self.settings.payload_bytes;
+        let ours = self.ours(None, scenario).await?;
+        let clients: Arc<Vec<_>> = Arc::new(
+            channels(&ours.url(), connections)
+                .await?
+                .into_iter()
+                .map(MetadataServiceClient::new)
+                .collect(),
+        );
+        let value = Arc::new(payload(payload_bytes, 0));
+        if refresh {
+            // Every worker re-publishes its own record: create them first.
+            for worker in 0..self.settings.concurrency {
+                clients[0]
+                    .clone()
+                    .publish(proto::PublishMetadataRequest {
+                        application_name: "bench-refresh".into(),
+                        revision: format!("w{worker}"),
+                        metadata_info: value.to_string(),
+                    })
+                    .await?;
+            }
+        }
+        // Unique per run, so a `--target` that keeps state still sees new content.
+        let run = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let op: load::Op = {
+            let clients = clients.clone();
+            Arc::new(move |worker, seq| {
+                let mut client = clients[worker % clients.len()].clone();
+                let request = if refresh {
+                    proto::PublishMetadataRequest {
+                        application_name: "bench-refresh".into(),
+                        revision: format!("w{worker}"),
+                        metadata_info: value.to_string(),
+                    }
+                } else {
+                    proto::PublishMetadataRequest {
+                        application_name: "bench-new".into(),
+                        revision: format!("{run}-w{worker}-{seq}"),
+                        metadata_info: payload(payload_bytes, seq),
+                    }
+                };
+                async move {
+                    client.publish(request).await?;
+                    Ok(())
+                }
+                .boxed()
+            })
+        };
+        let case = if refresh { "identical" } else { "new" };
+        self.unary(scenario, case, Server::Ours, op, ours.pid())
+            .await;
+        ours.stop().await;
+        if self.settings.etcd && !refresh {
+            let etcd = self.etcd("etcd-put").await?;
+            let clients = Arc::new(etcd_clients(&etcd.url(), connections).await?);
+            let op: load::Op = Arc::new(move |worker, seq| {
+                let mut kv = clients[worker % clients.len()].kv_client();
+                let key = format!("/bench/new/w{worker}-{seq}");
+                let value = payload(payload_bytes, seq);
+                async move {
+                    kv.put(key, value, None).await?;
+                    Ok(())
+                }
+                .boxed()
+            });
+            self.unary(scenario, case, Server::Etcd, op, Some(etcd.pid()))
+                .await;
+            etcd.stop().await;
+        }
+        Ok(())
+    }
+
+    async fn fanout(&mut self) -> anyhow::Result<()> {
+        let points = self.settings.fanout_streams.clone();
+        let largest = points.iter().copied().max().unwrap_or(0);
+        for &n in &points {
+            self.fanout_one(fanout::Kind::Sotw, n).await?;
+            if n == largest {
+                self.fanout_one(fanout::Kind::Delta, n).await?;
+            }
+            if self.settings.etcd {
+                self.fanout_one(fanout::Kind::EtcdWatch, n).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fanout_one(&mut self, kind: fanout::Kind, n: usize) -> anyhow::Result<()> {
+        let connections = self.settings.fanout_connections.min(n).max(1);
+        let updates = self.settings.fanout_updates;
+        let payload_bytes = self.settings.payload_bytes;
+        let (server, case_kind) = match kind {
+            fanout::Kind::Sotw => (Server::Ours, "sotw"),
+            fanout::Kind::Delta => (Server::Ours, "delta"),
+            fanout::Kind::EtcdWatch => (Server::Etcd, "sotw"),
+        };
+        let case = format!("{case_kind}-{n}x{connections}");
+        let progress = bar(
+            format!("fanout {case} {}: opening", server_label(server)),
+            updates as u64,
+        );
+        let (target, mut publish): (Target, Publisher) = match server {
+            Server::Etcd => {
+                let etcd = self.etcd("etcd-fanout").await?;
+                let client = etcd_client::Client::connect([etcd.url()], None).await?;
+                (
+                    Target::Grpc(Box::new(etcd)),
+                    Publisher::Etcd(Box::new(client)),
+                )
+            }
+            _ => {
+                let ours = self.ours(None, "fanout").await?;
+                let client = MetadataServiceClient::new(connect(&ours.url()).await?);
+                (ours, Publisher::Ours(client))
+            }
+        };
+        publish.publish(payload(payload_bytes, 0)).await?;
+        let rss_before = target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
+        let mut streams = fanout::open(kind, &target.url(), n, connections).await?;
+        let mut samples = Vec::new();
+        let mut missing = 0;
+        let (mut server_cpu, mut generator_cpu) = (0.0, 0.0);
+        progress.set_message(format!("fanout {case} {}", server_label(server)));
+        for update in 1..=updates as u64 {
+            let server0 = target.pid().and_then(|p| procfs::cpu_seconds(&p).ok());
+            let generator0 = procfs::cpu_seconds("self")?;
+            let t0 = Instant::now();
+            publish.publish(payload(payload_bytes, update)).await?;
+            let result = streams.collect(update, t0, Duration::from_secs(60)).await;
+            // Let the ACKs arrive and be processed: they are part of an update's cost.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let (Some(before), Some(after)) = (
+                server0,
+                target.pid().and_then(|p| procfs::cpu_seconds(&p).ok()),
+            ) {
+                server_cpu += after - before;
+            }
+            generator_cpu += procfs::cpu_seconds("self")? - generator0;
+            missing += result.missing;
+            samples.extend(result.latencies_us);
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        let rss_after = target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
+        let failed = streams.failed.load(std::sync::atomic::Ordering::Relaxed);
+        drop(streams);
+        target.stop().await;
+        let latency = stats::Latency::of(&mut samples);
+        self.rows.push(Row {
+            scenario: "fanout".into(),
+            case,
+            server,
+            concurrency: n,
+            connections,
+            figures: Figures {
+                throughput: None,
+                p50_us: Some(latency.p50_us),
+                p99_us: Some(latency.p99_us),
+                max_us: Some(latency.max_us),
+                server_cpu_us_per_op: rss_before.map(|_| server_cpu * 1e6 / updates as f64),
+                generator_cpu_us_per_op: Some(generator_cpu * 1e6 / updates as f64),
+                rss_bytes: rss_after,
+                rss_per_stream_bytes: match (rss_before, rss_after) {
+                    (Some(b), Some(a)) => Some((a as f64 - b as f64) / n as f64),
+                    _ => None,
+                },
+                errors: missing + failed,
+                first_error: (missing + failed > 0)
+                    .then(|| format!("{missing} deliveries missing, {failed} streams ended")),
+                ..Default::default()
+            },
+        });
+        Ok(())
+    }
+
+    async fn streams(&mut self) -> anyhow::Result<()> {
+        if self.settings.target.is_some() {
+            return Ok(());
+        }
+        for (n, connections) in self.settings.streams_points.clone() {
+            self.streams_one(fanout::Kind::Sotw, n, connections).await?;
+            if self.settings.etcd {
+                self.streams_one(fanout::Kind::EtcdWatch, n, connections)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn streams_one(
+        &mut self,
+        kind: fanout::Kind,
+        n: usize,
+        connections: usize,
+    ) -> anyhow::Result<()> {
+        let server = if kind == fanout::Kind::EtcdWatch {
+            Server::Etcd
+        } else {
+            Server::Ours
+        };
+        let case = format!("{n}x{connections}");
+        let progress = bar(format!("streams {case} {}", server_label(server)), 1);
+        progress.tick();
+        let target = match server {
+            Server::Etcd => {
+                let etcd = self.etcd("etcd-streams").await?;
+                let mut client = etcd_client::Client::connect([etcd.url()], None).await?;
+                client
+                    .put(
+                        fanout::ETCD_KEY,
+                        payload(self.settings.payload_bytes, 0),
+                        None,
+                    )
+                    .await?;
+                Target::Grpc(Box::new(etcd))
+            }
+            _ => {
+                let ours = self.ours(None, "streams").await?;
+                MetadataServiceClient::new(connect(&ours.url()).await?)
+                    .publish(proto::PublishMetadataRequest {
+                        application_name: fanout::APPLICATION.into(),
+                        revision: fanout::REVISION.into(),
+                        metadata_info: payload(self.settings.payload_bytes, 0),
+                    })
+                    .await?;
+                ours
+            }
+        };
+        let pid = target.pid().context("streams needs a server it started")?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = procfs::rss_bytes(&pid)?;
+        let opened = Instant::now();
+        let streams = fanout::open(kind, &target.url(), n, connections).await;
+        let open_seconds = opened.elapsed().as_secs_f64();
+        let (after, errors, first_error) = match &streams {
+            Ok(_) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                (procfs::rss_bytes(&pid)?, 0, None)
+            }
+            Err(error) => (before, 1, Some(format!("{error:#}"))),
+        };
+        drop(streams);
+        target.stop().await;
+        progress.finish_and_clear();
+        self.rows.push(Row {
+            scenario: "streams".into(),
+            case,
+            server,
+            concurrency: n,
+            connections,
+            figures: Figures {
+                // Streams opened per second.
+                throughput: Some(n as f64 / open_seconds),
+                rss_bytes: Some(after),
+                rss_per_stream_bytes: Some((after as f64 - before as f64) / n as f64),
+                errors,
+                first_error,
+                ..Default::default()
+            },
+        });
+        Ok(())
+    }
+
+    async fn startup(&mut self) -> anyhow::Result<()> {
+        if self.settings.target.is_some() {
+            return Ok(());
+        }
+        let records = self.settings.records;
+        let runs = if self.settings.quick { 1 } else { 3 };
+        let dir = self.tmp.path().join("get-data");
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)?;
+            self.preload_ours(&dir).await?;
+        }
+        let mut ours_ms = Vec::new();
+        for _ in 0..runs {
+            let log = self.tmp.path().join("startup.log");
+            let process = servers::ours(&dir, &log).await?;
+            ours_ms.push(process.ready_after.as_secs_f64() * 1000.0);
+            process.stop().await;
+        }
+        self.push_startup(Server::Ours, records, &mut ours_ms);
+        if self.settings.etcd {
+            let dir = self.dir("etcd-startup")?;
+            let etcd = servers::etcd(&dir).await?;
+            self.preload_etcd(&etcd.url()).await?;
+            etcd.stop().await;
+            let mut etcd_ms = Vec::new();
+            for _ in 0..runs {
+                let etcd = servers::etcd(&dir).await?;
+                etcd_ms.push(etcd.ready_after.as_secs_f64() * 1000.0);
+                etcd.stop().await;
+            }
+            self.push_startup(Server::Etcd, records, &mut etcd_ms);
+        }
+        Ok(())
+    }
+
+    fn push_startup(&mut self, server: Server, records: usize, ms: &mut [f64]) {
+        ms.sort_by(f64::total_cmp);
+        self.rows.push(Row {
+            scenario: "startup".into(),
+            case: records.to_string(),
+            server,
+            concurrency: 1,
+            connections: 0,
+            figures: Figures {
+                // The median of the runs.
+                ready_ms: ms.get(ms.len() / 2).copied(),
+                max_us: ms.last().map(|m| m * 1000.0),
+                ..Default::default()
+            },
+        });
+    }
+}
+
+fn server_label(server: Server) -> &'static str {
+    match server {
+        Server::Ours => "ours",
+        Server::Etcd => "etcd",
+        Server::Echo => "echo",
+    }
+}
+
+/// The one publisher of a fan-out run.
+enum Publisher {
+    Ours(MetadataServiceClient<Channel>),
+    Etcd(Box<etcd_client::Client>),
+}
+
+impl Publisher {
+    async fn publish(&mut self, value: String) -> anyhow::Result<()> {
+        match self {
+            Publisher::Ours(client) => {
+                client
+                    .publish(proto::PublishMetadataRequest {
+                        application_name: fanout::APPLICATION.into(),
+                        revision: fanout::REVISION.into(),
+                        metadata_info: value,
+                    })
+                    .await?;
+            }
+            Publisher::Etcd(client) => {
+                client.put(fanout::ETCD_KEY, value, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_have_the_size_and_differ() {
+        for bytes in [32, 100, 1024] {
+            assert_eq!(payload(bytes, 7).len(), bytes);
+        }
+        assert_ne!(payload(64, 1), payload(64, 2));
+        assert!(serde_json::from_str::<serde_json::Value>(&payload(64, 3)).is_ok());
+    }
+
+    #[test]
+    fn streams_points_parse() {
+        assert_eq!(parse_point("10000x100").unwrap(), (10_000, 100));
+        assert!(parse_point("10000").is_err());
+    }
+}

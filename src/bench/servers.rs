@@ -1,0 +1,251 @@
+//! The servers a run measures, each started in its own process on loopback (so its CPU and
+//! memory can be read from `/proc`) and killed when dropped: ours (this binary's `serve`),
+//! the bare tonic echo (`bench echo-server`) and etcd.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+/// How long a server may take to print its address or become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A server process, killed on drop.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    pid: u32,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its admin HTTP address, when it has one.
+    pub admin: Option<SocketAddr>,
+    /// How long from spawning it until it was ready.
+    pub ready_after: Duration,
+}
+
+impl Process {
+    /// The process id, as `/proc` names it.
+    pub fn pid(&self) -> String {
+        self.pid.to_string()
+    }
+
+    /// `http://ADDR` of the gRPC port.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills it and waits for it to exit.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Starts `pixiu-metadata serve` (this very binary) on an embedded store in `data_dir` and
+/// waits until `/readyz` answers 200.
+pub async fn ours(data_dir: &Path, log: &Path) -> anyhow::Result<Process> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut command = Command::new(exe);
+    command
+        .arg("serve")
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--store", "embedded", "--data-dir"])
+        .arg(data_dir)
+        .args(["--max-records-per-namespace", "100000000"])
+        .args(["--max-streams", "1000000"])
+        .env("RUST_LOG", "error");
+    let started = Instant::now();
+    let (child, lines) = spawn(command, log)?;
+    let mut process = from_lines(
+        child,
+        lines,
+        "grpc listening on ",
+        Some("admin listening on "),
+    )
+    .await?;
+    let admin = process.admin.context("serve printed no admin address")?;
+    wait_http(admin, "/readyz", "200 OK", started).await?;
+    process.ready_after = started.elapsed();
+    Ok(process)
+}
+
+/// Starts the bare tonic echo server (`bench echo-server`), answering `payload_bytes`.
+pub async fn echo(payload_bytes: usize, log: &Path) -> anyhow::Result<Process> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut command = Command::new(exe);
+    command
+        .args([
+            "bench",
+            "echo-server",
+            "--addr",
+            "127.0.0.1:0",
+            "--payload-bytes",
+        ])
+        .arg(payload_bytes.to_string());
+    let started = Instant::now();
+    let (child, lines) = spawn(command, log)?;
+    let mut process = from_lines(child, lines, super::echo::LISTENING, None).await?;
+    process.ready_after = started.elapsed();
+    Ok(process)
+}
+
+/// The etcd binary: `$ETCD_BIN`, else `etcd` on `$PATH`, else Debian's.
+pub fn etcd_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ETCD_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("etcd"))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+}
+
+/// Starts a single-member etcd on loopback with its data in `dir` (default durability: fsync
+/// on every commit) and waits until `/health` says so.
+pub async fn etcd(dir: &Path) -> anyhow::Result<Process> {
+    let client_port = free_port()?;
+    let peer_port = free_port()?;
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut command = Command::new(etcd_binary());
+    command
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("data"))
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .arg("--initial-cluster")
+        .arg(format!("bench={peer}"))
+        .args(["--logger", "zap", "--log-level", "warn"])
+        // Room for the 100,000-record data set and the publish scenarios.
+        .args(["--quota-backend-bytes", "8589934592"]);
+    let started = Instant::now();
+    let (child, _lines) = spawn(command, &dir.join("etcd.log")).with_context(|| {
+        format!(
+            "starting {} (Debian's etcd-server; scripts/test installs it)",
+            etcd_binary().display()
+        )
+    })?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], client_port));
+    let pid = child.id().context("etcd exited at once")?;
+    let mut process = Process {
+        child,
+        pid,
+        addr,
+        admin: None,
+        ready_after: Duration::ZERO,
+    };
+    wait_http(addr, "/health", "\"health\":\"true\"", started).await?;
+    process.ready_after = started.elapsed();
+    Ok(process)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+fn spawn(mut command: Command, log: &Path) -> anyhow::Result<(Child, Lines)> {
+    let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    Ok((child, BufReader::new(stdout).lines()))
+}
+
+/// Reads the address lines a server prints on standard output.
+async fn from_lines(
+    child: Child,
+    mut lines: Lines,
+    grpc_prefix: &str,
+    admin_prefix: Option<&str>,
+) -> anyhow::Result<Process> {
+    let pid = child.id().context("the server exited at once")?;
+    let mut addr = None;
+    let mut admin = None;
+    let read = async {
+        while addr.is_none() || (admin_prefix.is_some() && admin.is_none()) {
+            let Some(line) = lines.next_line().await? else {
+                bail!("the server exited before printing its address");
+            };
+            if let Some(rest) = line.strip_prefix(grpc_prefix) {
+                addr = Some(rest.trim().parse::<SocketAddr>()?);
+            } else if let Some(rest) = admin_prefix.and_then(|p| line.strip_prefix(p)) {
+                admin = Some(rest.trim().parse::<SocketAddr>()?);
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(START_TIMEOUT, read)
+        .await
+        .context("the server printed no address in time")??;
+    // Keep draining stdout so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Process {
+        child,
+        pid,
+        addr: addr.context("no address")?,
+        admin,
+        ready_after: Duration::ZERO,
+    })
+}
+
+/// Polls `GET path` on `addr` until the answer contains `needle`.
+async fn wait_http(
+    addr: SocketAddr,
+    path: &str,
+    needle: &str,
+    started: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        if http_contains(addr, path, needle).await {
+            return Ok(());
+        }
+        if started.elapsed() > START_TIMEOUT {
+            bail!("{addr}{path} not ready within {START_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn http_contains(addr: SocketAddr, path: &str, needle: &str) -> bool {
+    let check = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        Some(body.contains(needle))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Some(true))
+    )
+}
