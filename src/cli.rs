@@ -146,6 +146,9 @@ pub struct ServeArgs {
     /// ClusterLoadAssignment resources, served to every xDS client and watched for changes.
     #[arg(long, env = "PIXIU_METADATA_ENVOY_CONFIG_DIR")]
     pub envoy_config_dir: Option<PathBuf>,
+    /// TLS, authentication and connection limits.
+    #[command(flatten)]
+    pub security: crate::security::cli::SecurityArgs,
 }
 
 impl ServeArgs {
@@ -171,6 +174,7 @@ impl ServeArgs {
         }
         config.lease.ttl = self.metadata_ttl;
         config.envoy.config_dir = self.envoy_config_dir.clone();
+        self.security.apply(&mut config)?;
         Ok(config)
     }
 }

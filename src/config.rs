@@ -24,6 +24,8 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// Standard Envoy resources from a watched directory.
     pub envoy: crate::push::envoy::EnvoyConfig,
+    /// TLS, authentication, authorization and connection limits.
+    pub security: crate::security::SecurityConfig,
 }
 
 /// Record leases: a record not re-published within `ttl` is deleted.
@@ -102,6 +104,7 @@ impl Default for Config {
                 ttl: Duration::from_secs(24 * 60 * 60),
             },
             envoy: crate::push::envoy::EnvoyConfig::default(),
+            security: crate::security::SecurityConfig::default(),
         }
     }
 }

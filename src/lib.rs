@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -23,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod push;
+pub mod security;
 pub mod store;
 
 pub use config::Config;
@@ -39,6 +39,9 @@ pub enum Error {
     /// The gRPC transport failed.
     #[error("serving gRPC")]
     Transport(#[source] tonic::transport::Error),
+    /// The TLS, token, policy or admin token settings could not be loaded.
+    #[error("loading the security settings")]
+    Security(#[source] security::Error),
 }
 
 /// Opens the store named by `config`.
@@ -103,6 +106,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let Listeners { grpc, admin } = listeners.into();
+    if let Some(admin_addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+        security::check_admin_exposure(admin_addr, config.security.admin_token_file.is_some())
+            .map_err(Error::Security)?;
+    }
     let (cache, writer) = pixiu_xds::cache();
     // Envoy resources are in the cache before ADS serves, like the store's first state.
     let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
@@ -114,6 +121,8 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let metrics = metrics::Metrics::new();
+    let secured = security::load(&config.security, &config.api.default_namespace, &metrics)
+        .map_err(Error::Security)?;
     let registry = pixiu_xds::Registry::new();
     let pushes = admin::PushLog::new();
     // Admin HTTP starts before the cache is warmed, so /readyz can say it is not.
@@ -126,9 +135,13 @@ pub async fn serve(
             warmed.clone(),
             pushes.clone(),
         );
+        let router = match &secured.admin_token {
+            Some(token) => security::require_admin_token(admin::router(state), token.clone()),
+            None => admin::router(state),
+        };
         tokio::spawn(admin::serve(
             listener,
-            admin::router(state),
+            router,
             shutdown.clone(),
             config.admin.shutdown_timeout,
         ))
@@ -145,11 +158,16 @@ pub async fn serve(
         }),
         shutdown.clone(),
     ));
-    let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone());
-    let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone());
+    let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone())
+        .with_security(secured.authorizer.clone(), secured.publish_rate.clone());
+    let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone()).with_filter(Arc::new(
+        security::CsdsAccess::new(secured.authorizer.clone()),
+    ));
     let ads = pixiu_xds::AdsServer::new(
         cache,
-        Arc::new(push::NamespaceResolver::new(&config.api.default_namespace)),
+        Arc::new(push::NamespaceResolver::with_authorizer(
+            secured.authorizer.clone(),
+        )),
         registry,
         config.xds.clone(),
         shutdown.clone(),
@@ -174,8 +192,18 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::Reflection)?;
 
     let addr = grpc.local_addr().ok();
-    info!(grpc.addr = ?addr, store = store.backend(), "serving");
-    let result = tonic::transport::Server::builder()
+    info!(grpc.addr = ?addr, store = store.backend(), tls = secured.tls.is_some(), auth = secured.authorizer.required(), "serving");
+    if secured.tls.is_none() && addr.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::error!(
+            grpc.addr = ?addr,
+            "PLAINTEXT gRPC ON A NON-LOOPBACK ADDRESS: anyone who can reach this port can read \
+             and overwrite every namespace's metadata. Use --tls-cert/--tls-key/--client-ca \
+             outside local development."
+        );
+    }
+    let limits = &config.security.limits;
+    let router = limits
+        .apply(tonic::transport::Server::builder())
         // tonic reports a request over the message size limit as OUT_OF_RANGE; our contract
         // for size limits is RESOURCE_EXHAUSTED. No handler of ours returns OUT_OF_RANGE.
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
@@ -185,13 +213,37 @@ pub async fn serve(
         .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await
-        .map_err(Error::Transport);
+        .add_service(reflection_v1alpha);
+    let result = match secured.tls {
+        Some(tls) => {
+            tokio::spawn(
+                tls.clone().watch(
+                    config
+                        .security
+                        .tls_reload_interval
+                        .unwrap_or(std::time::Duration::from_secs(5)),
+                    shutdown.clone(),
+                ),
+            );
+            let incoming = security::tls::incoming_tls(
+                grpc,
+                tls,
+                limits.accept(),
+                Arc::new(metrics.clone()),
+                shutdown.clone(),
+            );
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                .await
+        }
+        None => {
+            let incoming = security::tls::incoming_plain(grpc, limits.accept(), shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                .await
+        }
+    }
+    .map_err(Error::Transport);
     shutdown.cancel();
     let _ = push_task.await;
     if let Some(Ok(Err(error))) = match admin_task {

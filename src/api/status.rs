@@ -5,7 +5,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{model::Invalid, store};
+use crate::{model::Invalid, security::Denied, store};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,15 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// Authentication or authorization refused the request.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The caller's publish rate limit is used up; retrying after `retry_after` helps.
+    #[error("publish rate limit exceeded; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// How long until the next publish is accepted.
+        retry_after: std::time::Duration,
+    },
 }
 
 /// The status code of an error.
@@ -43,6 +52,11 @@ pub fn code(error: &Error) -> Code {
             store::Error::Storage(_) => Code::Internal,
             store::Error::NamespaceFull { .. } => Code::ResourceExhausted,
         },
+        Error::Denied(denied) => match denied {
+            Denied::Unauthenticated | Denied::BadCredentials => Code::Unauthenticated,
+            Denied::PermissionDenied => Code::PermissionDenied,
+        },
+        Error::RateLimited { .. } => Code::ResourceExhausted,
     }
 }
 
@@ -57,9 +71,20 @@ impl From<Error> for Status {
             Error::Store(store::Error::Storage(_)) => {
                 "the store failed; see the server log".to_string()
             }
+            Error::RateLimited { retry_after } => {
+                // RetryInfo in grpc-status-details-bin, as google.rpc defines for quota
+                // errors, so clients with standard retry support back off by it.
+                use tonic_types::{ErrorDetails, StatusExt};
+                return Status::with_error_details(
+                    code,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(*retry_after)),
+                );
+            }
             Error::Invalid(_)
             | Error::Namespace(_)
             | Error::NotFound { .. }
+            | Error::Denied(_)
             | Error::Store(store::Error::NamespaceFull { .. }) => error.to_string(),
         };
         Status::new(code, message)
@@ -93,6 +118,21 @@ mod tests {
             (
                 Error::Store(store::Error::Storage("/secret/path".into())),
                 Code::Internal,
+            ),
+            (
+                Error::Denied(Denied::Unauthenticated),
+                Code::Unauthenticated,
+            ),
+            (Error::Denied(Denied::BadCredentials), Code::Unauthenticated),
+            (
+                Error::Denied(Denied::PermissionDenied),
+                Code::PermissionDenied,
+            ),
+            (
+                Error::RateLimited {
+                    retry_after: std::time::Duration::from_millis(20),
+                },
+                Code::ResourceExhausted,
             ),
         ];
         for (error, expected) in cases {

@@ -228,3 +228,4 @@ impl AdsClient {
     }
 }
 pub mod etcd;
+pub mod pki;
