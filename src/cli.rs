@@ -165,6 +165,9 @@ pub struct ServeArgs {
     /// data planes over ECDS and watched for changes.
     #[arg(long, env = "PIXIU_METADATA_PIXIU_CONFIG_DIR")]
     pub pixiu_config_dir: Option<PathBuf>,
+    /// TLS, authentication and connection limits.
+    #[command(flatten)]
+    pub security: crate::security::cli::SecurityArgs,
 }
 
 impl ServeArgs {
@@ -194,6 +197,7 @@ impl ServeArgs {
         config.lease.ttl = self.metadata_ttl;
         config.envoy.config_dir = self.envoy_config_dir.clone();
         config.pixiu.config_dir = self.pixiu_config_dir.clone();
+        self.security.apply(&mut config)?;
         Ok(config)
     }
 }

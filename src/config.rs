@@ -26,6 +26,8 @@ pub struct Config {
     pub envoy: crate::push::envoy::EnvoyConfig,
     /// Pixiu listeners and clusters (served over ECDS) from a watched directory.
     pub pixiu: crate::push::pixiu::PixiuConfig,
+    /// TLS, authentication, authorization and connection limits.
+    pub security: crate::security::SecurityConfig,
 }
 
 /// Record leases: a record not re-published within `ttl` is deleted.
@@ -122,6 +124,7 @@ impl Default for Config {
             },
             envoy: crate::push::envoy::EnvoyConfig::default(),
             pixiu: crate::push::pixiu::PixiuConfig::default(),
+            security: crate::security::SecurityConfig::default(),
         }
     }
 }

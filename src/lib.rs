@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod push;
+pub mod security;
 pub mod store;
 pub mod watches;
 
@@ -43,6 +44,9 @@ pub enum Error {
     /// The gRPC transport failed.
     #[error("serving gRPC")]
     Transport(#[source] tonic::transport::Error),
+    /// The TLS, token, policy or admin token settings could not be loaded.
+    #[error("loading the security settings")]
+    Security(#[source] security::Error),
 }
 
 /// Opens the store named by `config`.
@@ -126,6 +130,10 @@ pub async fn serve(
         store,
         metrics.store_operations.clone(),
     ));
+    if let Some(admin_addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+        security::check_admin_exposure(admin_addr, config.security.admin_token_file.is_some())
+            .map_err(Error::Security)?;
+    }
     let (cache, writer) = pixiu_xds::cache();
     // Envoy resources are in the cache before ADS serves, like the store's first state.
     let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
@@ -137,6 +145,8 @@ pub async fn serve(
         warmed_tx,
         shutdown.clone(),
     ));
+    let secured = security::load(&config.security, &config.api.default_namespace, &metrics)
+        .map_err(Error::Security)?;
     let registry = pixiu_xds::Registry::new();
     let pushes = admin::PushLog::new();
     // Admin HTTP starts before the cache is warmed, so /readyz can say it is not.
@@ -149,9 +159,13 @@ pub async fn serve(
             warmed.clone(),
             pushes.clone(),
         );
+        let router = match &secured.admin_token {
+            Some(token) => security::require_admin_token(admin::router(state), token.clone()),
+            None => admin::router(state),
+        };
         tokio::spawn(admin::serve(
             listener,
-            admin::router(state),
+            router,
             shutdown.clone(),
             config.admin.shutdown_timeout,
         ))
@@ -169,13 +183,16 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let watch_hub = watches::WatchHub::new(cache.clone(), config.xds.max_streams, shutdown.clone());
-    let api =
-        api::Api::new(store.clone(), config.api.clone(), metrics.clone()).with_watch(watch_hub);
-    let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone());
+    let api = api::Api::new(store.clone(), config.api.clone(), metrics.clone())
+        .with_security(secured.authorizer.clone(), secured.publish_rate.clone())
+        .with_watch(watch_hub);
+    let csds = pixiu_xds::CsdsServer::new(registry.clone(), cache.clone()).with_filter(Arc::new(
+        security::CsdsAccess::new(secured.authorizer.clone()),
+    ));
     let ads = pixiu_xds::AdsServer::new(
         cache,
-        Arc::new(clients::WithQuirks(push::NamespaceResolver::new(
-            &config.api.default_namespace,
+        Arc::new(clients::WithQuirks(push::NamespaceResolver::with_authorizer(
+            secured.authorizer.clone(),
         ))),
         registry,
         config.xds.clone(),
@@ -205,8 +222,18 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::Reflection)?;
 
     let addr = grpc.local_addr().ok();
-    info!(grpc.addr = ?addr, store = store.backend(), "serving");
-    let serving = tonic::transport::Server::builder()
+    info!(grpc.addr = ?addr, store = store.backend(), tls = secured.tls.is_some(), auth = secured.authorizer.required(), "serving");
+    if secured.tls.is_none() && addr.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::error!(
+            grpc.addr = ?addr,
+            "PLAINTEXT gRPC ON A NON-LOOPBACK ADDRESS: anyone who can reach this port can read \
+             and overwrite every namespace's metadata. Use --tls-cert/--tls-key/--client-ca \
+             outside local development."
+        );
+    }
+    let limits = &config.security.limits;
+    let router = limits
+        .apply(tonic::transport::Server::builder())
         // tonic reports a request over the message size limit as OUT_OF_RANGE; our contract
         // for size limits is RESOURCE_EXHAUSTED. No handler of ours returns OUT_OF_RANGE.
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
@@ -220,13 +247,39 @@ pub async fn serve(
         .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            // tonic's own `tcp_nodelay` applies only to listeners it binds: without this, Nagle
-            // holds each small response until the peer's delayed ACK (~40 ms per unary call).
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
+        .add_service(reflection_v1alpha);
+    let serving = async {
+        match secured.tls {
+            Some(tls) => {
+                tokio::spawn(
+                    tls.clone().watch(
+                        config
+                            .security
+                            .tls_reload_interval
+                            .unwrap_or(std::time::Duration::from_secs(5)),
+                        shutdown.clone(),
+                    ),
+                );
+                let incoming = security::tls::incoming_tls(
+                    grpc,
+                    tls,
+                    limits.accept(),
+                    Arc::new(metrics.clone()),
+                    shutdown.clone(),
+                );
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                    .await
+            }
+            None => {
+                let incoming =
+                    security::tls::incoming_plain(grpc, limits.accept(), shutdown.clone());
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                    .await
+            }
+        }
+    };
     // Graceful shutdown waits for every connection to finish; bound that wait, so a client
     // that never completes a request cannot hold the process.
     let drain_timeout = config.grpc.drain_timeout;

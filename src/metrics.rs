@@ -79,6 +79,22 @@ pub struct NamespaceLabels {
     pub kind: String,
 }
 
+/// Labels of security counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// The operation (`publish`, `get`, `list`, `delete`, `subscribe`, `status`).
+    pub operation: String,
+    /// Why (`unauthenticated`, `bad_credentials`, `permission_denied`, `rate_limited`).
+    pub reason: String,
+}
+
+/// Labels of TLS handshake failures.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `handshake`, `timeout` or `too_many_pending`.
+    pub reason: String,
+}
+
 /// Every metric of the service.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -109,6 +125,10 @@ pub struct Metrics {
     pub records: Family<NamespaceLabels, Gauge>,
     /// Seconds each store operation took, by backend, operation and result.
     pub store_operations: Family<StoreLabels, Histogram>,
+    /// Requests and streams refused by authentication, authorization or rate limits.
+    pub denials: Family<DenialLabels, Counter>,
+    /// TLS connections that did not finish their handshake.
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -195,8 +215,22 @@ impl Metrics {
             "Seconds a store operation took (a put includes its durable commit), by backend, operation and result",
             store_operations.clone(),
         );
+        let denials = Family::<DenialLabels, Counter>::default();
+        registry.register(
+            "denials",
+            "Requests and streams refused by authentication, authorization or rate limits, by operation and reason",
+            denials.clone(),
+        );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS connections that did not finish their handshake, by reason",
+            tls_handshake_failures.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            denials,
+            tls_handshake_failures,
             requests,
             revision_conflicts,
             lease_refreshes,
@@ -224,6 +258,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one denial.
+    pub fn denial(&self, operation: &str, reason: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                operation: operation.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     /// The label set of a kind.
     pub fn kind(kind: Kind) -> KindLabels {
         KindLabels {
@@ -236,6 +280,16 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+impl crate::security::tls::AcceptObserver for Metrics {
+    fn handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 }
 

@@ -7,6 +7,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{Api, Error};
+use crate::security::Operation;
 use crate::{
     model::{self, Key, Kind},
     pb::{
@@ -82,7 +83,7 @@ impl ServiceMappingService for Api {
         request: Request<RegisterServiceMappingRequest>,
     ) -> Result<Response<RegisterServiceMappingResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Publish)?;
             let request = request.get_ref();
             model::check_interface(&request.interface)?;
             model::check_application(&request.application_name)?;
@@ -99,7 +100,7 @@ impl ServiceMappingService for Api {
         request: Request<GetServiceMappingRequest>,
     ) -> Result<Response<GetServiceMappingResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Get)?;
             let request = request.get_ref();
             model::check_interface(&request.interface)?;
             let application_names = self.applications_of(&namespace, &request.interface).await?;
@@ -122,7 +123,7 @@ impl ServiceMappingService for Api {
         request: Request<ListServiceMappingsRequest>,
     ) -> Result<Response<ListServiceMappingsResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::List)?;
             let request = request.into_inner();
             if !request.interface_prefix.is_empty() {
                 model::check_name("interface_prefix", &request.interface_prefix)?;
@@ -162,7 +163,7 @@ impl ServiceMappingService for Api {
         request: Request<UnregisterServiceMappingRequest>,
     ) -> Result<Response<UnregisterServiceMappingResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Delete)?;
             let request = request.get_ref();
             model::check_interface(&request.interface)?;
             model::check_application(&request.application_name)?;
@@ -197,10 +198,11 @@ impl ServiceNameMappingService for Api {
     ) -> Result<Response<ServiceMappingResponse>, Status> {
         let result = async {
             let namespace = if request.get_ref().namespace.is_empty() {
-                self.namespace(request.metadata())?
+                self.namespace(&request, Operation::Publish)?
             } else {
                 model::check_namespace(&request.get_ref().namespace)?;
-                request.get_ref().namespace.clone()
+                let requested = request.get_ref().namespace.clone();
+                self.namespace_for(&request, Some(&requested), Operation::Publish)?
             };
             let request = request.get_ref();
             model::check_application(&request.application_name)?;

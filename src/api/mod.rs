@@ -25,6 +25,7 @@ use crate::{
             ServiceDefinitionService, ServiceDefinitionServiceServer,
         },
     },
+    security::{Authorizer, Identity, Operation, rate::RateLimiter},
     store::{ListQuery, PutOutcome, Record, Store},
 };
 
@@ -64,6 +65,8 @@ pub struct Api {
     config: Arc<ApiConfig>,
     metrics: Metrics,
     watch: Option<crate::watches::WatchHub>,
+    authorizer: Arc<Authorizer>,
+    publish_rate: Arc<RateLimiter>,
 }
 
 /// Default and largest `page_size` of `List`.
@@ -84,6 +87,8 @@ impl Api {
     pub fn new(store: Arc<dyn Store>, config: ApiConfig, metrics: Metrics) -> Self {
         Self {
             store,
+            authorizer: Arc::new(Authorizer::open(&config.default_namespace)),
+            publish_rate: Arc::new(RateLimiter::new(None, 1)),
             config: Arc::new(config),
             metrics,
             watch: None,
@@ -94,6 +99,19 @@ impl Api {
     #[must_use]
     pub fn with_watch(mut self, hub: crate::watches::WatchHub) -> Self {
         self.watch = Some(hub);
+        self
+    }
+
+    /// Decides namespaces with `authorizer` and limits each identity's publishes with
+    /// `publish_rate` (by default: no authentication, no limit).
+    #[must_use]
+    pub fn with_security(
+        mut self,
+        authorizer: Arc<Authorizer>,
+        publish_rate: Arc<RateLimiter>,
+    ) -> Self {
+        self.authorizer = authorizer;
+        self.publish_rate = publish_rate;
         self
     }
 
@@ -130,10 +148,54 @@ impl Api {
         self.config.max_value_bytes.saturating_add(4 * 1024)
     }
 
-    /// The namespace of a request: the header, else the default.
-    pub fn namespace(&self, metadata: &MetadataMap) -> Result<String, Error> {
+    /// The namespace `request` may do `operation` in: the namespace header (or none),
+    /// decided by the authorizer for the caller's identity. A publish also takes a token of
+    /// the caller's rate limit.
+    pub fn namespace<T>(
+        &self,
+        request: &Request<T>,
+        operation: Operation,
+    ) -> Result<String, Error> {
+        let requested = requested_namespace(request.metadata())?;
+        self.namespace_for(request, requested.as_deref(), operation)
+    }
+
+    /// The namespace `request` may do `operation` in when it names `requested` itself (in a
+    /// message field, as upstream's API does) rather than in the header.
+    pub fn namespace_for<T>(
+        &self,
+        request: &Request<T>,
+        requested: Option<&str>,
+        operation: Operation,
+    ) -> Result<String, Error> {
+        let decision = self.authorizer.authorize(
+            request.extensions(),
+            request.metadata(),
+            requested,
+            operation,
+        )?;
+        if operation == Operation::Publish
+            && let Identity::Workload(workload) = &decision.identity
+            && let Err(retry_after) = self
+                .publish_rate
+                .check(&workload.principal, tokio::time::Instant::now())
+        {
+            self.metrics.denial(operation.as_str(), "rate_limited");
+            warn!(
+                principal = workload.principal,
+                "publish rate limit exceeded"
+            );
+            return Err(Error::RateLimited { retry_after });
+        }
+        Ok(decision.namespace)
+    }
+}
+
+/// The namespace the header names, if any, checked to be well-formed.
+pub fn requested_namespace(metadata: &MetadataMap) -> Result<Option<String>, Error> {
+    {
         let Some(value) = metadata.get(NAMESPACE_HEADER) else {
-            return Ok(self.config.default_namespace.clone());
+            return Ok(None);
         };
         let value = value.to_str().map_err(|_| {
             Error::Namespace(model::Invalid::Forbidden {
@@ -142,9 +204,11 @@ impl Api {
             })
         })?;
         model::check_namespace(value).map_err(Error::Namespace)?;
-        Ok(value.to_string())
+        Ok(Some(value.to_string()))
     }
+}
 
+impl Api {
     async fn publish(&self, key: Key, value: &str) -> Result<PutOutcome, Error> {
         let outcome = self.store.put(&key, value, SystemTime::now()).await?;
         match &outcome {
@@ -258,7 +322,7 @@ impl MetadataService for Api {
         request: Request<PublishMetadataRequest>,
     ) -> Result<Response<PublishMetadataResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Publish)?;
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             model::check_name("revision", &request.revision)?;
@@ -280,7 +344,7 @@ impl MetadataService for Api {
         request: Request<GetMetadataRequest>,
     ) -> Result<Response<GetMetadataResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Get)?;
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             model::check_name("revision", &request.revision)?;
@@ -305,7 +369,7 @@ impl MetadataService for Api {
         request: Request<ListMetadataRequest>,
     ) -> Result<Response<ListMetadataResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::List)?;
             let request = request.into_inner();
             let prefix = if request.application_name.is_empty() {
                 String::new()
@@ -353,7 +417,7 @@ impl MetadataService for Api {
         request: Request<DeleteMetadataRequest>,
     ) -> Result<Response<DeleteMetadataResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Delete)?;
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             model::check_name("revision", &request.revision)?;
@@ -390,7 +454,7 @@ impl ServiceDefinitionService for Api {
         request: Request<PublishServiceDefinitionRequest>,
     ) -> Result<Response<PublishServiceDefinitionResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Publish)?;
             let request = request.get_ref();
             model::check_name("identifier", &request.identifier)?;
             model::check_value(
@@ -411,7 +475,7 @@ impl ServiceDefinitionService for Api {
         request: Request<GetServiceDefinitionRequest>,
     ) -> Result<Response<GetServiceDefinitionResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Get)?;
             let request = request.get_ref();
             model::check_name("identifier", &request.identifier)?;
             let key = Key::definition(&namespace, &request.identifier);
@@ -435,7 +499,7 @@ impl ServiceDefinitionService for Api {
         request: Request<ListServiceDefinitionsRequest>,
     ) -> Result<Response<ListServiceDefinitionsResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::List)?;
             let request = request.into_inner();
             if !request.identifier_prefix.is_empty() {
                 model::check_name("identifier_prefix", &request.identifier_prefix)?;
@@ -476,7 +540,7 @@ impl ServiceDefinitionService for Api {
         request: Request<DeleteServiceDefinitionRequest>,
     ) -> Result<Response<DeleteServiceDefinitionResponse>, Status> {
         let result = async {
-            let namespace = self.namespace(request.metadata())?;
+            let namespace = self.namespace(&request, Operation::Delete)?;
             let request = request.get_ref();
             model::check_name("identifier", &request.identifier)?;
             let key = Key::definition(&namespace, &request.identifier);

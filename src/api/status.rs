@@ -5,7 +5,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{model::Invalid, store};
+use crate::{model::Invalid, security::Denied, store};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,15 @@ pub enum Error {
         /// What is missing.
         what: &'static str,
     },
+    /// Authentication or authorization refused the request.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The caller's publish rate limit is used up; retrying after `retry_after` helps.
+    #[error("publish rate limit exceeded; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// How long until the next publish is accepted.
+        retry_after: std::time::Duration,
+    },
 }
 
 /// The status code of an error.
@@ -59,6 +68,11 @@ pub fn code(error: &Error) -> Code {
         },
         Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::Unsupported { .. } => Code::Unimplemented,
+        Error::Denied(denied) => match denied {
+            Denied::Unauthenticated | Denied::BadCredentials => Code::Unauthenticated,
+            Denied::PermissionDenied => Code::PermissionDenied,
+        },
+        Error::RateLimited { .. } => Code::ResourceExhausted,
     }
 }
 
@@ -78,13 +92,24 @@ impl From<Error> for Status {
                  size limit); publish a smaller value"
                     .to_string()
             }
+            Error::RateLimited { retry_after } => {
+                // RetryInfo in grpc-status-details-bin, as google.rpc defines for quota
+                // errors, so clients with standard retry support back off by it.
+                use tonic_types::{ErrorDetails, StatusExt};
+                return Status::with_error_details(
+                    code,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(*retry_after)),
+                );
+            }
             Error::Invalid(_)
             | Error::Namespace(_)
             | Error::Store(store::Error::Rejected(_))
             | Error::NotFound { .. }
             | Error::Store(store::Error::NamespaceFull { .. })
             | Error::TooManyStreams { .. }
-            | Error::Unsupported { .. } => error.to_string(),
+            | Error::Unsupported { .. }
+            | Error::Denied(_) => error.to_string(),
         };
         Status::new(code, message)
     }
@@ -127,6 +152,21 @@ mod tests {
             (
                 Error::Store(store::Error::Rejected("namespace".into())),
                 Code::InvalidArgument,
+            ),
+            (
+                Error::Denied(Denied::Unauthenticated),
+                Code::Unauthenticated,
+            ),
+            (Error::Denied(Denied::BadCredentials), Code::Unauthenticated),
+            (
+                Error::Denied(Denied::PermissionDenied),
+                Code::PermissionDenied,
+            ),
+            (
+                Error::RateLimited {
+                    retry_after: std::time::Duration::from_millis(20),
+                },
+                Code::ResourceExhausted,
             ),
         ];
         for (error, expected) in cases {

@@ -10,8 +10,9 @@
 //! The namespace is the request's `namespace` field; when empty, the seed API's rule applies
 //! (the `x-pixiu-namespace` header, else the server's default namespace).
 
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status};
 
+use crate::security::Operation;
 use super::{Api, Error};
 use crate::{
     model::{self, Key, Kind},
@@ -30,13 +31,19 @@ impl Api {
             .max_decoding_message_size(self.max_message_bytes())
     }
 
-    /// The namespace of an upstream request: its field, else the seed API's rule.
-    fn upstream_namespace(&self, field: &str, metadata: &MetadataMap) -> Result<String, Error> {
+    /// The namespace of an upstream request: its field, else the header, decided by the
+    /// authorizer as for the seed API.
+    fn upstream_namespace<T>(
+        &self,
+        request: &Request<T>,
+        field: &str,
+        operation: Operation,
+    ) -> Result<String, Error> {
         if field.is_empty() {
-            return self.namespace(metadata);
+            return self.namespace(request, operation);
         }
         model::check_namespace(field).map_err(Error::Namespace)?;
-        Ok(field.to_string())
+        self.namespace_for(request, Some(field), operation)
     }
 }
 
@@ -48,7 +55,7 @@ impl ServiceMetadataService for Api {
     ) -> Result<Response<PublishServiceMetadataResponse>, Status> {
         let result = async {
             let namespace =
-                self.upstream_namespace(&request.get_ref().namespace, request.metadata())?;
+                self.upstream_namespace(&request, &request.get_ref().namespace, Operation::Publish)?;
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             model::check_name("revision", &request.revision)?;
@@ -71,7 +78,7 @@ impl ServiceMetadataService for Api {
     ) -> Result<Response<GetServiceMetadataResponse>, Status> {
         let result = async {
             let namespace =
-                self.upstream_namespace(&request.get_ref().namespace, request.metadata())?;
+                self.upstream_namespace(&request, &request.get_ref().namespace, Operation::Get)?;
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             model::check_name("revision", &request.revision)?;

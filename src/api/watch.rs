@@ -7,6 +7,7 @@ use tonic::Request;
 use tracing::warn;
 
 use super::{Api, Error};
+use crate::security::Operation;
 use crate::{
     model::{self, Kind},
     pb::metadata as proto,
@@ -36,7 +37,7 @@ pub(super) fn metadata(
     api: &Api,
     request: Request<proto::WatchMetadataRequest>,
 ) -> Result<WatchStream<proto::WatchMetadataResponse>, Error> {
-    let namespace = api.namespace(request.metadata())?;
+    let namespace = api.namespace(&request, Operation::Subscribe)?;
     let request = request.into_inner();
     model::check_application(&request.application_name)?;
     let prefix = format!("{}/", request.application_name);
@@ -102,7 +103,7 @@ pub(super) fn definition(
     api: &Api,
     request: Request<proto::WatchServiceDefinitionRequest>,
 ) -> Result<WatchStream<proto::WatchServiceDefinitionResponse>, Error> {
-    let namespace = api.namespace(request.metadata())?;
+    let namespace = api.namespace(&request, Operation::Subscribe)?;
     let request = request.into_inner();
     model::check_name("identifier", &request.identifier)?;
     let state = known_single(&request.identifier, request.known_version)?;
@@ -130,7 +131,7 @@ pub(super) fn mapping(
     api: &Api,
     request: Request<proto::WatchServiceMappingRequest>,
 ) -> Result<WatchStream<proto::WatchServiceMappingResponse>, Error> {
-    let namespace = api.namespace(request.metadata())?;
+    let namespace = api.namespace(&request, Operation::Subscribe)?;
     let request = request.into_inner();
     model::check_interface(&request.interface)?;
     let state = known_single(&request.interface, request.known_version)?;

@@ -56,6 +56,17 @@ impl MetadataService for Echo {
             "the echo server only answers Get and Publish",
         ))
     }
+
+    type WatchStream = futures::stream::Empty<Result<proto::WatchMetadataResponse, Status>>;
+
+    async fn watch(
+        &self,
+        _request: Request<proto::WatchMetadataRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "the echo server only answers Get and Publish",
+        ))
+    }
 }
 
 /// Serves the echo on `addr` until the process is killed, printing [`LISTENING`] and the

@@ -29,6 +29,7 @@ use crate::{
     api::NAMESPACE_HEADER,
     model::{self, Kind},
     pb::{self, metadata as proto},
+    security::{Authorizer, Operation},
     store::{Event, Record, Store},
 };
 
@@ -193,19 +194,27 @@ fn updates(
 
 /// Gives each stream the view `[its namespace, global]`.
 ///
-/// The namespace comes from `node.metadata["NAMESPACE"]`, else the `x-pixiu-namespace`
-/// header of the stream, else the default.
+/// The namespace asked for comes from `node.metadata["NAMESPACE"]`, else the
+/// `x-pixiu-namespace` header of the stream; the [`Authorizer`] decides from it and the
+/// caller's identity (anonymous development clients: that, else the default). A stream
+/// therefore never reads another namespace's partition, by name or by wildcard, unless the
+/// policy grants it.
 #[derive(Debug, Clone)]
 pub struct NamespaceResolver {
-    default_namespace: String,
+    authorizer: Arc<Authorizer>,
 }
 
 impl NamespaceResolver {
-    /// A resolver falling back to `default_namespace`.
+    /// A resolver without authentication, falling back to `default_namespace`.
     pub fn new(default_namespace: impl Into<String>) -> Self {
         Self {
-            default_namespace: default_namespace.into(),
+            authorizer: Arc::new(Authorizer::open(default_namespace)),
         }
+    }
+
+    /// A resolver deciding with `authorizer`.
+    pub fn with_authorizer(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
     }
 
     /// The namespace of a stream.
@@ -228,12 +237,21 @@ impl NamespaceResolver {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let namespace = from_node
-            .or_else(from_header)
-            .unwrap_or_else(|| self.default_namespace.clone());
-        model::check_namespace(&namespace)
-            .map_err(|e| tonic::Status::invalid_argument(format!("node namespace: {e}")))?;
-        Ok(namespace)
+        let requested = from_node.or_else(from_header);
+        if let Some(namespace) = &requested {
+            model::check_namespace(namespace)
+                .map_err(|e| tonic::Status::invalid_argument(format!("node namespace: {e}")))?;
+        }
+        let decision = self
+            .authorizer
+            .authorize(
+                &context.extensions,
+                &context.metadata,
+                requested.as_deref(),
+                Operation::Subscribe,
+            )
+            .map_err(crate::security::status)?;
+        Ok(decision.namespace)
     }
 }
 

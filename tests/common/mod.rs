@@ -229,3 +229,4 @@ impl AdsClient {
 }
 pub mod etcd;
 pub mod kube;
+pub mod pki;

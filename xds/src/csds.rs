@@ -26,7 +26,7 @@
 //! string matchers and `node_metadatas` are refused with `INVALID_ARGUMENT` rather than
 //! silently ignored.
 
-use std::{collections::BTreeMap, pin::Pin};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use envoy_types::pb::envoy::{
     admin::v3::{ClientResourceStatus, UpdateFailureState},
@@ -46,6 +46,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     cache::{Cache, Snapshot, View},
     registry::Registry,
+    server::StreamContext,
     status::{StreamStatus, SyncState, TypeStatus},
     types::{Partition, TypeUrl},
 };
@@ -216,17 +217,64 @@ fn node_matches(matcher: &NodeMatcher, node_id: &str) -> bool {
     }
 }
 
+/// Decides which streams a CSDS caller may see, from the caller's request context.
+///
+/// The embedding server's authorization lives here, as the [`ViewResolver`](crate::ViewResolver)
+/// decides what a stream reads: a stream the filter drops is absent from the answer, as if
+/// it were not connected.
+pub trait StatusFilter: Send + Sync + 'static {
+    /// The streams of `streams` the caller described by `context` may see, or the status
+    /// refusing the caller altogether.
+    fn filter(
+        &self,
+        context: &StreamContext,
+        streams: Vec<StreamStatus>,
+    ) -> Result<Vec<StreamStatus>, Status>;
+}
+
+/// A filter that shows every stream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShowAll;
+
+impl StatusFilter for ShowAll {
+    fn filter(
+        &self,
+        _context: &StreamContext,
+        streams: Vec<StreamStatus>,
+    ) -> Result<Vec<StreamStatus>, Status> {
+        Ok(streams)
+    }
+}
+
 /// The CSDS service over a [`Registry`] (and the [`Cache`] for resource contents).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CsdsServer {
     registry: Registry,
     cache: Cache,
+    filter: Arc<dyn StatusFilter>,
+}
+
+impl std::fmt::Debug for CsdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsdsServer").finish_non_exhaustive()
+    }
 }
 
 impl CsdsServer {
     /// A service reporting the streams of `registry`, with bodies read from `cache`.
     pub fn new(registry: Registry, cache: Cache) -> Self {
-        Self { registry, cache }
+        Self {
+            registry,
+            cache,
+            filter: Arc::new(ShowAll),
+        }
+    }
+
+    /// Shows each caller only the streams `filter` lets it see (default: all).
+    #[must_use]
+    pub fn with_filter(mut self, filter: Arc<dyn StatusFilter>) -> Self {
+        self.filter = filter;
+        self
     }
 
     /// The tonic service to add to a router.
@@ -234,13 +282,14 @@ impl CsdsServer {
         ClientStatusDiscoveryServiceServer::new(self)
     }
 
-    fn answer(&self, request: &ClientStatusRequest) -> Result<ClientStatusResponse, Status> {
+    fn answer(
+        &self,
+        context: &StreamContext,
+        request: &ClientStatusRequest,
+    ) -> Result<ClientStatusResponse, Status> {
         let snapshot = self.cache.snapshot();
-        Ok(client_status(
-            &self.registry.streams(),
-            request,
-            Some(&snapshot),
-        )?)
+        let streams = self.filter.filter(context, self.registry.streams())?;
+        Ok(client_status(&streams, request, Some(&snapshot))?)
     }
 }
 
@@ -256,9 +305,9 @@ impl ClientStatusDiscoveryService for CsdsServer {
         request: Request<Streaming<ClientStatusRequest>>,
     ) -> Result<Response<CsdsStream>, Status> {
         let server = self.clone();
-        let responses = request
-            .into_inner()
-            .map(move |request| request.and_then(|r| server.answer(&r)));
+        let (context, requests) = context_of(request);
+        let responses =
+            requests.map(move |request| request.and_then(|r| server.answer(&context, &r)));
         Ok(Response::new(Box::pin(responses)))
     }
 
@@ -266,8 +315,23 @@ impl ClientStatusDiscoveryService for CsdsServer {
         &self,
         request: Request<ClientStatusRequest>,
     ) -> Result<Response<ClientStatusResponse>, Status> {
-        self.answer(request.get_ref()).map(Response::new)
+        let (context, request) = context_of(request);
+        self.answer(&context, &request).map(Response::new)
     }
+}
+
+/// The context of a CSDS call and its message.
+fn context_of<T>(request: Request<T>) -> (StreamContext, T) {
+    let peer = request.remote_addr();
+    let (metadata, extensions, message) = request.into_parts();
+    (
+        StreamContext {
+            metadata,
+            extensions,
+            peer,
+        },
+        message,
+    )
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ pub mod subscription;
 pub mod types;
 
 pub use cache::{Cache, CacheWriter, Resource, Snapshot, Update, View, cache};
-pub use csds::CsdsServer;
+pub use csds::{CsdsServer, ShowAll, StatusFilter};
 pub use delta::DeltaStream;
 pub use protocol::{Limits, ProtocolError, Quirks};
 pub use registry::Registry;

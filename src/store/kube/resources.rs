@@ -110,6 +110,42 @@ pub struct ServiceDefinitionSpec {
     pub definition: Option<String>,
 }
 
+/// One service-name mapping: an application providing an interface (`kubectl get sm`).
+#[derive(kube::CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "service-mapping.networking.dubbo.io",
+    version = "v1",
+    kind = "ServiceMapping",
+    singular = "servicemapping",
+    plural = "servicemappings",
+    shortname = "sm",
+    namespaced,
+    doc = "A Dubbo service-name mapping: one application that provides one interface.",
+    printcolumn(name = "Interface", type_ = "string", json_path = ".spec.interface"),
+    printcolumn(
+        name = "Application",
+        type_ = "string",
+        json_path = ".spec.application"
+    ),
+    printcolumn(
+        name = "Last Refresh",
+        type_ = "date",
+        json_path = ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMappingSpec {
+    /// The interface, exactly as registered.
+    pub interface: String,
+    /// The providing application, exactly as registered.
+    pub application: String,
+}
+
 /// The CRD of every kind, in [`Kind::ALL`] order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     Kind::ALL
@@ -117,6 +153,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         .map(|kind| match kind {
             Kind::Metadata => Metadata::crd(),
             Kind::Definition => ServiceDefinition::crd(),
+            Kind::Mapping => ServiceMapping::crd(),
         })
         .collect()
 }
@@ -139,6 +176,7 @@ pub(crate) fn api_resource(kind: Kind) -> ApiResource {
     match kind {
         Kind::Metadata => ApiResource::erase::<Metadata>(&()),
         Kind::Definition => ApiResource::erase::<ServiceDefinition>(&()),
+        Kind::Mapping => ApiResource::erase::<ServiceMapping>(&()),
     }
 }
 
@@ -178,6 +216,15 @@ pub(crate) fn parse_spec(kind: Kind, object: &DynamicObject) -> Result<Parsed, S
                 value: spec.definition.unwrap_or_default(),
             })
         }
+        Kind::Mapping => {
+            let spec: ServiceMappingSpec = serde_json::from_value(spec).map_err(invalid)?;
+            crate::model::check_interface(&spec.interface).map_err(|e| e.to_string())?;
+            crate::model::check_application(&spec.application).map_err(|e| e.to_string())?;
+            Ok(Parsed {
+                name: crate::model::mapping_name(&spec.interface, &spec.application),
+                value: String::new(),
+            })
+        }
     }
 }
 
@@ -203,6 +250,20 @@ pub(crate) fn spec_of(key: &Key, value: &str) -> (serde_json::Value, BTreeMap<St
             identifier: key.name.clone(),
             definition: Some(value.to_string()),
         }),
+        // The key says everything; a mapping's value is always empty.
+        Kind::Mapping => {
+            let (interface, application) = key
+                .interface_application()
+                .unwrap_or((key.name.as_str(), ""));
+            labels.insert(
+                APPLICATION_LABEL.to_string(),
+                names::label_value(application),
+            );
+            serde_json::to_value(ServiceMappingSpec {
+                interface: interface.to_string(),
+                application: application.to_string(),
+            })
+        }
     };
     (spec.expect("a spec of strings serializes to JSON"), labels)
 }
@@ -297,6 +358,16 @@ mod tests {
             def.name
         );
         assert!(parse_spec(Kind::Metadata, &object).is_err());
+
+        let mapping = Key::mapping("ns", "org.apache.dubbo.Greeter", "greeter-app");
+        let object = object_of(&mapping, "", 5, ObjectMeta::default());
+        assert_eq!(
+            parse_spec(Kind::Mapping, &object).unwrap(),
+            Parsed {
+                name: mapping.name.clone(),
+                value: String::new()
+            }
+        );
     }
 
     #[test]
@@ -310,7 +381,8 @@ mod tests {
             names,
             [
                 "metadata.metadata.networking.dubbo.io",
-                "servicedefinitions.service-definition.networking.dubbo.io"
+                "servicedefinitions.service-definition.networking.dubbo.io",
+                "servicemappings.service-mapping.networking.dubbo.io"
             ]
         );
         assert_eq!(crds[0].spec.names.short_names, Some(vec!["md".to_string()]));

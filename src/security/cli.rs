@@ -1,0 +1,123 @@
+//! `serve`'s security and limit flags, flattened into `ServeArgs`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::bail;
+use clap::Args;
+
+use super::{SecurityConfig, rate::Rate, tls::TlsPaths};
+use crate::Config;
+
+/// TLS, authentication and connection limit flags of `serve`.
+#[derive(Debug, Args, Clone)]
+pub struct SecurityArgs {
+    /// PEM certificate chain of the gRPC port; with --tls-key, serves TLS. Reloaded when
+    /// the file changes.
+    #[arg(long, env = "PIXIU_METADATA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PIXIU_METADATA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle client certificates must chain to (mTLS). Clients are identified by
+    /// the SPIFFE ID in their certificate (spiffe://<td>/ns/<ns>/sa/<sa>). Mandatory
+    /// unless --token-file is also given.
+    #[arg(long, env = "PIXIU_METADATA_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes.
+    #[arg(long, env = "PIXIU_METADATA_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+    /// TOML file of bearer tokens ([[token]] name, namespace, sha256 or token); clients
+    /// send `authorization: Bearer <token>`.
+    #[arg(long, env = "PIXIU_METADATA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// TOML file of grants beyond a client's own namespace ([[grant]] identities,
+    /// namespaces, operations).
+    #[arg(long, env = "PIXIU_METADATA_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// File holding the bearer token admin HTTP requires; needed when --admin-addr is not
+    /// loopback.
+    #[arg(long, env = "PIXIU_METADATA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub max_streams_per_connection: u32,
+    /// Most resource names one ADS stream may subscribe to, across types.
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_MAX_SUBSCRIPTIONS_PER_STREAM",
+        default_value_t = 100_000
+    )]
+    pub max_subscriptions_per_stream: usize,
+    /// Interval of the server's HTTP/2 keepalive pings.
+    #[arg(long, env = "PIXIU_METADATA_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "PIXIU_METADATA_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// How long a new connection may take to finish TLS and send the HTTP/2 preface.
+    #[arg(long, env = "PIXIU_METADATA_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// How long a connection may send nothing at all (keepalive answers included).
+    #[arg(long, env = "PIXIU_METADATA_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Age after which a connection is drained with GOAWAY so clients rebalance; `0s`
+    /// never.
+    #[arg(long, env = "PIXIU_METADATA_MAX_CONNECTION_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+    /// How long a draining connection's streams may go on before it is closed.
+    #[arg(long, env = "PIXIU_METADATA_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub max_connection_age_grace: Duration,
+    /// Sustained publishes per second per authenticated identity; 0 is unlimited.
+    #[arg(long, env = "PIXIU_METADATA_PUBLISH_RATE", default_value_t = 100.0)]
+    pub publish_rate: f64,
+    /// Publishes per authenticated identity allowed in a burst.
+    #[arg(long, env = "PIXIU_METADATA_PUBLISH_BURST", default_value_t = 500)]
+    pub publish_burst: u32,
+}
+
+impl SecurityArgs {
+    /// Writes these flags into `config`.
+    pub fn apply(&self, config: &mut Config) -> anyhow::Result<()> {
+        let mut security = SecurityConfig {
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsPaths {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.client_ca.clone(),
+                }),
+                _ => None,
+            },
+            tls_reload_interval: Some(self.tls_reload_interval),
+            token_file: self.token_file.clone(),
+            policy_file: self.policy_file.clone(),
+            admin_token_file: self.admin_token_file.clone(),
+            ..SecurityConfig::default()
+        };
+        if self.tls_reload_interval.is_zero() {
+            bail!("--tls-reload-interval must be longer than zero");
+        }
+        if !self.publish_rate.is_finite() || self.publish_rate < 0.0 {
+            bail!("--publish-rate must be a number of publishes per second, 0 for unlimited");
+        }
+        let limits = &mut security.limits;
+        limits.max_concurrent_streams_per_connection = self.max_streams_per_connection.max(1);
+        limits.http2_keepalive_interval = self.http2_keepalive_interval;
+        limits.http2_keepalive_timeout = self.http2_keepalive_timeout;
+        limits.handshake_timeout = self.handshake_timeout;
+        limits.idle_timeout = self.idle_timeout;
+        limits.max_connection_age =
+            (!self.max_connection_age.is_zero()).then_some(self.max_connection_age);
+        limits.max_connection_age_grace = self.max_connection_age_grace;
+        limits.publish_rate = (self.publish_rate > 0.0).then_some(Rate {
+            per_second: self.publish_rate,
+            burst: self.publish_burst.max(1),
+        });
+        config.xds.limits.max_subscribed_names = self.max_subscriptions_per_stream;
+        config.security = security;
+        Ok(())
+    }
+}

@@ -1,0 +1,458 @@
+//! Transport security, identity, namespace authorization and connection limits.
+//!
+//! - [`tls`]: rustls TLS/mTLS with certificate reload, and the accept loops feeding tonic.
+//! - [`guard`]: handshake and idle deadlines on every connection (slow-loris).
+//! - [`identity`]: SPIFFE IDs from client certificates, bearer tokens from the token file.
+//! - [`policy`]: the one namespace decision, [`policy::decide`], and the policy file.
+//! - [`rate`]: per-identity publish rate limits.
+//!
+//! Every service asks one [`Authorizer`] for the namespace a request acts in: the unary
+//! RPCs in `api/`, the ADS view resolver in `push/`, the CSDS filter ([`CsdsAccess`]). A new
+//! service gets the same rules with one call to [`Authorizer::authorize`].
+//!
+//! What this module does not do: validate names (that is `model`), or store anything.
+
+pub mod cli;
+pub mod guard;
+pub mod identity;
+pub mod policy;
+pub mod rate;
+pub mod tls;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tonic::{
+    Status,
+    metadata::MetadataMap,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+use tracing::warn;
+
+pub use identity::{Authenticator, Identity, Workload};
+pub use policy::{Denied, Operation, Policy};
+
+use crate::metrics::Metrics;
+
+/// Security settings of the server. The default is a development server: plaintext, no
+/// authentication, every limit at its documented default.
+#[derive(Debug, Clone, Default)]
+pub struct SecurityConfig {
+    /// TLS material (`--tls-cert`, `--tls-key`, `--client-ca`); `None` serves plaintext.
+    pub tls: Option<tls::TlsPaths>,
+    /// How often the TLS files are checked for changes (default 5 s).
+    pub tls_reload_interval: Option<Duration>,
+    /// Bearer tokens (`--token-file`).
+    pub token_file: Option<PathBuf>,
+    /// Grants beyond a client's own namespace (`--policy-file`).
+    pub policy_file: Option<PathBuf>,
+    /// A file holding the token admin HTTP requires (`--admin-token-file`); needed when the
+    /// admin port is not on loopback.
+    pub admin_token_file: Option<PathBuf>,
+    /// Connection and request limits.
+    pub limits: Limits,
+}
+
+/// Connection and request limits of the gRPC port.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most concurrent HTTP/2 streams per connection (default 1,000; gRPC-Go's is
+    /// unlimited, which lets one connection take every stream permit).
+    pub max_concurrent_streams_per_connection: u32,
+    /// Interval of the server's HTTP/2 keepalive pings (default 30 s).
+    pub http2_keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed (default 10 s).
+    pub http2_keepalive_timeout: Duration,
+    /// How long a new connection may take to finish TLS and send the HTTP/2 preface
+    /// (default 10 s).
+    pub handshake_timeout: Duration,
+    /// How long a connection may send nothing at all, pings included (default 5 min).
+    pub idle_timeout: Duration,
+    /// Most TLS handshakes in progress at once (default 1,024).
+    pub max_pending_handshakes: usize,
+    /// Age after which a connection is sent GOAWAY and drained, so clients rebalance
+    /// across replicas (default 30 min, as istiod's `MaxServerConnectionAge` in its charts).
+    pub max_connection_age: Option<Duration>,
+    /// How long a draining connection's streams may continue before it is closed
+    /// (default 10 s, istiod's `MaxServerConnectionAgeGrace`).
+    pub max_connection_age_grace: Duration,
+    /// Publishes per identity (default 100 per second, bursts of 500); `None` is unlimited.
+    /// Applies to authenticated identities; anonymous development clients are not limited.
+    pub publish_rate: Option<rate::Rate>,
+    /// Most identities whose publish rate is tracked at once (default 100,000).
+    pub max_rate_principals: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams_per_connection: 1000,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_pending_handshakes: 1024,
+            max_connection_age: Some(Duration::from_secs(30 * 60)),
+            max_connection_age_grace: Duration::from_secs(10),
+            publish_rate: Some(rate::Rate {
+                per_second: 100.0,
+                burst: 500,
+            }),
+            max_rate_principals: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The accept loop's share of the limits.
+    pub fn accept(&self) -> tls::AcceptLimits {
+        tls::AcceptLimits {
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            max_pending_handshakes: self.max_pending_handshakes,
+        }
+    }
+
+    /// Applies the HTTP/2 limits to a tonic server builder.
+    pub fn apply<L>(&self, builder: tonic::transport::Server<L>) -> tonic::transport::Server<L> {
+        let builder = builder
+            .max_concurrent_streams(self.max_concurrent_streams_per_connection)
+            .http2_keepalive_interval(Some(self.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(self.http2_keepalive_timeout))
+            .tcp_keepalive(Some(Duration::from_secs(60)));
+        match self.max_connection_age {
+            Some(age) => builder
+                .max_connection_age(age)
+                .max_connection_age_grace(self.max_connection_age_grace),
+            None => builder,
+        }
+    }
+}
+
+/// Why the security settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The token file.
+    #[error(transparent)]
+    Tokens(#[from] identity::TokenFileError),
+    /// The policy file.
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    /// The admin token file could not be read or is empty.
+    #[error("admin token file {0}: unreadable or empty")]
+    AdminToken(String),
+    /// Admin HTTP on a non-loopback address needs a token.
+    #[error("the admin port {0} is not on loopback: give --admin-token-file")]
+    AdminExposed(std::net::SocketAddr),
+}
+
+/// The result of an authorized request: who asked and where it acts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The caller.
+    pub identity: Identity,
+    /// The namespace the request acts in.
+    pub namespace: String,
+}
+
+/// Identifies callers and decides namespaces; shared by every service.
+#[derive(Debug)]
+pub struct Authorizer {
+    authenticator: Authenticator,
+    policy: Policy,
+    default_namespace: String,
+    metrics: Option<Metrics>,
+}
+
+impl Authorizer {
+    /// A development server's authorizer: no authentication, anonymous clients pick their
+    /// namespace.
+    pub fn open(default_namespace: impl Into<String>) -> Self {
+        Self::new(
+            Authenticator::default(),
+            Policy::default(),
+            default_namespace,
+        )
+    }
+
+    /// An authorizer with these credentials and policy.
+    pub fn new(
+        authenticator: Authenticator,
+        policy: Policy,
+        default_namespace: impl Into<String>,
+    ) -> Self {
+        Self {
+            authenticator,
+            policy,
+            default_namespace: default_namespace.into(),
+            metrics: None,
+        }
+    }
+
+    /// Counts denials in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Whether authentication is configured.
+    pub fn required(&self) -> bool {
+        self.authenticator.required()
+    }
+
+    /// The caller of a request, from the verified TLS peer certificates in its extensions
+    /// and its `authorization` header.
+    pub fn identify(&self, extensions: &tonic::Extensions, metadata: &MetadataMap) -> Identity {
+        let certificates = extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        let authorization = metadata.get("authorization").map(|v| v.as_bytes());
+        self.authenticator
+            .identify(certificates.as_deref().map(Vec::as_slice), authorization)
+    }
+
+    /// [`policy::decide`] with this server's policy, without counting.
+    pub fn decide(
+        &self,
+        identity: &Identity,
+        requested: Option<&str>,
+        operation: Operation,
+    ) -> Result<String, Denied> {
+        policy::decide(
+            identity,
+            requested,
+            operation,
+            &self.policy,
+            self.authenticator.required(),
+            &self.default_namespace,
+        )
+    }
+
+    /// Identifies the caller and decides the namespace of `operation`, counting and logging
+    /// a denial (without the namespace asked for, or any credential).
+    pub fn authorize(
+        &self,
+        extensions: &tonic::Extensions,
+        metadata: &MetadataMap,
+        requested: Option<&str>,
+        operation: Operation,
+    ) -> Result<Decision, Denied> {
+        let identity = self.identify(extensions, metadata);
+        match self.decide(&identity, requested, operation) {
+            Ok(namespace) => Ok(Decision {
+                identity,
+                namespace,
+            }),
+            Err(denied) => {
+                self.denied(&identity, operation, denied);
+                Err(denied)
+            }
+        }
+    }
+
+    fn denied(&self, identity: &Identity, operation: Operation, denied: Denied) {
+        if let Some(metrics) = &self.metrics {
+            metrics.denial(operation.as_str(), denied.as_str());
+        }
+        let principal = match identity {
+            Identity::Workload(workload) => workload.principal.as_str(),
+            Identity::Anonymous => "anonymous",
+            Identity::Rejected => "rejected",
+        };
+        warn!(
+            operation = operation.as_str(),
+            reason = denied.as_str(),
+            principal,
+            "request denied"
+        );
+    }
+}
+
+/// The gRPC status of a denial.
+pub fn status(denied: Denied) -> Status {
+    Status::from(crate::api::Error::Denied(denied))
+}
+
+/// Shows a CSDS caller only the streams of namespaces it may read.
+#[derive(Debug, Clone)]
+pub struct CsdsAccess {
+    authorizer: Arc<Authorizer>,
+}
+
+impl CsdsAccess {
+    /// A filter deciding with `authorizer`.
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
+    }
+}
+
+impl pixiu_xds::StatusFilter for CsdsAccess {
+    fn filter(
+        &self,
+        context: &pixiu_xds::StreamContext,
+        streams: Vec<pixiu_xds::StreamStatus>,
+    ) -> Result<Vec<pixiu_xds::StreamStatus>, Status> {
+        let authorizer = &self.authorizer;
+        // The caller's own namespace first: refuses anonymous callers when auth is on.
+        let decision = authorizer
+            .authorize(
+                &context.extensions,
+                &context.metadata,
+                None,
+                Operation::Status,
+            )
+            .map_err(status)?;
+        Ok(streams
+            .into_iter()
+            .filter(|stream| {
+                let namespace = stream
+                    .partitions
+                    .iter()
+                    .find(|p| p.as_str() != crate::push::GLOBAL_PARTITION);
+                match namespace {
+                    Some(namespace) => authorizer
+                        .decide(&decision.identity, Some(namespace), Operation::Status)
+                        .is_ok(),
+                    // A stream reading only global resources reveals no namespace.
+                    None => true,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Refuses admin HTTP on a non-loopback address without a token: the debug pages show
+/// every namespace's records.
+pub fn check_admin_exposure(addr: std::net::SocketAddr, has_token: bool) -> Result<(), Error> {
+    if addr.ip().is_loopback() || has_token {
+        Ok(())
+    } else {
+        Err(Error::AdminExposed(addr))
+    }
+}
+
+/// Reads the admin token file.
+pub fn admin_token(path: &std::path::Path) -> Result<String, Error> {
+    let token =
+        std::fs::read_to_string(path).map_err(|_| Error::AdminToken(path.display().to_string()))?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::AdminToken(path.display().to_string()));
+    }
+    Ok(token)
+}
+
+/// Wraps the admin router so that every route but `/healthz` and `/readyz` requires
+/// `Authorization: Bearer <token>` (401 otherwise).
+pub fn require_admin_token(router: axum::Router, token: String) -> axum::Router {
+    let expected = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let expected: Arc<[u8]> = Arc::from(expected.as_ref());
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let expected = expected.clone();
+            async move {
+                let path = request.uri().path();
+                let open = path == "/healthz" || path == "/readyz";
+                let presented = request
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .map(|t| ring::digest::digest(&ring::digest::SHA256, t));
+                if open || presented.is_some_and(|d| d.as_ref() == &*expected) {
+                    next.run(request).await
+                } else {
+                    axum::response::IntoResponse::into_response((
+                        http::StatusCode::UNAUTHORIZED,
+                        "admin token required\n",
+                    ))
+                }
+            }
+        },
+    ))
+}
+
+/// The security settings, loaded: what `serve` wires into the services.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Decides every request's namespace.
+    pub authorizer: Arc<Authorizer>,
+    /// Publish rate limits per identity.
+    pub publish_rate: Arc<rate::RateLimiter>,
+    /// The TLS acceptor, when TLS is configured.
+    pub tls: Option<tls::ReloadingTls>,
+    /// The token admin HTTP requires, when configured.
+    pub admin_token: Option<String>,
+}
+
+/// Reads every file the settings name, so a mistake stops the server at start.
+pub fn load(
+    config: &SecurityConfig,
+    default_namespace: &str,
+    metrics: &Metrics,
+) -> Result<Loaded, Error> {
+    let tokens = config
+        .token_file
+        .as_deref()
+        .map(identity::Tokens::load)
+        .transpose()?;
+    let policy = config
+        .policy_file
+        .as_deref()
+        .map(Policy::load)
+        .transpose()?
+        .unwrap_or_default();
+    let client_certificates = config
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca.is_some());
+    // With tokens as an alternative, a client may connect without a certificate.
+    let tls = config
+        .tls
+        .clone()
+        .map(|paths| tls::ReloadingTls::new(paths, tokens.is_some()))
+        .transpose()?;
+    let authenticator = Authenticator {
+        tokens,
+        client_certificates,
+    };
+    let admin_token = config
+        .admin_token_file
+        .as_deref()
+        .map(admin_token)
+        .transpose()?;
+    Ok(Loaded {
+        authorizer: Arc::new(
+            Authorizer::new(authenticator, policy, default_namespace).with_metrics(metrics.clone()),
+        ),
+        publish_rate: Arc::new(rate::RateLimiter::new(
+            config.limits.publish_rate,
+            config.limits.max_rate_principals,
+        )),
+        tls,
+        admin_token,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_exposure() {
+        let loopback: std::net::SocketAddr = "127.0.0.1:15014".parse().unwrap();
+        let v6_loopback: std::net::SocketAddr = "[::1]:15014".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:15014".parse().unwrap();
+        let public: std::net::SocketAddr = "10.1.2.3:15014".parse().unwrap();
+        assert!(check_admin_exposure(loopback, false).is_ok());
+        assert!(check_admin_exposure(v6_loopback, false).is_ok());
+        assert!(matches!(
+            check_admin_exposure(any, false),
+            Err(Error::AdminExposed(_))
+        ));
+        assert!(check_admin_exposure(public, false).is_err());
+        assert!(check_admin_exposure(public, true).is_ok());
+    }
+}
