@@ -236,3 +236,52 @@ async fn delta_subscription_converges_across_a_server_restart() {
 async fn sotw_subscription_converges_across_a_server_restart() {
     converges_across_a_server_restart(Variant::Sotw).await;
 }
+
+/// A message that does not decode what the server sends as `Metadata` (field 1 is a string
+/// on the wire, a varint here).
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotMetadata {
+    #[prost(uint64, tag = "1")]
+    number: u64,
+}
+
+impl pixiu_metadata::client::Resource for NotMetadata {
+    const TYPE_URL: &'static str = pixiu_metadata::pb::METADATA_TYPE_URL;
+    fn name(&self) -> String {
+        self.number.to_string()
+    }
+}
+
+#[tokio::test]
+async fn a_resource_that_does_not_decode_is_nacked() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
+
+    let server = TestServer::memory().await;
+    let client = Client::connect(ClientConfig::new(server.url()).node_id("nacking-consumer"))
+        .await
+        .unwrap();
+    client.publish_metadata("app", "r1", "v").await.unwrap();
+    let mut updates = client.subscribe::<NotMetadata>(["app/r1"]);
+    silent(&mut updates, Duration::from_millis(500)).await;
+    let http = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<axum::body::Bytes>>();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let url = format!("{}/debug/syncz", server.admin_url());
+        let response = http.get(url.parse().unwrap()).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let syncz: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let text = syncz.to_string();
+        if text.contains("nacking-consumer") && text.contains("\"n_nacks\":1") {
+            assert!(text.contains("does not decode"), "{syncz:#}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no NACK recorded: {syncz:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(updates);
+    server.stop().await;
+}

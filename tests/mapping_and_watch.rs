@@ -145,6 +145,18 @@ async fn mapping_is_pushed_and_each_application_expires_alone() {
     assert_eq!(decoded.namespace, "team-a");
     assert_eq!(decoded.interface_name, "org.example.Greeter");
     assert_eq!(decoded.application_names, ["provider-a", "provider-b"]);
+    // Upstream's older naming: the interface alone, in the stream's own namespace.
+    let mut by_interface = AdsClient::open(
+        channel.clone(),
+        node("dubbo-consumer-2", Some("team-a")),
+        UPSTREAM,
+        &["org.example.Greeter"],
+    )
+    .await;
+    let first = by_interface.recv().await;
+    assert_eq!(first.resources.len(), 1);
+    let decoded = ServiceMappingXdsResponse::decode(first.resources[0].value.as_slice()).unwrap();
+    assert_eq!(decoded.application_names, ["provider-a", "provider-b"]);
 
     let got = mappings
         .get(with_namespace(
