@@ -285,3 +285,91 @@ async fn a_resource_that_does_not_decode_is_nacked() {
     drop(updates);
     server.stop().await;
 }
+
+/// An ADS server that speaks only State of the World, like many control planes.
+struct SotwOnly(pixiu_xds::AdsServer);
+
+#[tonic::async_trait]
+impl envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService
+    for SotwOnly
+{
+    type StreamAggregatedResourcesStream = pixiu_xds::server::ResponseStream<
+        envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+    >;
+    type DeltaAggregatedResourcesStream = pixiu_xds::server::ResponseStream<
+        envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+    >;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<
+            tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+        >,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        self.0.stream_aggregated_resources(request).await
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: tonic::Request<
+            tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest>,
+        >,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no Delta here"))
+    }
+}
+
+#[tokio::test]
+async fn falls_back_to_state_of_the_world_when_delta_is_unimplemented() {
+    use envoy_types::pb::{
+        envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
+        google::protobuf::Any,
+    };
+    use prost::Message;
+
+    let (cache, writer) = pixiu_xds::cache();
+    let put = |info: &str| pixiu_xds::Update::Put {
+        partition: pixiu_xds::Partition::new("default"),
+        type_url: pixiu_xds::TypeUrl::new(pixiu_metadata::pb::METADATA_TYPE_URL),
+        name: pixiu_xds::ResourceName::new("app/r1"),
+        body: Any {
+            type_url: pixiu_metadata::pb::METADATA_TYPE_URL.into(),
+            value: Metadata {
+                application_name: "app".into(),
+                revision: "r1".into(),
+                metadata_info: info.into(),
+                namespace: "default".into(),
+            }
+            .encode_to_vec(),
+        },
+    };
+    writer.apply([put("one")]);
+    let shutdown = CancellationToken::new();
+    let ads = pixiu_xds::AdsServer::new(
+        cache,
+        std::sync::Arc::new(pixiu_metadata::push::NamespaceResolver::new("default")),
+        pixiu_xds::Registry::new(),
+        pixiu_xds::ServerConfig::default(),
+        shutdown.clone(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(SotwOnly(ads)))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            ),
+    );
+    let client = Client::connect(fast(ClientConfig::new(format!("http://{addr}"))))
+        .await
+        .unwrap();
+    let mut updates = client.subscribe::<Metadata>(["app/r1"]);
+    assert_eq!(short(&next(&mut updates).await), "+app/r1=one");
+    writer.apply([put("uno")]);
+    assert_eq!(short(&next(&mut updates).await), "~app/r1=uno");
+    drop(updates);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}

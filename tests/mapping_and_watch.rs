@@ -429,3 +429,46 @@ async fn watches_start_with_the_state_follow_changes_and_resume() {
     assert_eq!(err.code(), Code::InvalidArgument);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_watcher_is_sent_the_latest_state_not_every_change() {
+    let server = TestServer::memory().await;
+    let channel = server.channel().await;
+    let mut metadata = metadata_client(channel.clone());
+    let mut watch = metadata_client(server.channel().await)
+        .watch(WatchMetadataRequest {
+            application_name: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut watch).await.empty);
+    // 100 revisions of 200 KiB while the watcher reads nothing: far more than the transport
+    // buffers, so the server must coalesce instead of queueing.
+    let n_revisions = 100;
+    let value = "x".repeat(200 * 1024);
+    for i in 0..n_revisions {
+        metadata
+            .publish(PublishMetadataRequest {
+                application_name: "big".into(),
+                revision: format!("r{i:03}"),
+                metadata_info: value.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut held = std::collections::BTreeSet::new();
+    let mut n_messages = 0;
+    while held.len() < n_revisions {
+        let message = next(&mut watch).await;
+        n_messages += 1;
+        for updated in message.updated {
+            assert_eq!(updated.metadata_info.len(), value.len());
+            held.insert(updated.revision);
+        }
+    }
+    println!("{n_revisions} changes reached a slow watcher in {n_messages} messages");
+    assert!(n_messages < n_revisions / 2, "{n_messages} messages");
+    server.stop().await;
+}
