@@ -373,3 +373,44 @@ async fn falls_back_to_state_of_the_world_when_delta_is_unimplemented() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_mapping_registered_on_one_replica_reaches_a_consumer_of_another() {
+    let etcd = common::etcd::Etcd::start().await;
+    let replica = || {
+        let mut config = Config::default();
+        config.store.backend = Backend::Etcd;
+        config.store.etcd_endpoints = vec![etcd.endpoint()];
+        config.lease.ttl = Duration::from_secs(2);
+        TestServer::start(config)
+    };
+    let a = replica().await;
+    let b = replica().await;
+    let provider = Client::connect(ClientConfig::new(a.url()).lease_ttl(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let consumer = Client::connect(fast(ClientConfig::new(b.url())))
+        .await
+        .unwrap();
+    let mut providers = consumer.subscribe::<ServiceMapping>(["org.example.Greeter"]);
+    let started = tokio::time::Instant::now();
+    provider
+        .register_mapping("org.example.Greeter", "greeter")
+        .await
+        .unwrap();
+    match next(&mut providers).await {
+        Update::Added { resource, .. } => assert_eq!(resource.application_names, ["greeter"]),
+        other => panic!("{other:?}"),
+    }
+    println!("mapping A -> B latency over etcd: {:?}", started.elapsed());
+    // Kept alive by the provider's refreshes, then gone with its lease once it stops.
+    silent(&mut providers, Duration::from_secs(3)).await;
+    drop(provider);
+    match next(&mut providers).await {
+        Update::Removed { name } => assert_eq!(name, "org.example.Greeter"),
+        other => panic!("{other:?}"),
+    }
+    drop(providers);
+    a.stop().await;
+    b.stop().await;
+}
