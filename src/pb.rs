@@ -44,5 +44,7 @@ mod tests {
             .collect();
         assert!(services.contains(&"MetadataService".to_string()));
         assert!(services.contains(&"ServiceDefinitionService".to_string()));
+        assert!(services.contains(&"ServiceMappingService".to_string()));
+        assert!(services.contains(&"ServiceNameMappingService".to_string()));
     }
 }

@@ -84,6 +84,51 @@ pub struct Diff {
     pub versions: BTreeMap<String, String>,
 }
 
+impl Diff {
+    /// Splits a diff into messages whose resources add up to at most `max_bytes` each (a
+    /// larger resource goes alone), so no message outgrows a client's decoding limit
+    /// (tonic's and grpcio's default is 4 MiB). Removals, `initial` and `empty` go on the last
+    /// message: once it is applied the client holds the state the diff describes.
+    pub fn split(self, max_bytes: usize) -> Vec<Diff> {
+        let mut chunks: Vec<Vec<Arc<Resource>>> = Vec::new();
+        let mut current = Vec::new();
+        let mut current_bytes = 0usize;
+        for resource in self.updated {
+            let size = resource.body.value.len();
+            if !current.is_empty() && current_bytes.saturating_add(size) > max_bytes {
+                chunks.push(std::mem::take(&mut current));
+                current_bytes = 0;
+            }
+            current_bytes = current_bytes.saturating_add(size);
+            current.push(resource);
+        }
+        chunks.push(current);
+        let n_chunks = chunks.len();
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(idx, updated)| {
+                let last = idx + 1 == n_chunks;
+                Diff {
+                    updated,
+                    removed: if last {
+                        self.removed.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    initial: last && self.initial,
+                    empty: last && self.empty,
+                    versions: self.versions.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The largest sum of resource sizes in one watch message, in bytes (a resource larger than
+/// this goes alone).
+pub const MAX_MESSAGE_RESOURCE_BYTES: usize = 2 * 1024 * 1024;
+
 /// The client's view of one watch: the version of each resource it holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatchState {
@@ -194,9 +239,11 @@ impl WatchHub {
                 if last_generation != Some(generation) {
                     last_generation = Some(generation);
                     if let Some(diff) = state.step(&selector.select(&snapshot)) {
-                        tokio::select! {
-                            sent = tx.send(Ok(encode(diff))) => if sent.is_err() { return },
-                            () = shutdown.cancelled() => return,
+                        for part in diff.split(MAX_MESSAGE_RESOURCE_BYTES) {
+                            tokio::select! {
+                                sent = tx.send(Ok(encode(part))) => if sent.is_err() { return },
+                                () = shutdown.cancelled() => return,
+                            }
                         }
                     }
                 }
@@ -269,6 +316,47 @@ mod tests {
         assert!(diff.initial);
         assert_eq!(names(&diff), (vec!["b"], vec!["gone"]));
         assert_eq!(diff.versions.len(), 2);
+    }
+
+    #[test]
+    fn split_keeps_messages_small_and_flags_on_the_last() {
+        let diff = Diff {
+            updated: vec![
+                res("a", &[0; 6]),
+                res("b", &[0; 6]),
+                res("c", &[0; 20]),
+                res("d", &[0; 1]),
+            ],
+            removed: vec!["gone".into()],
+            initial: true,
+            empty: false,
+            versions: BTreeMap::new(),
+        };
+        let parts = diff.split(10);
+        let shape: Vec<(Vec<&str>, Vec<&str>, bool)> = parts
+            .iter()
+            .map(|d| {
+                let (updated, removed) = names(d);
+                (updated, removed, d.initial)
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (vec!["a"], vec![], false),
+                (vec!["b"], vec![], false),
+                (vec!["c"], vec![], false),
+                (vec!["d"], vec!["gone"], true),
+            ]
+        );
+        let empty = Diff {
+            updated: vec![],
+            removed: vec![],
+            initial: true,
+            empty: true,
+            versions: BTreeMap::new(),
+        };
+        assert_eq!(empty.clone().split(10), [empty]);
     }
 
     #[tokio::test]

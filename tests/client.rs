@@ -236,3 +236,181 @@ async fn delta_subscription_converges_across_a_server_restart() {
 async fn sotw_subscription_converges_across_a_server_restart() {
     converges_across_a_server_restart(Variant::Sotw).await;
 }
+
+/// A message that does not decode what the server sends as `Metadata` (field 1 is a string
+/// on the wire, a varint here).
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotMetadata {
+    #[prost(uint64, tag = "1")]
+    number: u64,
+}
+
+impl pixiu_metadata::client::Resource for NotMetadata {
+    const TYPE_URL: &'static str = pixiu_metadata::pb::METADATA_TYPE_URL;
+    fn name(&self) -> String {
+        self.number.to_string()
+    }
+}
+
+#[tokio::test]
+async fn a_resource_that_does_not_decode_is_nacked() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client as HttpClient, rt::TokioExecutor};
+
+    let server = TestServer::memory().await;
+    let client = Client::connect(ClientConfig::new(server.url()).node_id("nacking-consumer"))
+        .await
+        .unwrap();
+    client.publish_metadata("app", "r1", "v").await.unwrap();
+    let mut updates = client.subscribe::<NotMetadata>(["app/r1"]);
+    silent(&mut updates, Duration::from_millis(500)).await;
+    let http = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<axum::body::Bytes>>();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let url = format!("{}/debug/syncz", server.admin_url());
+        let response = http.get(url.parse().unwrap()).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let syncz: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let text = syncz.to_string();
+        if text.contains("nacking-consumer") && text.contains("\"n_nacks\":1") {
+            assert!(text.contains("does not decode"), "{syncz:#}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no NACK recorded: {syncz:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(updates);
+    server.stop().await;
+}
+
+/// An ADS server that speaks only State of the World, like many control planes.
+struct SotwOnly(pixiu_xds::AdsServer);
+
+#[tonic::async_trait]
+impl envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService
+    for SotwOnly
+{
+    type StreamAggregatedResourcesStream = pixiu_xds::server::ResponseStream<
+        envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+    >;
+    type DeltaAggregatedResourcesStream = pixiu_xds::server::ResponseStream<
+        envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+    >;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<
+            tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+        >,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        self.0.stream_aggregated_resources(request).await
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: tonic::Request<
+            tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest>,
+        >,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no Delta here"))
+    }
+}
+
+#[tokio::test]
+async fn falls_back_to_state_of_the_world_when_delta_is_unimplemented() {
+    use envoy_types::pb::{
+        envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
+        google::protobuf::Any,
+    };
+    use prost::Message;
+
+    let (cache, writer) = pixiu_xds::cache();
+    let put = |info: &str| pixiu_xds::Update::Put {
+        partition: pixiu_xds::Partition::new("default"),
+        type_url: pixiu_xds::TypeUrl::new(pixiu_metadata::pb::METADATA_TYPE_URL),
+        name: pixiu_xds::ResourceName::new("app/r1"),
+        body: Any {
+            type_url: pixiu_metadata::pb::METADATA_TYPE_URL.into(),
+            value: Metadata {
+                application_name: "app".into(),
+                revision: "r1".into(),
+                metadata_info: info.into(),
+                namespace: "default".into(),
+            }
+            .encode_to_vec(),
+        },
+    };
+    writer.apply([put("one")]);
+    let shutdown = CancellationToken::new();
+    let ads = pixiu_xds::AdsServer::new(
+        cache,
+        std::sync::Arc::new(pixiu_metadata::push::NamespaceResolver::new("default")),
+        pixiu_xds::Registry::new(),
+        pixiu_xds::ServerConfig::default(),
+        shutdown.clone(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(SotwOnly(ads)))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            ),
+    );
+    let client = Client::connect(fast(ClientConfig::new(format!("http://{addr}"))))
+        .await
+        .unwrap();
+    let mut updates = client.subscribe::<Metadata>(["app/r1"]);
+    assert_eq!(short(&next(&mut updates).await), "+app/r1=one");
+    writer.apply([put("uno")]);
+    assert_eq!(short(&next(&mut updates).await), "~app/r1=uno");
+    drop(updates);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_mapping_registered_on_one_replica_reaches_a_consumer_of_another() {
+    let etcd = common::etcd::Etcd::start().await;
+    let replica = || {
+        let mut config = Config::default();
+        config.store.backend = Backend::Etcd;
+        config.store.etcd_endpoints = vec![etcd.endpoint()];
+        config.lease.ttl = Duration::from_secs(2);
+        TestServer::start(config)
+    };
+    let a = replica().await;
+    let b = replica().await;
+    let provider = Client::connect(ClientConfig::new(a.url()).lease_ttl(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let consumer = Client::connect(fast(ClientConfig::new(b.url())))
+        .await
+        .unwrap();
+    let mut providers = consumer.subscribe::<ServiceMapping>(["org.example.Greeter"]);
+    let started = tokio::time::Instant::now();
+    provider
+        .register_mapping("org.example.Greeter", "greeter")
+        .await
+        .unwrap();
+    match next(&mut providers).await {
+        Update::Added { resource, .. } => assert_eq!(resource.application_names, ["greeter"]),
+        other => panic!("{other:?}"),
+    }
+    println!("mapping A -> B latency over etcd: {:?}", started.elapsed());
+    // Kept alive by the provider's refreshes, then gone with its lease once it stops.
+    silent(&mut providers, Duration::from_secs(3)).await;
+    drop(provider);
+    match next(&mut providers).await {
+        Update::Removed { name } => assert_eq!(name, "org.example.Greeter"),
+        other => panic!("{other:?}"),
+    }
+    drop(providers);
+    a.stop().await;
+    b.stop().await;
+}

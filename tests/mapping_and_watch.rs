@@ -145,6 +145,18 @@ async fn mapping_is_pushed_and_each_application_expires_alone() {
     assert_eq!(decoded.namespace, "team-a");
     assert_eq!(decoded.interface_name, "org.example.Greeter");
     assert_eq!(decoded.application_names, ["provider-a", "provider-b"]);
+    // Upstream's older naming: the interface alone, in the stream's own namespace.
+    let mut by_interface = AdsClient::open(
+        channel.clone(),
+        node("dubbo-consumer-2", Some("team-a")),
+        UPSTREAM,
+        &["org.example.Greeter"],
+    )
+    .await;
+    let first = by_interface.recv().await;
+    assert_eq!(first.resources.len(), 1);
+    let decoded = ServiceMappingXdsResponse::decode(first.resources[0].value.as_slice()).unwrap();
+    assert_eq!(decoded.application_names, ["provider-a", "provider-b"]);
 
     let got = mappings
         .get(with_namespace(
@@ -415,5 +427,48 @@ async fn watches_start_with_the_state_follow_changes_and_resume() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_watcher_is_sent_the_latest_state_not_every_change() {
+    let server = TestServer::memory().await;
+    let channel = server.channel().await;
+    let mut metadata = metadata_client(channel.clone());
+    let mut watch = metadata_client(server.channel().await)
+        .watch(WatchMetadataRequest {
+            application_name: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut watch).await.empty);
+    // 100 revisions of 200 KiB while the watcher reads nothing: far more than the transport
+    // buffers, so the server must coalesce instead of queueing.
+    let n_revisions = 100;
+    let value = "x".repeat(200 * 1024);
+    for i in 0..n_revisions {
+        metadata
+            .publish(PublishMetadataRequest {
+                application_name: "big".into(),
+                revision: format!("r{i:03}"),
+                metadata_info: value.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut held = std::collections::BTreeSet::new();
+    let mut n_messages = 0;
+    while held.len() < n_revisions {
+        let message = next(&mut watch).await;
+        n_messages += 1;
+        for updated in message.updated {
+            assert_eq!(updated.metadata_info.len(), value.len());
+            held.insert(updated.revision);
+        }
+    }
+    println!("{n_revisions} changes reached a slow watcher in {n_messages} messages");
+    assert!(n_messages < n_revisions / 2, "{n_messages} messages");
     server.stop().await;
 }

@@ -15,6 +15,9 @@ use crate::{
     watches::{Diff, Names, Selector, WatchState, WatchStream},
 };
 
+/// Most entries of a metadata watch's `known_versions` (`RESOURCE_EXHAUSTED` beyond).
+const MAX_KNOWN_VERSIONS: usize = 100_000;
+
 fn hub(api: &Api) -> Result<&crate::watches::WatchHub, Error> {
     api.watch
         .as_ref()
@@ -47,6 +50,13 @@ pub(super) fn metadata(
         model::check_name("revision", &request.revision)?;
         Names::Exact(format!("{prefix}{}", request.revision))
     };
+    if request.known_versions.len() > MAX_KNOWN_VERSIONS {
+        return Err(Error::Invalid(model::Invalid::ValueTooLarge {
+            field: "known_versions",
+            len: request.known_versions.len(),
+            limit: MAX_KNOWN_VERSIONS,
+        }));
+    }
     let mut known = BTreeMap::new();
     for (revision, version) in request.known_versions {
         model::check_name("known_versions key", &revision)?;

@@ -8,8 +8,10 @@
 //! - ours, `type.googleapis.com/pixiu.pkg.metadata.ServiceMapping`, named by interface, in the
 //!   namespace's partition;
 //! - upstream's, `dubbo.networking.v1alpha1.v1.servicenamemapping`, named
-//!   `<interface>|<namespace>`, in the global partition (upstream's clients name the
-//!   namespace in the resource name and may read any).
+//!   `<interface>|<namespace>` in the global partition (upstream's clients name the
+//!   namespace in the resource name and may read any), and also named `<interface>` in the
+//!   namespace's partition (upstream's older generator named resources by interface alone,
+//!   in the client's own namespace).
 //!
 //! An interface whose last application leaves has its resources removed.
 
@@ -124,11 +126,16 @@ impl MappingIndex {
             .into_iter()
             .map(|namespace| (namespace, Vec::new()))
             .collect();
+        let mut upstream_local = ours.clone();
         let mut upstream = Vec::new();
         for ((namespace, interface), applications) in &self.interfaces {
             ours.entry(namespace.clone()).or_default().push((
                 ResourceName::new(interface),
                 resource(namespace, interface, applications),
+            ));
+            upstream_local.entry(namespace.clone()).or_default().push((
+                ResourceName::new(interface),
+                upstream_resource(namespace, interface, applications),
             ));
             upstream.push((
                 ResourceName::new(upstream_name(interface, namespace)),
@@ -143,6 +150,13 @@ impl MappingIndex {
                 resources,
             })
             .collect();
+        updates.extend(upstream_local.into_iter().map(|(namespace, resources)| {
+            Update::ReplaceType {
+                partition: Partition::new(namespace),
+                type_url: TypeUrl::new(pb::UPSTREAM_MAPPING_TYPE_URL),
+                resources,
+            }
+        }));
         updates.push(Update::ReplaceType {
             partition: Partition::new(GLOBAL_PARTITION),
             type_url: TypeUrl::new(pb::UPSTREAM_MAPPING_TYPE_URL),
@@ -157,38 +171,48 @@ impl MappingIndex {
             TypeUrl::new(pb::SERVICE_MAPPING_TYPE_URL),
             ResourceName::new(interface),
         );
-        let upstream = (
-            Partition::new(GLOBAL_PARTITION),
-            TypeUrl::new(pb::UPSTREAM_MAPPING_TYPE_URL),
-            ResourceName::new(upstream_name(interface, namespace)),
-        );
+        let upstream = [
+            (
+                Partition::new(GLOBAL_PARTITION),
+                ResourceName::new(upstream_name(interface, namespace)),
+            ),
+            (Partition::new(namespace), ResourceName::new(interface)),
+        ];
+        let upstream_url = TypeUrl::new(pb::UPSTREAM_MAPPING_TYPE_URL);
         match self.applications(namespace, interface) {
-            Some(applications) => vec![
-                Update::Put {
+            Some(applications) => {
+                let mut updates = vec![Update::Put {
                     partition: ours.0,
                     type_url: ours.1,
                     name: ours.2,
                     body: resource(namespace, interface, applications),
-                },
-                Update::Put {
-                    partition: upstream.0,
-                    type_url: upstream.1,
-                    name: upstream.2,
-                    body: upstream_resource(namespace, interface, applications),
-                },
-            ],
-            None => vec![
-                Update::Delete {
+                }];
+                let body = upstream_resource(namespace, interface, applications);
+                updates.extend(upstream.into_iter().map(|(partition, name)| Update::Put {
+                    partition,
+                    type_url: upstream_url.clone(),
+                    name,
+                    body: body.clone(),
+                }));
+                updates
+            }
+            None => {
+                let mut updates = vec![Update::Delete {
                     partition: ours.0,
                     type_url: ours.1,
                     name: ours.2,
-                },
-                Update::Delete {
-                    partition: upstream.0,
-                    type_url: upstream.1,
-                    name: upstream.2,
-                },
-            ],
+                }];
+                updates.extend(
+                    upstream
+                        .into_iter()
+                        .map(|(partition, name)| Update::Delete {
+                            partition,
+                            type_url: upstream_url.clone(),
+                            name,
+                        }),
+                );
+                updates
+            }
         }
     }
 }
@@ -252,21 +276,33 @@ mod tests {
         let b = Key::mapping("ns", "org.Api", "app-b");
         assert_eq!(
             names(&index.put(&b)),
-            ["put org.Api app-b", "put org.Api|ns app-b"]
+            [
+                "put org.Api app-b",
+                "put org.Api|ns app-b",
+                "put org.Api app-b"
+            ]
         );
         assert_eq!(
             names(&index.put(&a)),
-            ["put org.Api app-a,app-b", "put org.Api|ns app-a,app-b"]
+            [
+                "put org.Api app-a,app-b",
+                "put org.Api|ns app-a,app-b",
+                "put org.Api app-a,app-b"
+            ]
         );
         // A refresh or a repeated put changes nothing.
         assert!(index.put(&a).is_empty());
         assert_eq!(
             names(&index.delete(&b)),
-            ["put org.Api app-a", "put org.Api|ns app-a"]
+            [
+                "put org.Api app-a",
+                "put org.Api|ns app-a",
+                "put org.Api app-a"
+            ]
         );
         assert_eq!(
             names(&index.delete(&a)),
-            ["delete org.Api", "delete org.Api|ns"]
+            ["delete org.Api", "delete org.Api|ns", "delete org.Api"]
         );
         assert!(index.delete(&a).is_empty());
         assert_eq!(index, MappingIndex::default());
@@ -293,6 +329,8 @@ mod tests {
         assert_eq!(
             names(&updates),
             [
+                "replace [ns] org.Api",
+                "replace [old] ",
                 "replace [ns] org.Api",
                 "replace [old] ",
                 "replace [] org.Api|ns"

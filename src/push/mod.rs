@@ -170,11 +170,14 @@ fn updates(
                     .or_default()
                     .push(resource(record));
             }
-            let mapping_url = TypeUrl::new(pb::SERVICE_MAPPING_TYPE_URL);
-            let mapping_namespaces: Vec<String> = snapshot
+            let mapping_urls = [
+                TypeUrl::new(pb::SERVICE_MAPPING_TYPE_URL),
+                TypeUrl::new(pb::UPSTREAM_MAPPING_TYPE_URL),
+            ];
+            let mapping_namespaces: std::collections::BTreeSet<String> = snapshot
                 .keys()
                 .filter(|(partition, t)| {
-                    **t == mapping_url && partition.as_str() != GLOBAL_PARTITION
+                    mapping_urls.contains(t) && partition.as_str() != GLOBAL_PARTITION
                 })
                 .map(|(partition, _)| partition.to_string())
                 .collect();
