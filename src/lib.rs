@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -195,7 +194,9 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
+            // Without TCP_NODELAY, Nagle's algorithm and the peer's delayed ACK hold each
+            // small response (a push, a stream's first answer) for about 40 ms.
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         )
         .await

@@ -749,12 +749,14 @@ async fn istio_mode_cds_then_eds_without_acks_and_leaked_streams_stay_cheap() {
     // Leak many more, as a long-lived gateway does, and measure what they cost.
     let n_leaked = 300;
     let before = rss_bytes();
+    let started = tokio::time::Instant::now();
     for _ in 0..n_leaked {
         pixiu.open_eds().await;
         let (requested, eds) = pixiu.eds.last_mut().unwrap();
         assert_eq!(on_eds(requested, eds).await, [20000]);
     }
     let per_stream = rss_bytes().saturating_sub(before) / n_leaked;
+    println!("opened {n_leaked} EDS streams in {:?}", started.elapsed());
     println!(
         "{} EDS streams open; resident memory per leaked stream (client and server): {per_stream} bytes",
         pixiu.eds.len()
