@@ -146,7 +146,7 @@ pub struct ServeArgs {
         default_value_t = 100_000
     )]
     pub max_records_per_namespace: usize,
-    /// Most ADS streams open at once.
+    /// Most xDS streams (ADS and ECDS together) open at once.
     #[arg(long, env = "PIXIU_METADATA_MAX_STREAMS", default_value_t = 100_000)]
     pub max_streams: usize,
     /// How long a record lives after its last publish (e.g. `24h`, `90m`); providers

@@ -213,6 +213,12 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::metadata::service_mapping_service_server::ServiceMappingServiceServer<api::Api>>()
         .await;
+    health_reporter
+        .set_serving::<pb::dubbo_networking::service_metadata_service_server::ServiceMetadataServiceServer<api::Api>>()
+        .await;
+    health_reporter
+        .set_serving::<envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_server::ExtensionConfigDiscoveryServiceServer<ecds::EcdsService>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

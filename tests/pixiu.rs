@@ -479,6 +479,15 @@ async fn pr1042_client_nacks_and_is_not_resent_the_same_content() {
     write(dir.path(), "clusters.yaml", &clusters(&["user", "order"]));
     assert!(cds.next().await.unwrap_err().contains("order"));
     cds.silence(QUIET).await;
+    let nack = ecds_status(&server, "pixiu-gateway-1").await;
+    assert_eq!(nack["state"], "NACKED", "{nack:#}");
+    assert!(
+        nack["nack"]["error_detail"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("order")
+    );
+    assert_eq!(nack["nack"]["error_detail"]["code"], 3);
     write(dir.path(), "clusters.yaml", &clusters(&["user", "pay"]));
     assert_eq!(cds.next().await.unwrap(), ["user", "pay", "user-eds"]);
 
@@ -557,6 +566,37 @@ async fn ecds_speaks_the_protocol_as_written_to_other_clients() {
     assert_eq!(fetch.unwrap_err().code(), Code::Unimplemented);
     drop((tx, sotw, delta));
     server.stop().await;
+}
+
+/// The `/debug/syncz` row of `node_id`'s ECDS stream, once the server has recorded a NACK.
+async fn ecds_status(server: &TestServer, node_id: &str) -> serde_json::Value {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<axum::body::Bytes>>();
+    let url: http::Uri = format!("{}/debug/syncz", server.admin_url())
+        .parse()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = client.get(url.clone()).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let row = status["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["node_id"] == node_id)
+            .flat_map(|s| s["types"].as_array().cloned().unwrap_or_default())
+            .find(|t| t["type_url"] == ECDS_TYPE_URL && t["n_nacks"].as_u64() > Some(0));
+        if let Some(row) = row {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no NACK recorded: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // === the emulated ISTIO-mode client ===
@@ -749,12 +789,14 @@ async fn istio_mode_cds_then_eds_without_acks_and_leaked_streams_stay_cheap() {
     // Leak many more, as a long-lived gateway does, and measure what they cost.
     let n_leaked = 300;
     let before = rss_bytes();
+    let started = tokio::time::Instant::now();
     for _ in 0..n_leaked {
         pixiu.open_eds().await;
         let (requested, eds) = pixiu.eds.last_mut().unwrap();
         assert_eq!(on_eds(requested, eds).await, [20000]);
     }
     let per_stream = rss_bytes().saturating_sub(before) / n_leaked;
+    println!("opened {n_leaked} EDS streams in {:?}", started.elapsed());
     println!(
         "{} EDS streams open; resident memory per leaked stream (client and server): {per_stream} bytes",
         pixiu.eds.len()

@@ -1,5 +1,5 @@
 //! The gRPC services of the metadata API: the seed's `MetadataService` and
-//! `ServiceDefinitionService`.
+//! `ServiceDefinitionService`, and upstream Pixiu's `ServiceMetadataService` ([`upstream`]).
 //!
 //! Handlers validate what arrives (every field is hostile until checked), resolve the
 //! namespace, and call the [`Store`]. They never touch the xDS cache: pushes follow from the

@@ -555,3 +555,117 @@ proptest! {
         world.settle()?;
     }
 }
+
+/// One step of a client that subscribes to every name of one type and holds what it is sent,
+/// on a stream with [`Quirks::withhold_resourceless`].
+#[derive(Debug, Clone)]
+enum WithheldOp {
+    Put(usize, u8),
+    Delete(usize),
+    Ack,
+    /// A new stream whose first request carries what the client holds and a stale nonce.
+    Reconnect,
+}
+
+fn withheld_op() -> impl Strategy<Value = WithheldOp> {
+    prop_oneof![
+        (0..NAMES.len(), 0u8..3).prop_map(|(i, v)| WithheldOp::Put(i, v)),
+        (0..NAMES.len()).prop_map(WithheldOp::Delete),
+        Just(WithheldOp::Ack),
+        Just(WithheldOp::Reconnect),
+    ]
+}
+
+fn withholding_stream(n: usize) -> DeltaStream {
+    DeltaStream::new(View::new(["p".into()]), format!("w{n}"), Limits::default()).with_quirks(
+        Quirks {
+            withhold_resourceless: true,
+            ..Quirks::default()
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// A stream that withholds responses without resources never sends one, and whenever it
+    /// does send, the client ends up holding exactly the cache (for clients that apply every
+    /// response as their complete state, both are what matters).
+    #[test]
+    fn withholding_stream_never_sends_nothing_and_each_response_is_complete(
+        ops in proptest::collection::vec(withheld_op(), 1..50)
+    ) {
+        let (cache, writer) = cache();
+        let type_url = TYPES[0];
+        let mut n_streams = 0;
+        let mut stream = withholding_stream(n_streams);
+        let mut held: BTreeMap<String, String> = BTreeMap::new();
+        let mut last_nonce = String::new();
+        let subscribe_all = |held: &BTreeMap<String, String>, nonce: &str| DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: NAMES.iter().map(|n| n.to_string()).collect(),
+            initial_resource_versions: held.clone().into_iter().collect(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        };
+        let mut responses = stream
+            .on_request(&subscribe_all(&held, ""), &cache.snapshot())
+            .unwrap()
+            .responses;
+        // The trailing ACK lets the loop check the last operation's responses.
+        for op in ops.into_iter().chain([WithheldOp::Ack]) {
+            for response in responses.drain(..) {
+                prop_assert!(!response.resources.is_empty(), "a response without resources: {response:?}");
+                for name in &response.removed_resources {
+                    held.remove(name);
+                }
+                for resource in &response.resources {
+                    held.insert(resource.name.clone(), resource.version.clone());
+                }
+                let snapshot = cache.snapshot();
+                let current: BTreeMap<String, String> = snapshot
+                    .resources(stream.view(), &TypeUrl::new(type_url))
+                    .into_iter()
+                    .map(|r| (r.name.to_string(), r.version.to_string()))
+                    .collect();
+                prop_assert_eq!(&held, &current, "a response leaves the client complete");
+                last_nonce = response.nonce.clone();
+            }
+            match op {
+                WithheldOp::Put(i, value) => {
+                    writer.apply([Update::Put {
+                        partition: "p".into(),
+                        type_url: type_url.into(),
+                        name: NAMES[i].into(),
+                        body: body(0, value),
+                    }]);
+                    responses = stream.on_snapshot(&cache.snapshot()).responses;
+                }
+                WithheldOp::Delete(i) => {
+                    writer.apply([Update::Delete {
+                        partition: "p".into(),
+                        type_url: type_url.into(),
+                        name: NAMES[i].into(),
+                    }]);
+                    responses = stream.on_snapshot(&cache.snapshot()).responses;
+                }
+                WithheldOp::Ack => {
+                    let ack = DeltaDiscoveryRequest {
+                        type_url: type_url.into(),
+                        response_nonce: last_nonce.clone(),
+                        ..Default::default()
+                    };
+                    responses = stream.on_request(&ack, &cache.snapshot()).unwrap().responses;
+                }
+                WithheldOp::Reconnect => {
+                    n_streams += 1;
+                    stream = withholding_stream(n_streams);
+                    responses = stream
+                        .on_request(&subscribe_all(&held, &last_nonce), &cache.snapshot())
+                        .unwrap()
+                        .responses;
+                }
+            }
+        }
+    }
+}
