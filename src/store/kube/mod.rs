@@ -30,7 +30,7 @@
 //!
 //! # Reads and watches: the mirror
 //!
-//! `get`, `list` and watches are served from an in-memory [mirror](mirror) kept by one
+//! `get`, `list` and watches are served from an in-memory mirror (`mirror.rs`) kept by one
 //! `kube_runtime::watcher` per kind over all namespaces, so reads and pushes keep working
 //! while the API server is down, and objects created or edited with kubectl are records like
 //! any other. A broken watch resumes from the last resourceVersion it saw; when that is too
