@@ -539,3 +539,69 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_sweeps() {
+    let cluster = cluster().await;
+    // Another replica holds the sweeper's Lease (and does not sweep: it does not exist).
+    let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  \
+                 name: pixiu-metadata-sweeper\n  namespace: default\nspec:\n  \
+                 holderIdentity: someone-else\n  leaseDurationSeconds: 3600\n";
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], Some(lease))
+        .await;
+    let mut config = kube_config(&cluster.kubeconfig(), "sweeper");
+    config.lease.ttl = Duration::from_secs(2);
+    let server = TestServer::start(config).await;
+    let mut md = metadata_client(server.channel().await);
+    md.publish(publish_md("app", "1", "v")).await.unwrap();
+    // Expired, but this replica does not lead: the record stays.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        md.get(get_md("app", "1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .metadata_info,
+        "v"
+    );
+    // The holder lets go: this replica takes the lease and sweeps.
+    cluster
+        .kubectl(&[
+            "patch",
+            "lease",
+            "-n",
+            "default",
+            "pixiu-metadata-sweeper",
+            "--type=merge",
+            "-p",
+            "{\"spec\":{\"holderIdentity\":null}}",
+        ])
+        .await;
+    eventually(
+        Duration::from_secs(15),
+        "the expired record is swept",
+        || {
+            let mut md = md.clone();
+            async move {
+                md.get(get_md("app", "1"))
+                    .await
+                    .is_err_and(|s| s.code() == Code::NotFound)
+            }
+        },
+    )
+    .await;
+    let holder = cluster
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "default",
+            "pixiu-metadata-sweeper",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .await;
+    assert_eq!(holder, "sweeper");
+    server.stop().await;
+}

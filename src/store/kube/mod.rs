@@ -30,12 +30,15 @@
 //!
 //! # Reads and watches: the mirror
 //!
-//! `get`, `list` and watches are served from an in-memory [mirror](mirror) kept by one
+//! `get`, `list` and watches are served from an in-memory mirror (`mirror.rs`) kept by one
 //! `kube_runtime::watcher` per kind over all namespaces, so reads and pushes keep working
 //! while the API server is down, and objects created or edited with kubectl are records like
-//! any other. A broken watch resumes from the last resourceVersion it saw; when that is too
-//! old (410 Gone) the watcher lists again, and the store replaces that kind in the mirror and
-//! sends watchers an [`Event::Reset`]. Puts and deletes return once the mirror has seen them
+//! any other. A watch that ends normally (the server's timeout) resumes from the last
+//! resourceVersion it saw. After a watch *error* (API server unreachable, 410 Gone) the store
+//! lists that kind again, as client-go's reflector does, replaces it in the mirror and sends
+//! watchers an [`Event::Reset`]; the xDS cache dedups identical content, so only differences
+//! are pushed. (Resuming instead can wait on a restarted API server's watch cache for seconds
+//! before it answers 410.) Puts and deletes return once the mirror has seen them
 //! (bounded by [`REQUEST_TIMEOUT`]), so a replica reads its own writes.
 //!
 //! # Sweeping
@@ -444,7 +447,8 @@ fn parse_object(kind: Kind, object: DynamicObject) -> (ObjectRef, Option<Object>
 
 /// Follows one kind's objects into the mirror until `stop`.
 async fn follow(kind: Kind, api: Api<DynamicObject>, shared: Arc<Shared>, stop: CancellationToken) {
-    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    let start = || watcher(api.clone(), watcher::Config::default()).boxed();
+    let mut stream = start();
     let mut listing: Option<Vec<Object>> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -462,6 +466,11 @@ async fn follow(kind: Kind, api: Api<DynamicObject>, shared: Arc<Shared>, stop: 
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+                // Start over with a list, as client-go's reflector does after a failed watch:
+                // resuming from our last resourceVersion can wait on a restarted API server's
+                // watch cache (seconds, then 410 Gone), while a list reads etcd at once.
+                stream = start();
+                listing = None;
                 continue;
             }
         };
@@ -739,7 +748,9 @@ impl Store for KubeStore {
     }
 }
 
+// The etcd store's tests load the same helper; both need it at their own path.
 #[cfg(test)]
+#[allow(clippy::duplicate_mod)]
 #[path = "../../../tests/common/etcd.rs"]
 mod etcd;
 #[cfg(test)]

@@ -47,22 +47,10 @@ pub const MANAGED_BY: &str = "pixiu-metadata";
     shortname = "md",
     namespaced,
     doc = "Metadata of one revision of a Dubbo application, as published to pixiu-metadata.",
-    printcolumn(
-        name = "Application",
-        type_ = "string",
-        json_path = ".spec.application"
-    ),
-    printcolumn(name = "Revision", type_ = "string", json_path = ".spec.revision"),
-    printcolumn(
-        name = "Last Refresh",
-        type_ = "date",
-        json_path = ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Application", "type": "string", "jsonPath": ".spec.application"}"#,
+    printcolumn = r#"{"name": "Revision", "type": "string", "jsonPath": ".spec.revision"}"#,
+    printcolumn = r#"{"name": "Last Refresh", "type": "date", "jsonPath": ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MetadataSpec {
@@ -88,17 +76,9 @@ pub struct MetadataSpec {
     shortname = "sd",
     namespaced,
     doc = "A Dubbo service definition, as published to pixiu-metadata.",
-    printcolumn(name = "Identifier", type_ = "string", json_path = ".spec.identifier"),
-    printcolumn(
-        name = "Last Refresh",
-        type_ = "date",
-        json_path = ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Identifier", "type": "string", "jsonPath": ".spec.identifier"}"#,
+    printcolumn = r#"{"name": "Last Refresh", "type": "date", "jsonPath": ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceDefinitionSpec {

@@ -347,6 +347,30 @@ async fn api_server_down_reads_work_writes_fail_restart_loses_nothing() {
             .len(),
         1
     );
+    // A change made while the API server is down, straight in its etcd: after the restart the
+    // API server's watch cache starts past our last resourceVersion, so the watch must relist.
+    let k4 = Key::metadata("ns", "app", "4");
+    let object = serde_json::json!({
+        "apiVersion": "metadata.networking.dubbo.io/v1",
+        "kind": "Metadata",
+        "metadata": {
+            "name": "written-in-etcd",
+            "namespace": "ns",
+            "uid": "00000000-0000-0000-0000-000000000004",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"application": "app", "revision": "4", "metadataInfo": "from etcd"},
+    });
+    let mut etcd = etcd_client::Client::connect([server.etcd.endpoint()], None)
+        .await
+        .unwrap();
+    etcd.put(
+        "/registry/metadata.networking.dubbo.io/metadata/ns/written-in-etcd",
+        object.to_string(),
+        None,
+    )
+    .await
+    .unwrap();
 
     server.restart().await;
     let restarted = Instant::now();
@@ -367,27 +391,35 @@ async fn api_server_down_reads_work_writes_fail_restart_loses_nothing() {
             .is_some_and(|r| &*r.value == "changed")
             && store.get(&k3).await.unwrap().is_some()
             && store.get(&k2).await.unwrap().is_none()
+            && store
+                .get(&k4)
+                .await
+                .unwrap()
+                .is_some_and(|r| &*r.value == "from etcd")
     })
     .await;
     eprintln!(
         "mirror caught up {:?} after the restart",
         restarted.elapsed()
     );
-    let mut seen_k3 = false;
-    let mut seen_k1 = false;
-    while !(seen_k1 && seen_k3) {
+    let (mut seen_k1, mut seen_k3, mut seen_k4, mut resets) = (false, false, false, 0);
+    while !(seen_k1 && seen_k3 && seen_k4) {
         match next(&mut watch).await {
             Event::Put(r) if r.key == k1 => seen_k1 = &*r.value == "changed",
             Event::Put(r) if r.key == k3 => seen_k3 = true,
+            Event::Put(r) if r.key == k4 => seen_k4 = true,
             Event::Reset { records, .. } => {
+                resets += 1;
                 seen_k1 = records
                     .iter()
                     .any(|r| r.key == k1 && &*r.value == "changed");
                 seen_k3 = records.iter().any(|r| r.key == k3);
+                seen_k4 = records.iter().any(|r| r.key == k4);
             }
             _ => {}
         }
     }
+    eprintln!("watchers got {resets} reset(s) after the restart");
     store.ready().await.unwrap();
     store.put(&k2, "again", at(6)).await.unwrap();
 }
