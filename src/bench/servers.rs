@@ -43,8 +43,20 @@ impl Process {
         format!("http://{}", self.addr)
     }
 
-    /// Kills it and waits for it to exit.
+    /// Stops it as an operator would (SIGTERM, so the next start is not a crash recovery),
+    /// killing it if it has not exited within 10 s.
     pub async fn stop(mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.pid()])
+            .status()
+            .await;
+        if term.is_ok_and(|s| s.success())
+            && tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+        {
+            return;
+        }
         let _ = self.child.kill().await;
     }
 }
