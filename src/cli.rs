@@ -55,7 +55,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish, read and watch application metadata.
     #[command(subcommand)]
     Metadata(MetadataCommand),

@@ -191,9 +191,9 @@ pub async fn serve(
     ));
     let ads = pixiu_xds::AdsServer::new(
         cache,
-        Arc::new(clients::WithQuirks(push::NamespaceResolver::with_authorizer(
-            secured.authorizer.clone(),
-        ))),
+        Arc::new(clients::WithQuirks(
+            push::NamespaceResolver::with_authorizer(secured.authorizer.clone()),
+        )),
         registry,
         config.xds.clone(),
         shutdown.clone(),

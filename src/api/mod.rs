@@ -31,8 +31,8 @@ use crate::{
 
 pub mod mapping;
 pub mod status;
-mod watch;
 pub mod upstream;
+mod watch;
 
 pub use status::Error;
 

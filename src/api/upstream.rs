@@ -12,8 +12,8 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::security::Operation;
 use super::{Api, Error};
+use crate::security::Operation;
 use crate::{
     model::{self, Key, Kind},
     pb::dubbo_networking::{
@@ -54,8 +54,11 @@ impl ServiceMetadataService for Api {
         request: Request<PublishServiceMetadataRequest>,
     ) -> Result<Response<PublishServiceMetadataResponse>, Status> {
         let result = async {
-            let namespace =
-                self.upstream_namespace(&request, &request.get_ref().namespace, Operation::Publish)?;
+            let namespace = self.upstream_namespace(
+                &request,
+                &request.get_ref().namespace,
+                Operation::Publish,
+            )?;
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             model::check_name("revision", &request.revision)?;

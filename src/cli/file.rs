@@ -160,7 +160,7 @@ mod tests {
 
     fn serve_args(cli: Cli) -> super::super::ServeArgs {
         match cli.command {
-            Command::Serve(args) => args,
+            Command::Serve(args) => *args,
             other => panic!("not serve: {other:?}"),
         }
     }

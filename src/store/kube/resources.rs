@@ -101,22 +101,10 @@ pub struct ServiceDefinitionSpec {
     shortname = "sm",
     namespaced,
     doc = "A Dubbo service-name mapping: one application that provides one interface.",
-    printcolumn(name = "Interface", type_ = "string", json_path = ".spec.interface"),
-    printcolumn(
-        name = "Application",
-        type_ = "string",
-        json_path = ".spec.application"
-    ),
-    printcolumn(
-        name = "Last Refresh",
-        type_ = "date",
-        json_path = ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Interface", "type": "string", "jsonPath": ".spec.interface"}"#,
+    printcolumn = r#"{"name": "Application", "type": "string", "jsonPath": ".spec.application"}"#,
+    printcolumn = r#"{"name": "Last Refresh", "type": "date", "jsonPath": ".metadata.annotations.pixiu\\.dubbo\\.io/refreshed-at"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceMappingSpec {
