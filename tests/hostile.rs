@@ -1002,3 +1002,45 @@ async fn h42_csds_regex_matcher_is_invalid_argument() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn h43_old_connections_are_drained_and_clients_reconnect() {
+    let mut config = memory_config();
+    config.security.limits.max_connection_age = Some(Duration::from_millis(500));
+    config.security.limits.max_connection_age_grace = Duration::from_millis(500);
+    // The bystander's own connection is drained too; its check reconnects through the same
+    // channel, which is what a client of a draining replica does.
+    let server = TestServer::start(config).await;
+    let channel = server.channel().await;
+    let (_tx, responses, first) = sotw_first(&channel, metadata_request(vec![])).await;
+    first.unwrap();
+    let mut responses = responses.unwrap();
+    // GOAWAY after 500 ms, closed after the 500 ms grace: the stream ends.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream outlived max connection age and its grace"
+    );
+    // The same channel reconnects and is served.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match publish(&channel, "app", "after-drain", "x").await {
+            Ok(()) => break,
+            Err(code) => {
+                assert_eq!(code, Code::Unavailable);
+                assert!(tokio::time::Instant::now() < deadline, "no reconnect");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(get(&channel, "app", "after-drain").await, Ok("x".into()));
+    server.stop().await;
+}
