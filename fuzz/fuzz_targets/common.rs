@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! What the SotW and Delta targets share: a tiny cache of two partitions, three types and
 //! four names, driven by arbitrary writes.
 
@@ -58,7 +59,11 @@ impl Write {
                 body: Any {
                     type_url: type_url.to_string(),
                     // The high bit marks the other partition's content, so a leak shows.
-                    value: vec![if self.partition { value | 0x80 } else { value & 0x7f }],
+                    value: vec![if self.partition {
+                        value | 0x80
+                    } else {
+                        value & 0x7f
+                    }],
                 },
             },
             None => Update::Delete {

@@ -87,7 +87,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 match stream.on_request(&request, &snapshot) {
                     Ok(step) => step,
                     Err(ProtocolError::MissingTypeUrl) => unreachable!("every request has a type"),
-                    Err(ProtocolError::TooManySubscriptions { .. } | ProtocolError::TooManyTypes { .. }) => {
+                    Err(
+                        ProtocolError::TooManySubscriptions { .. }
+                        | ProtocolError::TooManyTypes { .. },
+                    ) => {
                         return;
                     }
                 }

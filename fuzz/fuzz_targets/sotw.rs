@@ -53,7 +53,11 @@ fuzz_target!(|ops: Vec<Op>| {
                 nack,
                 empty_type,
             } => {
-                let type_url = if *empty_type { "" } else { common::type_url(*type_idx) };
+                let type_url = if *empty_type {
+                    ""
+                } else {
+                    common::type_url(*type_idx)
+                };
                 let names: Vec<String> = names
                     .iter()
                     .take(10)
@@ -93,7 +97,10 @@ fuzz_target!(|ops: Vec<Op>| {
             assert!(response.resources.len() <= bodies.len());
             for any in &response.resources {
                 assert!(!common::is_theirs(&any.value), "leaked another partition");
-                assert!(bodies.contains(&any.value), "sent something not in the view");
+                assert!(
+                    bodies.contains(&any.value),
+                    "sent something not in the view"
+                );
                 assert_eq!(any.type_url, response.type_url);
             }
             last.insert(
