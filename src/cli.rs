@@ -167,7 +167,7 @@ pub struct ServeArgs {
     pub pixiu_config_dir: Option<PathBuf>,
     /// TLS, authentication and connection limits.
     #[command(flatten)]
-    pub security: crate::security::cli::SecurityArgs,
+    pub security: Box<crate::security::cli::SecurityArgs>,
 }
 
 impl ServeArgs {

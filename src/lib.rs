@@ -243,6 +243,9 @@ pub async fn serve(
         // tonic reports a request over the message size limit as OUT_OF_RANGE; our contract
         // for size limits is RESOURCE_EXHAUSTED. No handler of ours returns OUT_OF_RANGE.
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        .layer(tower::util::MapResponseLayer::new(
+            security::decode_error_status,
+        ))
         .add_service(api.metadata_service())
         .add_service(api.definition_service())
         .add_service(api.mapping_service())

@@ -121,3 +121,69 @@ impl SecurityArgs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::cli::{Command, parse_from};
+
+    fn config(args: &[&str]) -> anyhow::Result<crate::Config> {
+        let cli = parse_from(["pixiu-metadata", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(serve) => serve.config(),
+            _ => unreachable!("parsed serve"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_a_development_server_with_limits() {
+        let config = config(&[]).unwrap();
+        let security = &config.security;
+        assert!(security.tls.is_none() && security.token_file.is_none());
+        assert_eq!(
+            security.limits.max_connection_age,
+            Some(Duration::from_secs(1800))
+        );
+        assert_eq!(security.limits.max_concurrent_streams_per_connection, 1000);
+        assert_eq!(
+            security
+                .limits
+                .publish_rate
+                .map(|r| (r.per_second, r.burst)),
+            Some((100.0, 500))
+        );
+    }
+
+    #[test]
+    fn flags_reach_the_config() {
+        let config = config(&[
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+            "--client-ca=ca.pem",
+            "--token-file=t.toml",
+            "--policy-file=p.toml",
+            "--max-connection-age=0s",
+            "--publish-rate=0",
+            "--max-subscriptions-per-stream=10",
+            "--idle-timeout=1m",
+        ])
+        .unwrap();
+        let tls = config.security.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.client_ca.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
+        assert_eq!(config.security.limits.max_connection_age, None);
+        assert_eq!(config.security.limits.publish_rate, None);
+        assert_eq!(config.security.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.xds.limits.max_subscribed_names, 10);
+    }
+
+    #[test]
+    fn a_key_without_a_certificate_is_refused() {
+        assert!(config(&["--tls-key=k.pem"]).is_err());
+        assert!(config(&["--client-ca=ca.pem"]).is_err());
+        assert!(config(&["--publish-rate=-1"]).is_err());
+    }
+}

@@ -436,6 +436,30 @@ pub fn load(
     })
 }
 
+/// Rewrites tonic's answer to a request whose protobuf does not decode (trailers-only
+/// `INTERNAL` "failed to decode Protobuf message", e.g. a string field that is not UTF-8) to
+/// `INVALID_ARGUMENT`: the peer sent bad bytes, the server is fine. No handler of ours
+/// returns that message.
+pub fn decode_error_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const INTERNAL: &str = "13";
+    const INVALID_ARGUMENT: &str = "3";
+    let headers = response.headers_mut();
+    let is_decode_error = headers.get("grpc-status").is_some_and(|v| v == INTERNAL)
+        && headers.get("grpc-message").is_some_and(|v| {
+            v.as_bytes()
+                .starts_with(b"failed%20to%20decode%20Protobuf%20message")
+                || v.as_bytes()
+                    .starts_with(b"failed to decode Protobuf message")
+        });
+    if is_decode_error {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static(INVALID_ARGUMENT),
+        );
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

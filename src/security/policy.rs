@@ -269,13 +269,14 @@ mod tests {
         use Operation::*;
         let deployer = Identity::Workload(Workload::token("deployer", "ci"));
         let ok = |ns: &str| Ok::<String, Denied>(ns.to_string());
-        let cases: Vec<(
+        type Case<'a> = (
             Identity,
-            Option<&str>,
+            Option<&'a str>,
             Operation,
             bool,
             Result<String, Denied>,
-        )> = vec![
+        );
+        let cases: Vec<Case<'_>> = vec![
             // Development server: anonymous callers pick their namespace.
             (Identity::Anonymous, None, Publish, false, ok("default")),
             (Identity::Anonymous, Some("a"), Delete, false, ok("a")),

@@ -455,6 +455,7 @@ async fn run<M: Machine>(
             Ok(None) => return,
             Err(error) => {
                 debug!(%error, "stream failed before its first request");
+                let _ = tx.try_send(Err(request_error(error)));
                 return;
             }
         },
@@ -554,6 +555,9 @@ async fn run<M: Machine>(
                 Ok(None) => return,
                 Err(error) => {
                     debug!(%error, "stream ended by the client");
+                    // When the stream is still up (a request that does not decode or is
+                    // too large), tell the client why; a reset stream ignores this.
+                    let _ = tx.try_send(Err(request_error(error)));
                     return;
                 }
             },
@@ -562,6 +566,19 @@ async fn run<M: Machine>(
                 None => return,
             },
         };
+    }
+}
+
+/// The status a stream ends with when its next request could not be read: tonic reports a
+/// request that does not decode as `INTERNAL` and one over the size limit as `OUT_OF_RANGE`;
+/// both are the client's doing.
+fn request_error(error: Status) -> Status {
+    match error.code() {
+        tonic::Code::Internal if error.message().starts_with("failed to decode") => {
+            Status::invalid_argument(error.message().to_string())
+        }
+        tonic::Code::OutOfRange => Status::resource_exhausted(error.message().to_string()),
+        _ => error,
     }
 }
 
