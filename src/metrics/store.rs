@@ -78,6 +78,10 @@ impl Store for InstrumentedStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.inner.leadership()
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,12 @@
 //! Deletes are a transaction comparing `mod_revision` with the given revision, so a sweeper's
 //! delete loses against a re-publish that refreshed the record in between.
 //!
+//! # The sweeper election
+//!
+//! One replica at a time sweeps expired records: replicas campaign with etcd's election API
+//! under `<prefix>.sweeper-election` (beside the records, not under them), each with its own
+//! lease of [`SWEEPER_LEASE_TTL`]; see [`Store::leadership`] and the `election` module.
+//!
 //! Every etcd call is bounded by [`REQUEST_TIMEOUT`]; when etcd does not answer, writes fail
 //! with [`Error::Unavailable`]. A write that timed out may still have been applied; publishing
 //! again is safe (an identical value is a refresh).
@@ -90,6 +96,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, epoch_ms};
+
+mod election;
+
+pub use election::LEASE_TTL as SWEEPER_LEASE_TTL;
+
+/// This machine's host name, for the election's campaign value (`-` when unknown).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "-".into())
+}
 
 /// The key prefix when none is configured.
 pub const DEFAULT_PREFIX: &str = "/pixiu-metadata";
@@ -143,6 +160,8 @@ struct Inner {
     max_records_per_namespace: usize,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// Whether this replica is the elected sweeper.
+    leading: watch::Receiver<bool>,
 }
 
 impl Drop for Inner {
@@ -252,6 +271,15 @@ impl EtcdStore {
             stop: stop.clone(),
         };
         tokio::spawn(follower.run(i64::try_from(revision).unwrap_or(i64::MAX) + 1));
+        let (leading_tx, leading) = watch::channel(false);
+        tokio::spawn(election::run(
+            client.clone(),
+            // Beside the records' prefix, not under it: the mirror never sees election keys.
+            format!("{}.sweeper-election", keys.root.trim_end_matches('/')),
+            format!("pid {} on {}", std::process::id(), hostname()),
+            leading_tx,
+            stop.clone(),
+        ));
         info!(?endpoints, prefix = %keys.root, revision, records = n_records, "etcd store open");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -261,6 +289,7 @@ impl EtcdStore {
                 max_records_per_namespace,
                 shared,
                 stop,
+                leading,
             }),
         })
     }
@@ -509,6 +538,10 @@ impl Store for EtcdStore {
 
     fn backend(&self) -> &'static str {
         "etcd"
+    }
+
+    fn leadership(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.inner.leading.clone())
     }
 }
 
@@ -1144,6 +1177,48 @@ mod tests {
             .put(&Key::metadata("ns", "a", "3"), "v", at(1))
             .await
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_replica_sweeps_and_another_takes_over_when_it_stops() {
+        let etcd = Etcd::start().await;
+        let a = connect(&etcd.endpoint(), "/elect").await;
+        let b = connect(&etcd.endpoint(), "/elect").await;
+        let mut lead_a = a.leadership().expect("etcd elects a sweeper");
+        let mut lead_b = b.leadership().expect("etcd elects a sweeper");
+        // Exactly one of the two is elected.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !(*lead_a.borrow_and_update() || *lead_b.borrow_and_update()) {
+                tokio::select! {
+                    _ = lead_a.changed() => {}
+                    _ = lead_b.changed() => {}
+                }
+            }
+        })
+        .await
+        .expect("a sweeper is elected within 10 s");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let leading = (*lead_a.borrow(), *lead_b.borrow());
+        let (leader, mut follower) = match leading {
+            (true, false) => (a, lead_b),
+            (false, true) => (b, lead_a),
+            other => panic!("exactly one sweeper, got {other:?}"),
+        };
+        // The election key lives beside the records: the mirror never sees it.
+        assert!(
+            leader.list(&ListQuery::all(Kind::Metadata)).await.unwrap().is_empty()
+        );
+        // The leader stops: it gives up its lease and the other takes over well before the
+        // lease would have expired.
+        let stopped = Instant::now();
+        drop(leader);
+        tokio::time::timeout(Duration::from_secs(8), follower.wait_for(|l| *l))
+            .await
+            .expect("the other replica takes over before the lease TTL")
+            .unwrap();
+        let took = stopped.elapsed();
+        eprintln!("sweeper hand-over after the leader stopped: {took:?}");
+        assert!(took < SWEEPER_LEASE_TTL, "{took:?}");
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ fn at(ms: u64) -> SystemTime {
 }
 
 /// Namespaces the conformance suite and these tests write to.
-const NAMESPACES: &[&str] = &["ns", "other", "a", "b", "c", "team-a"];
+const NAMESPACES: &[&str] = &["ns", "other", "elsewhere", "a", "b", "c", "team-a"];
 
 async fn server() -> KubeApiserver {
     let server = KubeApiserver::start().await;
@@ -63,7 +63,7 @@ async fn conformance() {
         server
             .kubectl(&[
                 "delete",
-                "md,sd",
+                "md,sd,sm",
                 "--all",
                 "--all-namespaces",
                 "--wait=true",
