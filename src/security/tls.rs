@@ -436,6 +436,11 @@ pub fn incoming_tls(
                             Ok(Ok(stream)) => {
                                 let _ = tx.send(Ok(stream)).await;
                             }
+                            // The guard's read deadline ends a stalled handshake first.
+                            Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => {
+                                observer.handshake_failed("timeout");
+                                debug!(peer.addr = %peer, "TLS handshake timed out");
+                            }
                             Ok(Err(error)) => {
                                 observer.handshake_failed("handshake");
                                 debug!(peer.addr = %peer, %error, "TLS handshake failed");
