@@ -864,3 +864,54 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn stalled_tls_handshakes_are_closed_and_others_served() {
+    let pki = Pki::new();
+    let mut config = pki.config(false);
+    config.security.limits.handshake_timeout = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let good = connect(&pki, &server, Some(&pki.client_ca.workload(TEAM_A, "app"))).await;
+    // 50 connections that never send a ClientHello, and one that stops half-way.
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        stalled.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut half = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+    }
+    stalled.push(half);
+    // Meanwhile the good client is served.
+    common::metadata_client(good.clone())
+        .list(ListMetadataRequest::default())
+        .await
+        .unwrap();
+    for stream in &mut stalled {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a stalled handshake was kept open");
+    }
+    common::metadata_client(good)
+        .list(ListMetadataRequest::default())
+        .await
+        .unwrap();
+    let metrics = reqwest_metrics(&server).await;
+    assert!(
+        metrics.contains("pixiu_metadata_tls_handshake_failures_total{reason=\"timeout\"}"),
+        "{metrics}"
+    );
+    server.stop().await;
+}

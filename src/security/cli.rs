@@ -19,18 +19,18 @@ pub struct SecurityArgs {
     #[arg(long, env = "PIXIU_METADATA_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA bundle client certificates must chain to (mTLS). Clients are identified by
-    /// the SPIFFE ID in their certificate (spiffe://<td>/ns/<ns>/sa/<sa>). Mandatory
+    /// the SPIFFE ID in their certificate (`spiffe://<td>/ns/<ns>/sa/<sa>`). Mandatory
     /// unless --token-file is also given.
     #[arg(long, env = "PIXIU_METADATA_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
     /// How often the TLS files are checked for changes.
     #[arg(long, env = "PIXIU_METADATA_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_reload_interval: Duration,
-    /// TOML file of bearer tokens ([[token]] name, namespace, sha256 or token); clients
+    /// TOML file of bearer tokens (`[[token]]` entries: name, namespace, sha256 or token); clients
     /// send `authorization: Bearer <token>`.
     #[arg(long, env = "PIXIU_METADATA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// TOML file of grants beyond a client's own namespace ([[grant]] identities,
+    /// TOML file of grants beyond a client's own namespace (`[[grant]]` entries: identities,
     /// namespaces, operations).
     #[arg(long, env = "PIXIU_METADATA_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,

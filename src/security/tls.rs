@@ -6,7 +6,7 @@
 //! to the next handshake without a restart. A file that does not parse is logged and the old
 //! material kept.
 //!
-//! [`incoming`] accepts TCP connections and runs each TLS handshake in its own task with a
+//! [`incoming_tls`] accepts TCP connections and runs each TLS handshake in its own task with a
 //! deadline, so one slow handshake never holds up the accept loop, and yields the finished
 //! `TlsStream`s to tonic's `serve_with_incoming`. tonic's `Connected` impl for `TlsStream`
 //! puts the verified peer certificate chain into every request's extensions
@@ -435,6 +435,11 @@ pub fn incoming_tls(
                         match handshake {
                             Ok(Ok(stream)) => {
                                 let _ = tx.send(Ok(stream)).await;
+                            }
+                            // The guard's read deadline ends a stalled handshake first.
+                            Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => {
+                                observer.handshake_failed("timeout");
+                                debug!(peer.addr = %peer, "TLS handshake timed out");
                             }
                             Ok(Err(error)) => {
                                 observer.handshake_failed("handshake");
