@@ -92,7 +92,10 @@ async fn shutdown_under_load_keeps_every_acknowledged_publish_and_ends_streams()
     );
     // In-flight publishes wait for their fsync, which a loaded disk can stretch; the drain
     // timeout (10 s) bounds it.
-    assert!(took < Duration::from_secs(12), "graceful stop took {took:?}");
+    assert!(
+        took < Duration::from_secs(12),
+        "graceful stop took {took:?}"
+    );
     assert!(!acknowledged.is_empty());
     // The ADS stream was ended by the server, not left hanging: after the pushes of the
     // publishes made before the signal, it ends.

@@ -1206,7 +1206,11 @@ mod tests {
         };
         // The election key lives beside the records: the mirror never sees it.
         assert!(
-            leader.list(&ListQuery::all(Kind::Metadata)).await.unwrap().is_empty()
+            leader
+                .list(&ListQuery::all(Kind::Metadata))
+                .await
+                .unwrap()
+                .is_empty()
         );
         // The leader stops: it gives up its lease and the other takes over well before the
         // lease would have expired.

@@ -40,7 +40,15 @@ pub(super) async fn run(
             return;
         }
         // Not raced against `stop`: a stopping term still revokes its lease.
-        let outcome = term(&mut election, &mut leases, &name, &identity, &leading, &stop).await;
+        let outcome = term(
+            &mut election,
+            &mut leases,
+            &name,
+            &identity,
+            &leading,
+            &stop,
+        )
+        .await;
         leading.send_replace(false);
         match outcome {
             Ok(()) => return,
