@@ -29,7 +29,7 @@ use envoy_types::pb::{
 };
 use pixiu_metadata::pb::{
     METADATA_TYPE_URL,
-    metadata::{DeleteMetadataRequest, Metadata, PublishMetadataRequest},
+    metadata::{DeleteMetadataRequest, GetMetadataRequest, Metadata, PublishMetadataRequest},
 };
 use prost::Message;
 use tokio::{sync::mpsc, time::Instant};
@@ -854,10 +854,22 @@ async fn slow_consumer_costs_bounded_memory_and_slows_no_one() {
     let max_latency = *probe_latencies.last().unwrap();
     let median_latency = probe_latencies[probe_latencies.len() / 2];
 
-    // The latest state: publish n went to key n % N_KEYS, so each key ends at its last n.
-    let latest: BTreeMap<String, String> = (N_PUBLISHES - N_KEYS..N_PUBLISHES)
-        .map(|n| (key(n % N_KEYS), format!("v{n}")))
-        .collect();
+    // The latest state, as the store holds it: the writers of one round race on the same
+    // keys (n and n + N_KEYS go to different writers), so which value of a round lands last
+    // is not known in advance.
+    let mut reader = metadata_client(channel.clone());
+    let mut latest = BTreeMap::new();
+    for i in 0..N_KEYS {
+        let got = reader
+            .get(GetMetadataRequest {
+                application_name: "storm".into(),
+                revision: format!("{i:03}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        latest.insert(key(i), got.metadata_info);
+    }
     let resumed = Instant::now();
     let mut n_responses = 0;
     loop {

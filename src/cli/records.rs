@@ -139,6 +139,28 @@ pub fn print(
     Ok(())
 }
 
+/// Follows `next_page_token` from the first page until `limit` records or the last page.
+/// `fetch(page_token, page_size)` reads one page: its records and the next token.
+async fn pages<F, Fut>(limit: usize, mut fetch: F) -> anyhow::Result<Vec<RecordView>>
+where
+    F: FnMut(String, u32) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<RecordView>, String)>>,
+{
+    let mut records = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page_size =
+            u32::try_from(limit.saturating_sub(records.len()).min(1000)).unwrap_or(1000);
+        let (page, next_page_token) = fetch(page_token, page_size).await?;
+        records.extend(page);
+        if next_page_token.is_empty() || records.len() >= limit {
+            records.truncate(limit);
+            return Ok(records);
+        }
+        page_token = next_page_token;
+    }
+}
+
 /// Reads metadata pages until `limit` records or the last page.
 pub async fn list_metadata(
     client: &ClientArgs,
@@ -146,30 +168,31 @@ pub async fn list_metadata(
     names_only: bool,
     limit: usize,
 ) -> anyhow::Result<Vec<RecordView>> {
-    let mut grpc = MetadataServiceClient::new(client.channel().await?);
-    let mut records = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page_size =
-            u32::try_from(limit.saturating_sub(records.len()).min(1000)).unwrap_or(1000);
+    let grpc = MetadataServiceClient::new(client.channel().await?);
+    pages(limit, |page_token, page_size| {
+        let mut grpc = grpc.clone();
         let request = client.request(proto::ListMetadataRequest {
             application_name: application.clone().unwrap_or_default(),
             page_size,
-            page_token: page_token.clone(),
+            page_token,
             names_only,
-        })?;
-        let page = grpc.list(request).await.map_err(status_error)?.into_inner();
-        records.extend(
-            page.records
-                .into_iter()
-                .map(|r| RecordView::from_metadata(r, names_only)),
-        );
-        if page.next_page_token.is_empty() || records.len() >= limit {
-            records.truncate(limit);
-            return Ok(records);
+        });
+        async move {
+            let page = grpc
+                .list(request?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let records = page.records.into_iter();
+            Ok((
+                records
+                    .map(|r| RecordView::from_metadata(r, names_only))
+                    .collect(),
+                page.next_page_token,
+            ))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await
 }
 
 /// Reads definition pages until `limit` records or the last page.
@@ -179,30 +202,31 @@ pub async fn list_definitions(
     names_only: bool,
     limit: usize,
 ) -> anyhow::Result<Vec<RecordView>> {
-    let mut grpc = ServiceDefinitionServiceClient::new(client.channel().await?);
-    let mut records = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page_size =
-            u32::try_from(limit.saturating_sub(records.len()).min(1000)).unwrap_or(1000);
+    let grpc = ServiceDefinitionServiceClient::new(client.channel().await?);
+    pages(limit, |page_token, page_size| {
+        let mut grpc = grpc.clone();
         let request = client.request(proto::ListServiceDefinitionsRequest {
             identifier_prefix: prefix.clone().unwrap_or_default(),
             page_size,
-            page_token: page_token.clone(),
+            page_token,
             names_only,
-        })?;
-        let page = grpc.list(request).await.map_err(status_error)?.into_inner();
-        records.extend(
-            page.records
-                .into_iter()
-                .map(|r| RecordView::from_definition(r, names_only)),
-        );
-        if page.next_page_token.is_empty() || records.len() >= limit {
-            records.truncate(limit);
-            return Ok(records);
+        });
+        async move {
+            let page = grpc
+                .list(request?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let records = page.records.into_iter();
+            Ok((
+                records
+                    .map(|r| RecordView::from_definition(r, names_only))
+                    .collect(),
+                page.next_page_token,
+            ))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await
 }
 
 /// A single record read with `get`, for `-o json|yaml|table`.

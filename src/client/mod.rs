@@ -154,6 +154,9 @@ pub struct ClientConfig {
     pub max_message_bytes: usize,
     /// Updates buffered per subscription before the stream waits for its reader (default 64).
     pub update_buffer: usize,
+    /// TLS (rustls): the server's CA, and a client certificate for mTLS; `None` speaks
+    /// plaintext. Use an `https://` endpoint with it.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClientConfig {
@@ -169,6 +172,7 @@ impl ClientConfig {
             variant: Variant::Delta,
             max_message_bytes: 8 * 1024 * 1024,
             update_buffer: 64,
+            tls: None,
         }
     }
 
@@ -211,6 +215,13 @@ impl ClientConfig {
     #[must_use]
     pub fn variant(mut self, variant: Variant) -> Self {
         self.variant = variant;
+        self
+    }
+
+    /// Connects over TLS with `tls` (the server's CA, and an identity for mTLS).
+    #[must_use]
+    pub fn tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -277,10 +288,18 @@ impl Client {
                 namespace: namespace.clone(),
             });
         }
-        let endpoint =
+        let mut endpoint =
             Channel::from_shared(config.endpoint.clone()).map_err(|_| Error::Endpoint {
                 endpoint: config.endpoint.clone(),
             })?;
+        if let Some(tls) = &config.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|source| Error::Connect {
+                    endpoint: config.endpoint.clone(),
+                    source,
+                })?;
+        }
         let channel = tokio::time::timeout(subscribe::CONNECT_TIMEOUT, endpoint.connect())
             .await
             .map_err(|_| Error::ConnectTimeout {
