@@ -29,8 +29,8 @@ pub use delta::DeltaStream;
 pub use protocol::{Limits, ProtocolError, Quirks};
 pub use registry::Registry;
 pub use server::{
-    AdsServer, NoObserver, Pushed, ResponseStream, ServerConfig, StreamContext, StreamObserver,
-    ViewResolver,
+    AdsServer, AdsService, NoObserver, Pushed, ResponseStream, ServerConfig, StreamContext,
+    StreamObserver, ViewResolver,
 };
 pub use sotw::SotwStream;
 pub use status::{Nack, Notice, Protocol, StreamStatus, SyncState, TypeStatus};

@@ -1,9 +1,13 @@
 //! The registry of open streams and their sync status, shared by the stream tasks (writers)
 //! and CSDS / admin pages (readers).
+//!
+//! Each stream owns a cell of its own ([`StreamCell`]): a stream task updates its status
+//! under its cell's lock only, so streams never contend with each other; the registry-wide
+//! lock is taken only when a stream opens or closes and when a reader copies the list.
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::{
     status::{StreamStatus, TypeStatus},
@@ -13,7 +17,44 @@ use crate::{
 /// Open streams by stream id. Cheap to clone; every clone sees the same streams.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    streams: Arc<RwLock<BTreeMap<u64, StreamStatus>>>,
+    streams: Arc<RwLock<BTreeMap<u64, Arc<Mutex<StreamStatus>>>>>,
+}
+
+/// One stream's entry in the [`Registry`], held by its task. Dropping it removes the stream.
+#[derive(Debug)]
+pub(crate) struct StreamCell {
+    registry: Registry,
+    stream_id: u64,
+    status: Arc<Mutex<StreamStatus>>,
+}
+
+impl StreamCell {
+    /// Brings the per-type status in line with `types`, copying only what changed: an ACK
+    /// changes a version and a counter, not the subscription or the resources held.
+    pub(crate) fn sync_types<'a>(
+        &self,
+        types: impl Iterator<Item = (&'a TypeUrl, &'a TypeStatus)>,
+    ) {
+        let mut status = self.status.lock();
+        let mut seen = 0;
+        for (type_url, current) in types {
+            seen += 1;
+            match status.types.get_mut(type_url) {
+                Some(stored) => stored.sync_from(current),
+                None => {
+                    status.types.insert(type_url.clone(), current.clone());
+                }
+            }
+        }
+        // The state machines add types and never drop one, so every stored type was seen.
+        debug_assert_eq!(seen, status.types.len(), "a state machine dropped a type");
+    }
+}
+
+impl Drop for StreamCell {
+    fn drop(&mut self) {
+        self.registry.streams.write().remove(&self.stream_id);
+    }
 }
 
 impl Registry {
@@ -22,27 +63,22 @@ impl Registry {
         Self::default()
     }
 
-    pub(crate) fn insert(&self, status: StreamStatus) {
-        self.streams.write().insert(status.stream_id, status);
-    }
-
-    pub(crate) fn update_types(
-        &self,
-        stream_id: u64,
-        types: impl Iterator<Item = (TypeUrl, TypeStatus)>,
-    ) {
-        if let Some(stream) = self.streams.write().get_mut(&stream_id) {
-            stream.types = types.collect();
+    /// Registers a stream; it stays listed until the returned cell is dropped.
+    pub(crate) fn insert(&self, status: StreamStatus) -> StreamCell {
+        let stream_id = status.stream_id;
+        let status = Arc::new(Mutex::new(status));
+        self.streams.write().insert(stream_id, status.clone());
+        StreamCell {
+            registry: self.clone(),
+            stream_id,
+            status,
         }
-    }
-
-    pub(crate) fn remove(&self, stream_id: u64) {
-        self.streams.write().remove(&stream_id);
     }
 
     /// A copy of every open stream's status, ordered by stream id.
     pub fn streams(&self) -> Vec<StreamStatus> {
-        self.streams.read().values().cloned().collect()
+        let cells: Vec<_> = self.streams.read().values().cloned().collect();
+        cells.iter().map(|cell| cell.lock().clone()).collect()
     }
 
     /// The number of open streams.
@@ -53,5 +89,54 @@ impl Registry {
     /// Whether no stream is open.
     pub fn is_empty(&self) -> bool {
         self.streams.read().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::status::Protocol;
+
+    fn stream(stream_id: u64) -> StreamStatus {
+        StreamStatus {
+            stream_id,
+            node_id: format!("node-{stream_id}"),
+            node_cluster: String::new(),
+            partitions: vec![],
+            peer: None,
+            protocol: Protocol::Sotw,
+            connected_since: SystemTime::UNIX_EPOCH,
+            types: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn cells_update_their_own_stream_and_leave_on_drop() {
+        let registry = Registry::new();
+        let one = registry.insert(stream(1));
+        let two = registry.insert(stream(2));
+        assert_eq!(registry.len(), 2);
+
+        let type_url = TypeUrl::from("t");
+        let mut status = TypeStatus {
+            sent_version: Some("v1".into()),
+            ..TypeStatus::default()
+        };
+        one.sync_types([(&type_url, &status)].into_iter());
+        status.acked_version = Some("v1".into());
+        status.n_acks = 1;
+        one.sync_types([(&type_url, &status)].into_iter());
+
+        let streams = registry.streams();
+        assert_eq!(streams[0].types.get(&type_url), Some(&status));
+        assert!(streams[1].types.is_empty(), "the other stream is untouched");
+
+        drop(one);
+        assert_eq!(registry.len(), 1);
+        assert_eq!(registry.streams()[0].stream_id, 2);
+        drop(two);
+        assert!(registry.is_empty());
     }
 }

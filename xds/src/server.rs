@@ -23,9 +23,7 @@ use envoy_types::pb::envoy::{
     config::core::v3::Node,
     service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-        aggregated_discovery_service_server::{
-            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-        },
+        aggregated_discovery_service_server::AggregatedDiscoveryService,
     },
 };
 use futures::Stream;
@@ -34,6 +32,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::{Instrument, debug, field::Empty, info_span, warn};
+
+mod service;
+
+pub use service::AdsService;
 
 use crate::{
     cache::{Cache, Snapshot, View},
@@ -246,9 +248,10 @@ impl AdsServer {
         self
     }
 
-    /// The tonic service to add to a router.
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
+    /// The tonic service to add to a router: the generated
+    /// `AggregatedDiscoveryServiceServer` with lean per-stream buffers (see [`AdsService`]).
+    pub fn into_service(self) -> AdsService {
+        AdsService::new(self)
     }
 
     fn admit(&self) -> Result<(OwnedSemaphorePermit, u64), Status> {
@@ -425,7 +428,6 @@ impl AdsServer {
             async move {
                 inner.observer.stream_opened(M::PROTOCOL);
                 run::<M>(&inner, stream_id, context, requests, tx).await;
-                inner.registry.remove(stream_id);
                 inner.observer.stream_closed(M::PROTOCOL);
                 drop(permit);
             }
@@ -460,8 +462,12 @@ async fn run<M: Machine>(
             }
         },
     };
-    let node = M::node(&first).cloned().unwrap_or_default();
-    tracing::Span::current().record("node.id", node.id.as_str());
+    // Only what the stream needs later is kept: the node's id and cluster, not the whole node
+    // (its metadata can be large), and no request headers past the view decision.
+    let (node_id, node_cluster) = M::node(&first)
+        .map(|node| (node.id.clone(), node.cluster.clone()))
+        .unwrap_or_default();
+    tracing::Span::current().record("node.id", node_id.as_str());
     let view = match inner.resolver.view(M::node(&first), &context) {
         Ok(view) => view,
         Err(status) => {
@@ -470,12 +476,15 @@ async fn run<M: Machine>(
             return;
         }
     };
-    inner.registry.insert(StreamStatus {
+    let peer = context.peer;
+    drop(context);
+    // Listed until this task ends (the cell's drop removes it).
+    let cell = inner.registry.insert(StreamStatus {
         stream_id,
-        node_id: node.id.clone(),
-        node_cluster: node.cluster.clone(),
+        node_id: node_id.clone(),
+        node_cluster,
         partitions: view.partitions().iter().map(|p| p.to_string()).collect(),
-        peer: context.peer,
+        peer,
         protocol: M::PROTOCOL,
         connected_since: SystemTime::now(),
         types: Default::default(),
@@ -516,10 +525,10 @@ async fn run<M: Machine>(
             log_notice(notice);
             inner.observer.notice(notice);
         }
-        inner.registry.update_types(
-            stream_id,
-            machine.status().map(|(t, s)| (t.clone(), s.clone())),
-        );
+        // A snapshot that changed nothing this stream holds leaves its status as it was.
+        if !(changed_at.is_some() && step.responses.is_empty() && step.notices.is_empty()) {
+            cell.sync_types(machine.status());
+        }
         for response in step.responses {
             let sent = M::describe(&response);
             let (type_url, n_resources) = (sent.type_url.to_owned(), sent.n_resources);
@@ -538,7 +547,7 @@ async fn run<M: Machine>(
             inner.observer.response_sent(&type_url, n_resources, seq);
             inner.observer.pushed(&Pushed {
                 stream_id,
-                node_id: &node.id,
+                node_id: &node_id,
                 type_url: &type_url,
                 version: &version,
                 nonce: &nonce,
