@@ -28,9 +28,9 @@ use super::{AdsServer, ResponseStream};
 use crate::{delta::DeltaStream, sotw::SotwStream};
 
 /// Initial decode buffer of a stream: an ACK fits; larger requests grow it.
-pub const DECODE_BUFFER: usize = 1024;
+const DECODE_BUFFER: usize = 1024;
 /// Initial encode buffer of a stream: a small response fits; larger ones grow it.
-pub const ENCODE_BUFFER: usize = 2048;
+const ENCODE_BUFFER: usize = 2048;
 /// tonic's default: how much encoded data a stream writes before yielding.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
