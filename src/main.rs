@@ -5,6 +5,11 @@ use pixiu_metadata::cli::{Command, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+// Every push allocates a little (responses, frames, status); glibc's allocator was an eighth
+// of the server's CPU in a fan-out to 10,000 streams (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = match pixiu_metadata::cli::parse_from(std::env::args_os()) {

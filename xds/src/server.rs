@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::{
 };
 use futures::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::{Instrument, debug, field::Empty, info_span, warn};
@@ -415,6 +415,8 @@ impl AdsServer {
             extensions,
             peer,
         };
+        // Boxed items: tokio allocates a channel's slots 32 at a time, so an unboxed response
+        // (with its `Status` alternative, about 200 bytes) would cost every idle stream 6 KiB.
         let (tx, rx) = mpsc::channel(self.inner.config.outbound_buffer.max(1));
         let span = info_span!(
             "ads_stream",
@@ -433,9 +435,14 @@ impl AdsServer {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|item: Outbound<M::Response>| *item),
+        )))
     }
 }
+
+/// One item of a stream's outbound channel.
+type Outbound<T> = Box<Result<T, Status>>;
 
 enum Input<Req> {
     Request(Req),
@@ -448,7 +455,7 @@ async fn run<M: Machine>(
     stream_id: u64,
     context: StreamContext,
     mut requests: Streaming<M::Request>,
-    tx: mpsc::Sender<Result<M::Response, Status>>,
+    tx: mpsc::Sender<Outbound<M::Response>>,
 ) {
     let first = tokio::select! {
         () = inner.shutdown.cancelled() => return,
@@ -457,7 +464,7 @@ async fn run<M: Machine>(
             Ok(None) => return,
             Err(error) => {
                 debug!(%error, "stream failed before its first request");
-                let _ = tx.try_send(Err(request_error(error)));
+                let _ = tx.try_send(Box::new(Err(request_error(error))));
                 return;
             }
         },
@@ -472,7 +479,7 @@ async fn run<M: Machine>(
         Ok(view) => view,
         Err(status) => {
             debug!(code = ?status.code(), "stream refused");
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.send(Box::new(Err(status))).await;
             return;
         }
     };
@@ -509,7 +516,7 @@ async fn run<M: Machine>(
                     Err(error) => {
                         debug!(%error, "protocol violation");
                         let _ = tx
-                            .send(Err(Status::invalid_argument(error.to_string())))
+                            .send(Box::new(Err(Status::invalid_argument(error.to_string()))))
                             .await;
                         return;
                     }
@@ -542,7 +549,7 @@ async fn run<M: Machine>(
             );
             tokio::select! {
                 () = inner.shutdown.cancelled() => return,
-                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+                sent = tx.send(Box::new(Ok(response))) => if sent.is_err() { return },
             }
             inner.observer.response_sent(&type_url, n_resources, seq);
             inner.observer.pushed(&Pushed {
@@ -566,7 +573,7 @@ async fn run<M: Machine>(
                     debug!(%error, "stream ended by the client");
                     // When the stream is still up (a request that does not decode or is
                     // too large), tell the client why; a reset stream ignores this.
-                    let _ = tx.try_send(Err(request_error(error)));
+                    let _ = tx.try_send(Box::new(Err(request_error(error))));
                     return;
                 }
             },
