@@ -26,13 +26,17 @@
 //!
 //! # Reads and watches
 //!
-//! `get` is a redb read transaction run in place (a point lookup); `list` and the snapshots
-//! behind [`Event::Reset`] are read transactions on the blocking pool. None involves the
+//! `get` answers from an in-memory index of every record's value and lease (the values are
+//! the same `Arc`s the events carry, so the index costs a key and a few words per record),
+//! loaded when the store opens and updated by the writer after each commit and before any
+//! caller hears back, so a reader sees its own acknowledged writes. `list` and the snapshots
+//! behind [`Event::Reset`] are redb read transactions on the blocking pool. None involves the
 //! writer. A watcher subscribes to the event broadcast
 //! *before* it takes its snapshot and then skips every event at or below the snapshot's
 //! revision, so no change is missed or seen twice.
 
 use std::{
+    collections::HashMap,
     fmt,
     ops::Bound,
     path::{Path, PathBuf},
@@ -46,7 +50,7 @@ use std::{
 };
 
 use futures::{StreamExt, stream::BoxStream};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot};
 
@@ -90,8 +94,19 @@ pub struct EmbeddedStore {
     inner: Arc<Inner>,
 }
 
+/// Every committed record's value and lease, by key: what `get` reads.
+type Index = RwLock<HashMap<Key, Indexed>>;
+
+#[derive(Debug, Clone)]
+struct Indexed {
+    value: Arc<str>,
+    revision: u64,
+    refreshed_at_ms: u64,
+}
+
 struct Inner {
     db: Arc<Database>,
+    index: Arc<Index>,
     /// The data file, for messages.
     file: PathBuf,
     /// Into the writer thread; `None` once dropping.
@@ -191,6 +206,20 @@ impl EmbeddedStore {
         let file = path.join(FILE_NAME);
         let db = open_database(&file)?;
         init(&db, &file)?;
+        let (records, _) = read_all(&db, &file)?;
+        let index = Arc::new(RwLock::new(
+            records
+                .into_iter()
+                .map(|r| {
+                    let entry = Indexed {
+                        value: r.value,
+                        revision: r.revision,
+                        refreshed_at_ms: r.refreshed_at_ms,
+                    };
+                    (r.key, entry)
+                })
+                .collect(),
+        ));
         let db = Arc::new(db);
 
         let (ops, rx) = mpsc::channel();
@@ -199,6 +228,7 @@ impl EmbeddedStore {
         let last_commit_error = Arc::new(Mutex::new(None));
         let writer = Writer {
             db: db.clone(),
+            index: index.clone(),
             file: file.clone(),
             rx,
             events: events.clone(),
@@ -214,6 +244,7 @@ impl EmbeddedStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                index,
                 file,
                 ops: Some(ops),
                 events,
@@ -449,33 +480,11 @@ impl Inner {
     }
 
     fn get(&self, key: &Key) -> Result<Option<Record>> {
-        let err = self.err("reading");
-        let Ok(encoded) = encode_key(key) else {
-            // Such a key cannot have been stored.
-            return Ok(None);
-        };
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let values = txn.open_table(VALUES).map_err(|e| err(e.into()))?;
-        let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
-        let Some(value) = values.get(encoded.as_slice()).map_err(|e| err(e.into()))? else {
-            return Ok(None);
-        };
-        let value = decode_value(value.value(), key, &self.file)?;
-        let lease = meta
-            .get(encoded.as_slice())
-            .map_err(|e| err(e.into()))?
-            .ok_or_else(|| {
-                Error::Storage(format!(
-                    "{}: the lease of {key} is missing",
-                    self.file.display()
-                ))
-            })?;
-        let (revision, refreshed_at_ms) = decode_meta(lease.value(), key, &self.file)?;
-        Ok(Some(Record {
+        Ok(self.index.read().get(key).map(|entry| Record {
             key: key.clone(),
-            value,
-            revision,
-            refreshed_at_ms,
+            value: entry.value.clone(),
+            revision: entry.revision,
+            refreshed_at_ms: entry.refreshed_at_ms,
         }))
     }
 
@@ -558,51 +567,7 @@ impl Inner {
 
     /// Every record, with the revision it is current at (for [`Event::Reset`]).
     fn snapshot(&self) -> Result<(Vec<Record>, u64)> {
-        // One read transaction for all kinds, so the revision fits every record.
-        let err = self.err("reading");
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
-        let revision = match state.get(STATE_REVISION).map_err(|e| err(e.into()))? {
-            Some(g) => decode_u64(g.value(), &self.file, "the store revision")?,
-            None => 0,
-        };
-        let values = txn.open_table(VALUES).map_err(|e| err(e.into()))?;
-        let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
-        let mut out = Vec::new();
-        // In `Kind` order, as the memory store lists them.
-        for kind in Kind::ALL {
-            let prefix = kind_prefix(kind);
-            let range = values
-                .range::<&[u8]>(prefix.as_slice()..)
-                .map_err(|e| err(e.into()))?;
-            for entry in range {
-                let (encoded, value) = entry.map_err(|e| err(e.into()))?;
-                let encoded = encoded.value();
-                if !encoded.starts_with(&prefix) {
-                    break;
-                }
-                let key = decode_key(encoded, &self.file)?;
-                let lease = meta
-                    .get(encoded)
-                    .map_err(|e| err(e.into()))?
-                    .ok_or_else(|| {
-                        Error::Storage(format!(
-                            "{}: the lease of {key} is missing",
-                            self.file.display()
-                        ))
-                    })?;
-                let (record_revision, refreshed_at_ms) =
-                    decode_meta(lease.value(), &key, &self.file)?;
-                let value = decode_value(value.value(), &key, &self.file)?;
-                out.push(Record {
-                    key,
-                    value,
-                    revision: record_revision,
-                    refreshed_at_ms,
-                });
-            }
-        }
-        Ok((out, revision))
+        read_all(&self.db, &self.file)
     }
 
     fn ready(&self) -> Result<()> {
@@ -622,9 +587,55 @@ impl Inner {
     }
 }
 
+/// Every record in `db`, with the revision it is current at, from one read transaction.
+fn read_all(db: &Database, file: &Path) -> Result<(Vec<Record>, u64)> {
+    // One read transaction for all kinds, so the revision fits every record.
+    let err = |e: redb::Error| storage(file, "reading", e);
+    let txn = db.begin_read().map_err(|e| err(e.into()))?;
+    let state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
+    let revision = match state.get(STATE_REVISION).map_err(|e| err(e.into()))? {
+        Some(g) => decode_u64(g.value(), file, "the store revision")?,
+        None => 0,
+    };
+    let values = txn.open_table(VALUES).map_err(|e| err(e.into()))?;
+    let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+    let mut out = Vec::new();
+    // In `Kind` order, as the memory store lists them.
+    for kind in Kind::ALL {
+        let prefix = kind_prefix(kind);
+        let range = values
+            .range::<&[u8]>(prefix.as_slice()..)
+            .map_err(|e| err(e.into()))?;
+        for entry in range {
+            let (encoded, value) = entry.map_err(|e| err(e.into()))?;
+            let encoded = encoded.value();
+            if !encoded.starts_with(&prefix) {
+                break;
+            }
+            let key = decode_key(encoded, file)?;
+            let lease = meta
+                .get(encoded)
+                .map_err(|e| err(e.into()))?
+                .ok_or_else(|| {
+                    Error::Storage(format!("{}: the lease of {key} is missing", file.display()))
+                })?;
+            let (record_revision, refreshed_at_ms) = decode_meta(lease.value(), &key, file)?;
+            let value = decode_value(value.value(), &key, file)?;
+            out.push(Record {
+                key,
+                value,
+                revision: record_revision,
+                refreshed_at_ms,
+            });
+        }
+    }
+    Ok((out, revision))
+}
+
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
+    index: Arc<Index>,
     file: PathBuf,
     rx: mpsc::Receiver<Op>,
     events: broadcast::Sender<Event>,
@@ -664,6 +675,7 @@ impl Writer {
                 self.n_commits.fetch_add(1, Ordering::Relaxed);
                 self.last_commit_error.lock().take();
                 tracing::trace!(n_ops, "store batch committed");
+                self.index_committed(&events);
                 // In revision order, before the callers hear back: a caller that watches
                 // after its put returns sees the put in the reset, never an older state.
                 for event in events {
@@ -688,6 +700,40 @@ impl Writer {
                 for op in batch {
                     op.fail(&error);
                 }
+            }
+        }
+    }
+
+    /// Brings the index in line with a committed batch's events, before anyone hears back.
+    fn index_committed(&self, events: &[Event]) {
+        let mut index = self.index.write();
+        for event in events {
+            match event {
+                Event::Put(record) => {
+                    index.insert(
+                        record.key.clone(),
+                        Indexed {
+                            value: record.value.clone(),
+                            revision: record.revision,
+                            refreshed_at_ms: record.refreshed_at_ms,
+                        },
+                    );
+                }
+                Event::Refreshed {
+                    key,
+                    revision,
+                    refreshed_at_ms,
+                } => {
+                    if let Some(entry) = index.get_mut(key) {
+                        entry.revision = *revision;
+                        entry.refreshed_at_ms = *refreshed_at_ms;
+                    }
+                }
+                Event::Delete { key, .. } => {
+                    index.remove(key);
+                }
+                // The writer never emits a reset.
+                Event::Reset { .. } => {}
             }
         }
     }
