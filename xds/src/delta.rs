@@ -45,7 +45,7 @@
 //! `initial_resource_versions` carries what matters. `resource_locators_*` (dynamic
 //! parameters) are not implemented and ignored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
@@ -55,6 +55,7 @@ use crate::{
     cache::{Snapshot, View},
     protocol::{Limits, Nonces, ProtocolError, Quirks, read_response_nonce},
     status::TypeStatus,
+    typemap::TypeMap,
     types::{Nonce, ResourceName, TypeUrl, Version, WILDCARD},
 };
 
@@ -77,7 +78,7 @@ pub struct DeltaStream {
     nonces: Nonces,
     limits: Limits,
     quirks: Quirks,
-    types: HashMap<TypeUrl, TypeState>,
+    types: TypeMap<TypeState>,
 }
 
 impl DeltaStream {
@@ -89,7 +90,7 @@ impl DeltaStream {
             nonces: Nonces::new(nonce_prefix.into()),
             limits,
             quirks: Quirks::default(),
-            types: HashMap::new(),
+            types: TypeMap::default(),
         }
     }
 
@@ -121,15 +122,20 @@ impl DeltaStream {
         if request.type_url.is_empty() {
             return Err(ProtocolError::MissingTypeUrl);
         }
-        let type_url = TypeUrl::new(&request.type_url);
-        let first = !self.types.contains_key(&type_url);
+        // The stored key when the type is known: no allocation for an ACK.
+        let type_url = self
+            .types
+            .key(&request.type_url)
+            .cloned()
+            .unwrap_or_else(|| TypeUrl::new(&request.type_url));
+        let first = !self.types.contains_key(type_url.as_str());
         let subscribe = &request.resource_names_subscribe;
         let unsubscribe = &request.resource_names_unsubscribe;
 
         // The next subscription, checked against the limits before anything changes.
         let mut subscription = self
             .types
-            .get(&type_url)
+            .get(type_url.as_str())
             .map(|s| s.status.subscription.clone())
             .unwrap_or_default();
         subscription.apply_delta(
@@ -149,7 +155,7 @@ impl DeltaStream {
         }
 
         let mut step = Step::default();
-        let state = self.types.entry(type_url.clone()).or_default();
+        let state = self.types.get_or_default(&type_url);
         step.notices.extend(read_response_nonce(
             &mut state.status,
             &type_url,
@@ -213,14 +219,8 @@ impl DeltaStream {
     /// changed and what was removed.
     pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step {
         let mut step = Step::default();
-        let mut type_urls: Vec<TypeUrl> = self.types.keys().cloned().collect();
-        type_urls.sort();
-        for type_url in type_urls {
-            let state = self
-                .types
-                .get_mut(&type_url)
-                .expect("key taken from the map");
-            let generation = snapshot.generation(&self.view, &type_url);
+        for (type_url, state) in self.types.iter_mut() {
+            let generation = snapshot.generation(&self.view, type_url);
             if generation == state.seen_generation {
                 continue;
             }
@@ -228,7 +228,7 @@ impl DeltaStream {
             if let Some(response) = reconcile(
                 snapshot,
                 &self.view,
-                &type_url,
+                type_url,
                 state,
                 &HashSet::new(),
                 false,

@@ -21,6 +21,7 @@ pub mod server;
 pub mod sotw;
 pub mod status;
 pub mod subscription;
+mod typemap;
 pub mod types;
 
 pub use cache::{Cache, CacheWriter, Resource, Snapshot, Update, View, cache};

@@ -17,7 +17,25 @@ use crate::{
 /// Open streams by stream id. Cheap to clone; every clone sees the same streams.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    streams: Arc<RwLock<BTreeMap<u64, Arc<Mutex<StreamStatus>>>>>,
+    streams: Arc<RwLock<BTreeMap<u64, Arc<Mutex<Entry>>>>>,
+}
+
+/// One stream as the registry holds it: compact, since every open stream has one. The
+/// per-type status lives in a vector (a stream reads one to a few types) rather than in the
+/// map [`StreamStatus::types`] is, whose smallest node has room for eleven.
+#[derive(Debug)]
+struct Entry {
+    /// Everything but `types`, which stays empty here.
+    stream: StreamStatus,
+    types: Vec<(TypeUrl, TypeStatus)>,
+}
+
+impl Entry {
+    fn status(&self) -> StreamStatus {
+        let mut status = self.stream.clone();
+        status.types = self.types.iter().cloned().collect();
+        status
+    }
 }
 
 /// One stream's entry in the [`Registry`], held by its task. Dropping it removes the stream.
@@ -25,7 +43,7 @@ pub struct Registry {
 pub(crate) struct StreamCell {
     registry: Registry,
     stream_id: u64,
-    status: Arc<Mutex<StreamStatus>>,
+    entry: Arc<Mutex<Entry>>,
 }
 
 impl StreamCell {
@@ -35,19 +53,20 @@ impl StreamCell {
         &self,
         types: impl Iterator<Item = (&'a TypeUrl, &'a TypeStatus)>,
     ) {
-        let mut status = self.status.lock();
+        let mut entry = self.entry.lock();
         let mut seen = 0;
         for (type_url, current) in types {
             seen += 1;
-            match status.types.get_mut(type_url) {
-                Some(stored) => stored.sync_from(current),
+            match entry.types.iter_mut().find(|(t, _)| t == type_url) {
+                Some((_, stored)) => stored.sync_from(current),
                 None => {
-                    status.types.insert(type_url.clone(), current.clone());
+                    entry.types.reserve_exact(1);
+                    entry.types.push((type_url.clone(), current.clone()));
                 }
             }
         }
         // The state machines add types and never drop one, so every stored type was seen.
-        debug_assert_eq!(seen, status.types.len(), "a state machine dropped a type");
+        debug_assert_eq!(seen, entry.types.len(), "a state machine dropped a type");
     }
 }
 
@@ -64,21 +83,22 @@ impl Registry {
     }
 
     /// Registers a stream; it stays listed until the returned cell is dropped.
-    pub(crate) fn insert(&self, status: StreamStatus) -> StreamCell {
-        let stream_id = status.stream_id;
-        let status = Arc::new(Mutex::new(status));
-        self.streams.write().insert(stream_id, status.clone());
+    pub(crate) fn insert(&self, mut stream: StreamStatus) -> StreamCell {
+        let stream_id = stream.stream_id;
+        let types = std::mem::take(&mut stream.types).into_iter().collect();
+        let entry = Arc::new(Mutex::new(Entry { stream, types }));
+        self.streams.write().insert(stream_id, entry.clone());
         StreamCell {
             registry: self.clone(),
             stream_id,
-            status,
+            entry,
         }
     }
 
     /// A copy of every open stream's status, ordered by stream id.
     pub fn streams(&self) -> Vec<StreamStatus> {
         let cells: Vec<_> = self.streams.read().values().cloned().collect();
-        cells.iter().map(|cell| cell.lock().clone()).collect()
+        cells.iter().map(|cell| cell.lock().status()).collect()
     }
 
     /// The number of open streams.

@@ -19,7 +19,7 @@
 //! - a response carries every subscribed resource that exists; a resource that disappears is
 //!   removed by omission.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
@@ -28,6 +28,7 @@ use crate::{
     protocol::{Nonces, Quirks, read_response_nonce},
     status::TypeStatus,
     subscription::Subscription,
+    typemap::TypeMap,
     types::{Nonce, ResourceName, TypeUrl, Version},
 };
 
@@ -53,7 +54,7 @@ pub struct SotwStream {
     nonces: Nonces,
     limits: Limits,
     quirks: Quirks,
-    types: HashMap<TypeUrl, TypeState>,
+    types: TypeMap<TypeState>,
 }
 
 impl SotwStream {
@@ -65,7 +66,7 @@ impl SotwStream {
             nonces: Nonces::new(nonce_prefix.into()),
             limits,
             quirks: Quirks::default(),
-            types: HashMap::new(),
+            types: TypeMap::default(),
         }
     }
 
@@ -95,7 +96,12 @@ impl SotwStream {
         if request.type_url.is_empty() {
             return Err(ProtocolError::MissingTypeUrl);
         }
-        let type_url = TypeUrl::new(&request.type_url);
+        // The stored key when the type is known: no allocation for an ACK.
+        let type_url = self
+            .types
+            .key(&request.type_url)
+            .cloned()
+            .unwrap_or_else(|| TypeUrl::new(&request.type_url));
         self.limits.check(
             &type_url,
             self.types.iter().map(|(t, s)| (t, &s.status.subscription)),
@@ -103,8 +109,8 @@ impl SotwStream {
         )?;
 
         let mut step = Step::default();
-        let first = !self.types.contains_key(&type_url);
-        let state = self.types.entry(type_url.clone()).or_default();
+        let first = !self.types.contains_key(type_url.as_str());
+        let state = self.types.get_or_default(&type_url);
         step.notices.extend(read_response_nonce(
             &mut state.status,
             &type_url,
@@ -160,25 +166,18 @@ impl SotwStream {
     /// Handles a newer snapshot: sends every subscribed type whose visible content changed.
     pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step {
         let mut step = Step::default();
-        let mut type_urls: Vec<&TypeUrl> = self.types.keys().collect();
-        type_urls.sort();
-        let type_urls: Vec<TypeUrl> = type_urls.into_iter().cloned().collect();
-        for type_url in type_urls {
-            let state = self
-                .types
-                .get_mut(&type_url)
-                .expect("key taken from the map");
+        for (type_url, state) in self.types.iter_mut() {
             if !state.started {
                 continue;
             }
-            let generation = snapshot.generation(&self.view, &type_url);
+            let generation = snapshot.generation(&self.view, type_url);
             if generation == state.seen_generation {
                 continue;
             }
             state.seen_generation = generation;
             let nonces = &mut self.nonces;
             if let Some(response) =
-                refresh(snapshot, &self.view, &type_url, state, &self.quirks, || {
+                refresh(snapshot, &self.view, type_url, state, &self.quirks, || {
                     nonces.next()
                 })
             {
