@@ -541,23 +541,7 @@ impl Inner {
             if !query.matches(&key) {
                 continue;
             }
-            let lease = meta
-                .get(encoded)
-                .map_err(|e| err(e.into()))?
-                .ok_or_else(|| {
-                    Error::Storage(format!(
-                        "{}: the lease of {key} is missing",
-                        self.file.display()
-                    ))
-                })?;
-            let (revision, refreshed_at_ms) = decode_meta(lease.value(), &key, &self.file)?;
-            let value = decode_value(value.value(), &key, &self.file)?;
-            out.push(Record {
-                key,
-                value,
-                revision,
-                refreshed_at_ms,
-            });
+            out.push(read_record(&meta, key, encoded, value.value(), &self.file)?);
             if out.len() >= query.limit {
                 break;
             }
@@ -613,23 +597,35 @@ fn read_all(db: &Database, file: &Path) -> Result<(Vec<Record>, u64)> {
                 break;
             }
             let key = decode_key(encoded, file)?;
-            let lease = meta
-                .get(encoded)
-                .map_err(|e| err(e.into()))?
-                .ok_or_else(|| {
-                    Error::Storage(format!("{}: the lease of {key} is missing", file.display()))
-                })?;
-            let (record_revision, refreshed_at_ms) = decode_meta(lease.value(), &key, file)?;
-            let value = decode_value(value.value(), &key, file)?;
-            out.push(Record {
-                key,
-                value,
-                revision: record_revision,
-                refreshed_at_ms,
-            });
+            out.push(read_record(&meta, key, encoded, value.value(), file)?);
         }
     }
     Ok((out, revision))
+}
+
+/// The record under `key` (stored as `encoded`) with the raw `value`, its lease read from
+/// `meta`.
+fn read_record(
+    meta: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    key: Key,
+    encoded: &[u8],
+    value: &[u8],
+    file: &Path,
+) -> Result<Record> {
+    let lease = meta
+        .get(encoded)
+        .map_err(|e| storage(file, "reading", e.into()))?
+        .ok_or_else(|| {
+            Error::Storage(format!("{}: the lease of {key} is missing", file.display()))
+        })?;
+    let (revision, refreshed_at_ms) = decode_meta(lease.value(), &key, file)?;
+    let value = decode_value(value, &key, file)?;
+    Ok(Record {
+        key,
+        value,
+        revision,
+        refreshed_at_ms,
+    })
 }
 
 /// The writer thread's state.

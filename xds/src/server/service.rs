@@ -24,7 +24,7 @@ use tonic::{
 };
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-use super::{AdsServer, ResponseStream};
+use super::{AdsServer, Machine, ResponseStream};
 use crate::{delta::DeltaStream, sotw::SotwStream};
 
 /// Initial decode buffer of a stream: an ACK fits; larger requests grow it.
@@ -75,40 +75,32 @@ where
         match request.uri().path() {
             SOTW_PATH => Box::pin(async move {
                 let mut grpc = Grpc::new(LeanCodec::<DiscoveryResponse, DiscoveryRequest>::new());
-                Ok(grpc.streaming(Sotw(server), request).await)
+                Ok(grpc
+                    .streaming(Open::<SotwStream>(server, PhantomData), request)
+                    .await)
             }),
             DELTA_PATH => Box::pin(async move {
                 let mut grpc =
                     Grpc::new(LeanCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::new());
-                Ok(grpc.streaming(Delta(server), request).await)
+                Ok(grpc
+                    .streaming(Open::<DeltaStream>(server, PhantomData), request)
+                    .await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("").into_http()) }),
         }
     }
 }
 
-struct Sotw(AdsServer);
+/// One ADS method: opens a stream of the state machine `M`.
+struct Open<M>(AdsServer, PhantomData<fn() -> M>);
 
-impl StreamingService<DiscoveryRequest> for Sotw {
-    type Response = DiscoveryResponse;
-    type ResponseStream = ResponseStream<DiscoveryResponse>;
+impl<M: Machine> StreamingService<M::Request> for Open<M> {
+    type Response = M::Response;
+    type ResponseStream = ResponseStream<M::Response>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let result = self.0.open::<SotwStream>(request);
-        Box::pin(async move { result })
-    }
-}
-
-struct Delta(AdsServer);
-
-impl StreamingService<DeltaDiscoveryRequest> for Delta {
-    type Response = DeltaDiscoveryResponse;
-    type ResponseStream = ResponseStream<DeltaDiscoveryResponse>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let result = self.0.open::<DeltaStream>(request);
+    fn call(&mut self, request: Request<Streaming<M::Request>>) -> Self::Future {
+        let result = self.0.open::<M>(request);
         Box::pin(async move { result })
     }
 }
