@@ -28,7 +28,7 @@ use super::{AdsServer, Machine, ResponseStream};
 use crate::{delta::DeltaStream, sotw::SotwStream};
 
 /// Initial decode buffer of a stream: an ACK fits; larger requests grow it.
-const DECODE_BUFFER: usize = 1024;
+const DECODE_BUFFER: usize = 256;
 /// Initial encode buffer of a stream: a small response fits; larger ones grow it.
 const ENCODE_BUFFER: usize = 2048;
 /// tonic's default: how much encoded data a stream writes before yielding.
