@@ -248,6 +248,40 @@ impl Api {
         Ok(outcome)
     }
 
+    /// Checks and publishes one application's metadata: the seed's `Publish` and upstream's.
+    async fn publish_metadata(
+        &self,
+        namespace: &str,
+        application: &str,
+        revision: &str,
+        metadata_info: &str,
+    ) -> Result<(), Error> {
+        model::check_application(application)?;
+        model::check_name("revision", revision)?;
+        model::check_value("metadata_info", metadata_info, self.config.max_value_bytes)?;
+        let key = Key::metadata(namespace, application, revision);
+        Api::publish(self, key, metadata_info).await?;
+        Ok(())
+    }
+
+    /// Checks and reads one application's metadata: the seed's `Get` and upstream's.
+    async fn get_metadata(
+        &self,
+        namespace: &str,
+        application: &str,
+        revision: &str,
+    ) -> Result<Arc<str>, Error> {
+        model::check_application(application)?;
+        model::check_name("revision", revision)?;
+        let key = Key::metadata(namespace, application, revision);
+        Api::get(self, &key, || {
+            format!(
+                "metadata of application {application:?} revision {revision:?} in namespace {namespace:?}"
+            )
+        })
+        .await
+    }
+
     async fn get(&self, key: &Key, what: impl FnOnce() -> String) -> Result<Arc<str>, Error> {
         match self.store.get(key).await? {
             Some(record) => Ok(record.value),
@@ -324,15 +358,13 @@ impl MetadataService for Api {
         let result = async {
             let namespace = self.namespace(&request, Operation::Publish)?;
             let request = request.get_ref();
-            model::check_application(&request.application_name)?;
-            model::check_name("revision", &request.revision)?;
-            model::check_value(
-                "metadata_info",
+            self.publish_metadata(
+                &namespace,
+                &request.application_name,
+                &request.revision,
                 &request.metadata_info,
-                self.config.max_value_bytes,
-            )?;
-            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
-            Api::publish(self, key, &request.metadata_info).await?;
+            )
+            .await?;
             Ok(PublishMetadataResponse {})
         }
         .await;
@@ -346,16 +378,9 @@ impl MetadataService for Api {
         let result = async {
             let namespace = self.namespace(&request, Operation::Get)?;
             let request = request.get_ref();
-            model::check_application(&request.application_name)?;
-            model::check_name("revision", &request.revision)?;
-            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
-            let value = Api::get(self, &key, || {
-                format!(
-                    "metadata of application {:?} revision {:?} in namespace {:?}",
-                    request.application_name, request.revision, namespace
-                )
-            })
-            .await?;
+            let value = self
+                .get_metadata(&namespace, &request.application_name, &request.revision)
+                .await?;
             Ok(GetMetadataResponse {
                 metadata_info: value.to_string(),
             })

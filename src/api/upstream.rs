@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use super::{Api, Error};
 use crate::security::Operation;
 use crate::{
-    model::{self, Key, Kind},
+    model::{self, Kind},
     pb::dubbo_networking::{
         GetServiceMetadataRequest, GetServiceMetadataResponse, PublishServiceMetadataRequest,
         PublishServiceMetadataResponse,
@@ -60,15 +60,13 @@ impl ServiceMetadataService for Api {
                 Operation::Publish,
             )?;
             let request = request.get_ref();
-            model::check_application(&request.application_name)?;
-            model::check_name("revision", &request.revision)?;
-            model::check_value(
-                "metadata_info",
+            self.publish_metadata(
+                &namespace,
+                &request.application_name,
+                &request.revision,
                 &request.metadata_info,
-                self.config.max_value_bytes,
-            )?;
-            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
-            Api::publish(self, key, &request.metadata_info).await?;
+            )
+            .await?;
             Ok(PublishServiceMetadataResponse {})
         }
         .await;
@@ -83,16 +81,9 @@ impl ServiceMetadataService for Api {
             let namespace =
                 self.upstream_namespace(&request, &request.get_ref().namespace, Operation::Get)?;
             let request = request.get_ref();
-            model::check_application(&request.application_name)?;
-            model::check_name("revision", &request.revision)?;
-            let key = Key::metadata(&namespace, &request.application_name, &request.revision);
-            let value = Api::get(self, &key, || {
-                format!(
-                    "metadata of application {:?} revision {:?} in namespace {:?}",
-                    request.application_name, request.revision, namespace
-                )
-            })
-            .await?;
+            let value = self
+                .get_metadata(&namespace, &request.application_name, &request.revision)
+                .await?;
             Ok(GetServiceMetadataResponse {
                 metadata_info: value.to_string(),
             })

@@ -89,7 +89,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, KvClient, Txn,
     TxnOp, TxnOpResponse, TxnResponse, WatchClient, WatchOptions,
 };
-use futures::{StreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -500,29 +500,7 @@ impl Store for EtcdStore {
     fn watch(&self) -> BoxStream<'static, Event> {
         // Only a weak reference: when the store is dropped its watch task ends, the event
         // channel closes and so does this stream.
-        let shared = Arc::downgrade(&self.inner.shared);
-        futures::stream::unfold(
-            (shared, None),
-            |(shared, rx): (_, Option<broadcast::Receiver<Event>>)| async move {
-                let mut rx = match rx {
-                    Some(rx) => rx,
-                    None => {
-                        let (reset, rx) = shared.upgrade()?.subscribe();
-                        return Some((reset, (shared, Some(rx))));
-                    }
-                };
-                match rx.recv().await {
-                    Ok(event) => Some((event, (shared, Some(rx)))),
-                    // Fell behind: start over with a fresh list.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let (reset, rx) = shared.upgrade()?.subscribe();
-                        Some((reset, (shared, Some(rx))))
-                    }
-                    Err(broadcast::error::RecvError::Closed) => None,
-                }
-            },
-        )
-        .boxed()
+        super::follow(Arc::downgrade(&self.inner.shared))
     }
 
     async fn ready(&self) -> Result<()> {
@@ -545,9 +523,7 @@ impl Store for EtcdStore {
     }
 }
 
-impl Shared {
-    /// Subscribes to events and takes a snapshot under one lock: no event is missed or
-    /// repeated.
+impl super::Subscribe for Shared {
     fn subscribe(&self) -> (Event, broadcast::Receiver<Event>) {
         let mirror = self.mirror.lock();
         let rx = self.events.subscribe();
@@ -557,7 +533,9 @@ impl Shared {
         };
         (reset, rx)
     }
+}
 
+impl Shared {
     /// Replaces the mirror with a fresh list taken at `revision` and tells watchers.
     fn replace(&self, records: Vec<Record>, revision: u64) {
         let mut mirror = self.mirror.lock();
@@ -960,6 +938,8 @@ mod etcd_process;
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use std::{
         sync::atomic::{AtomicU64, Ordering},
         time::UNIX_EPOCH,

@@ -7,11 +7,12 @@
 //! [`etcd`] and [`kube`] (shared by any number of replicas).
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::stream::BoxStream;
+use futures::{StreamExt, stream::BoxStream};
+use tokio::sync::broadcast;
 
 pub use crate::model::{Key, Kind};
 
@@ -220,4 +221,39 @@ pub trait Store: Send + Sync + 'static {
     fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
     }
+}
+
+/// A mirror the backends that keep one (etcd, Kubernetes) let watchers follow.
+pub(crate) trait Subscribe: Send + Sync + 'static {
+    /// Subscribes to events and takes the mirror's state as an [`Event::Reset`] under one
+    /// lock, so no event is missed or repeated.
+    fn subscribe(&self) -> (Event, broadcast::Receiver<Event>);
+}
+
+/// The watch of a mirror: a reset, then every event; a fresh reset whenever the watcher fell
+/// behind. Holds only a weak reference, so it ends once the mirror is dropped (or its event
+/// channel closes).
+pub(crate) fn follow<S: Subscribe>(source: Weak<S>) -> BoxStream<'static, Event> {
+    futures::stream::unfold(
+        (source, None),
+        |(source, rx): (Weak<S>, Option<broadcast::Receiver<Event>>)| async move {
+            let mut rx = match rx {
+                Some(rx) => rx,
+                None => {
+                    let (reset, rx) = source.upgrade()?.subscribe();
+                    return Some((reset, (source, Some(rx))));
+                }
+            };
+            match rx.recv().await {
+                Ok(event) => Some((event, (source, Some(rx)))),
+                // Fell behind: start over with a fresh reset.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let (reset, rx) = source.upgrade()?.subscribe();
+                    Some((reset, (source, Some(rx))))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        },
+    )
+    .boxed()
 }

@@ -502,15 +502,15 @@ async fn follow(kind: Kind, api: Api<DynamicObject>, shared: Arc<Shared>, stop: 
     }
 }
 
-impl Shared {
-    /// Subscribes to events and takes a snapshot under one lock: no event is missed or
-    /// repeated.
+impl super::Subscribe for Shared {
     fn subscribe(&self) -> (Event, broadcast::Receiver<Event>) {
         let mirror = self.mirror.lock();
         let rx = self.events.subscribe();
         (mirror.reset(), rx)
     }
+}
 
+impl Shared {
     fn replace(&self, kind: Kind, objects: Vec<Object>) {
         {
             let mut mirror = self.mirror.lock();
@@ -699,28 +699,7 @@ impl Store for KubeStore {
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
-        let shared = Arc::downgrade(&self.inner.shared);
-        futures::stream::unfold(
-            (shared, None),
-            |(shared, rx): (_, Option<broadcast::Receiver<Event>>)| async move {
-                let mut rx = match rx {
-                    Some(rx) => rx,
-                    None => {
-                        let (reset, rx) = shared.upgrade()?.subscribe();
-                        return Some((reset, (shared, Some(rx))));
-                    }
-                };
-                match rx.recv().await {
-                    Ok(event) => Some((event, (shared, Some(rx)))),
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let (reset, rx) = shared.upgrade()?.subscribe();
-                        Some((reset, (shared, Some(rx))))
-                    }
-                    Err(broadcast::error::RecvError::Closed) => None,
-                }
-            },
-        )
-        .boxed()
+        super::follow(Arc::downgrade(&self.inner.shared))
     }
 
     async fn ready(&self) -> Result<()> {
