@@ -306,7 +306,7 @@ impl envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_servic
             tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
         >,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        self.0.stream_aggregated_resources(request).await
+        self.0.serve_sotw(request)
     }
 
     async fn delta_aggregated_resources(

@@ -23,7 +23,6 @@ use envoy_types::pb::envoy::{
     config::core::v3::Node,
     service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-        aggregated_discovery_service_server::AggregatedDiscoveryService,
     },
 };
 use futures::Stream;
@@ -249,7 +248,8 @@ impl AdsServer {
     }
 
     /// The tonic service to add to a router: the generated
-    /// `AggregatedDiscoveryServiceServer` with lean per-stream buffers (see [`AdsService`]).
+    /// `AggregatedDiscoveryServiceServer`'s routing with lean per-stream buffers (see
+    /// [`AdsService`]).
     pub fn into_service(self) -> AdsService {
         AdsService::new(self)
     }
@@ -273,26 +273,6 @@ impl AdsServer {
 
 /// The response stream type of both ADS methods.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        self.open::<SotwStream>(request)
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        self.open::<DeltaStream>(request)
-    }
-}
 
 /// What the stream driver needs from a protocol state machine; both variants implement it,
 /// so one driver serves both.
