@@ -225,7 +225,7 @@ impl AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
-        self.open::<SotwStream>(request)
+        self.open::<SotwStream>(request).map(response_stream)
     }
 
     /// Serves one Incremental stream. Any discovery service whose delta method carries
@@ -235,7 +235,7 @@ impl AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
-        self.open::<DeltaStream>(request)
+        self.open::<DeltaStream>(request).map(response_stream)
     }
 
     /// Replaces the observer. Call before serving.
@@ -277,8 +277,8 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 /// What the stream driver needs from a protocol state machine; both variants implement it,
 /// so one driver serves both.
 trait Machine: Send + Sized + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: prost::Message + Send + 'static;
     const PROTOCOL: Protocol;
 
     fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self;
@@ -382,11 +382,12 @@ impl Machine for DeltaStream {
 }
 
 impl AdsServer {
-    /// Admits a stream and spawns its driver task.
+    /// Admits a stream and spawns its driver task; the receiver yields the stream's responses
+    /// and then, when the stream fails, its status.
     fn open<M: Machine>(
         &self,
         request: Request<Streaming<M::Request>>,
-    ) -> Result<Response<ResponseStream<M::Response>>, Status> {
+    ) -> Result<mpsc::Receiver<Outbound<M::Response>>, Status> {
         let (permit, stream_id) = self.admit()?;
         let peer = request.remote_addr();
         let (metadata, extensions, requests) = request.into_parts();
@@ -417,10 +418,17 @@ impl AdsServer {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(rx).map(|item: Outbound<M::Response>| *item),
-        )))
+        Ok(rx)
     }
+}
+
+/// The outbound channel of a stream as a tonic response stream.
+fn response_stream<T: Send + 'static>(
+    outbound: mpsc::Receiver<Outbound<T>>,
+) -> Response<ResponseStream<T>> {
+    Response::new(Box::pin(
+        ReceiverStream::new(outbound).map(|item: Outbound<T>| *item),
+    ))
 }
 
 /// One item of a stream's outbound channel.
