@@ -1,21 +1,25 @@
-//! The tonic ADS service: one task per stream driving a protocol state machine.
+//! The tonic ADS service: one driver per stream feeding a protocol state machine.
 //!
-//! This is the only module of the crate that awaits or touches the transport. Each stream
-//! task selects over three inputs (a client request, a newer cache snapshot, shutdown),
-//! feeds the state machine and writes its responses to a small bounded channel. While the
-//! client is slow the task waits on that channel; cache changes meanwhile coalesce in the
-//! snapshot watch, so a slow stream costs one snapshot reference, never a queue.
+//! This is the only module of the crate that awaits or touches the transport. Each stream's
+//! driver selects over three inputs (a client request, a newer cache snapshot, shutdown),
+//! feeds the state machine and leaves its responses, one at a time, in the stream's
+//! [`Mailbox`]. The driver is no task of its own: it runs inside the response stream
+//! ([`Driven`]), polled by the HTTP/2 stream task that sends the responses. While the client
+//! is slow that task stops polling it; cache changes meanwhile coalesce in the snapshot watch,
+//! so a slow stream costs one snapshot reference, never a queue.
 //!
 //! State of the World and Incremental streams share that driver: both state machines
 //! implement one private trait (`Machine`), and only the message types differ.
 
 use std::{
+    future::{Future, poll_fn},
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::SystemTime,
 };
 
@@ -26,8 +30,8 @@ use envoy_types::pb::envoy::{
     },
 };
 use futures::Stream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::{Instrument, debug, field::Empty, info_span, warn};
@@ -79,11 +83,11 @@ pub trait StreamObserver: Send + Sync + 'static {
     fn stream_opened(&self, _protocol: Protocol) {}
     /// A stream closed.
     fn stream_closed(&self, _protocol: Protocol) {}
-    /// A response was written to the stream's outbound channel.
+    /// A response was handed to the stream's transport.
     fn response_sent(&self, _type_url: &str, _n_resources: usize, _snapshot_seq: u64) {}
     /// The state machine noticed an ACK, NACK or stale nonce.
     fn notice(&self, _notice: &Notice) {}
-    /// A response was written to the stream's outbound channel (called after
+    /// A response was handed to the stream's transport (called after
     /// [`response_sent`](Self::response_sent), with more detail).
     fn pushed(&self, _push: &Pushed<'_>) {}
 }
@@ -123,11 +127,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Most streams open at once across all connections (default 100,000); further streams
     /// are refused with `RESOURCE_EXHAUSTED`. Request-level concurrency limits do not cover
-    /// stream bodies, so this permit is held by the stream task itself.
+    /// stream bodies, so this permit is held by the stream's driver itself.
     pub max_streams: usize,
-    /// Responses buffered per stream before the stream task waits for the client
-    /// (default 2). Small on purpose: pending changes coalesce in the cache instead.
-    pub outbound_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -135,7 +136,6 @@ impl Default for ServerConfig {
         Self {
             limits: Limits::default(),
             max_streams: 100_000,
-            outbound_buffer: 2,
         }
     }
 }
@@ -382,12 +382,12 @@ impl Machine for DeltaStream {
 }
 
 impl AdsServer {
-    /// Admits a stream and spawns its driver task; the receiver yields the stream's responses
-    /// and then, when the stream fails, its status.
+    /// Admits a stream: its responses, then (when it fails) its status, come from the
+    /// returned stream, which runs the stream's driver as it is polled.
     fn open<M: Machine>(
         &self,
         request: Request<Streaming<M::Request>>,
-    ) -> Result<mpsc::Receiver<Outbound<M::Response>>, Status> {
+    ) -> Result<Driven<M::Response>, Status> {
         let (permit, stream_id) = self.admit()?;
         let peer = request.remote_addr();
         let (metadata, extensions, requests) = request.into_parts();
@@ -398,9 +398,7 @@ impl AdsServer {
             extensions,
             peer,
         });
-        // Boxed items: tokio allocates a channel's slots 32 at a time, so an unboxed response
-        // (with its `Status` alternative, about 200 bytes) would cost every idle stream 6 KiB.
-        let (tx, rx) = mpsc::channel(self.inner.config.outbound_buffer.max(1));
+        let mailbox = Mailbox::new();
         let span = info_span!(
             "ads_stream",
             stream.id = stream_id,
@@ -409,30 +407,129 @@ impl AdsServer {
             node.id = Empty,
         );
         let inner = self.inner.clone();
-        tokio::spawn(
-            async move {
-                inner.observer.stream_opened(M::PROTOCOL);
-                run::<M>(&inner, stream_id, context, requests, tx).await;
-                inner.observer.stream_closed(M::PROTOCOL);
-                drop(permit);
-            }
-            .instrument(span),
-        );
-        Ok(rx)
+        let out = mailbox.clone();
+        let driver = async move {
+            let _open = OpenStream::new(inner.clone(), M::PROTOCOL, permit);
+            run::<M>(&inner, stream_id, context, requests, out).await;
+        }
+        .instrument(span);
+        Ok(Driven {
+            driver: Some(Box::pin(driver)),
+            mailbox,
+        })
     }
 }
 
-/// The outbound channel of a stream as a tonic response stream.
-fn response_stream<T: Send + 'static>(
-    outbound: mpsc::Receiver<Outbound<T>>,
-) -> Response<ResponseStream<T>> {
-    Response::new(Box::pin(
-        ReceiverStream::new(outbound).map(|item: Outbound<T>| *item),
-    ))
+/// A stream's responses as a tonic response stream.
+fn response_stream<T: Send + 'static>(driven: Driven<T>) -> Response<ResponseStream<T>> {
+    Response::new(Box::pin(driven))
 }
 
-/// One item of a stream's outbound channel.
+/// Holds a stream's permit while its driver lives and tells the observer when it opens and
+/// closes, however the driver ends (returned, or dropped with the stream when the client
+/// went away).
+struct OpenStream {
+    inner: Arc<Inner>,
+    protocol: Protocol,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenStream {
+    fn new(inner: Arc<Inner>, protocol: Protocol, permit: OwnedSemaphorePermit) -> Self {
+        inner.observer.stream_opened(protocol);
+        Self {
+            inner,
+            protocol,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.inner.observer.stream_closed(self.protocol);
+    }
+}
+
+/// One response, or the status that ends the stream. Boxed, so the mailbox's slot is a word.
 type Outbound<T> = Box<Result<T, Status>>;
+
+/// Where a stream's driver leaves its next response, or its final status, for [`Driven`] to
+/// take. One slot: the HTTP/2 stream's send buffer behind it is the real buffer, and changes
+/// coalesce in the cache while the slot is full.
+struct Mailbox<T>(Arc<Mutex<Option<Outbound<T>>>>);
+
+impl<T> Clone for Mailbox<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Mailbox<T> {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(None)))
+    }
+
+    /// Leaves `item` once the slot is free.
+    ///
+    /// Waits without a waker: the only one who frees the slot is [`Driven::poll_next`],
+    /// which polls the driver (and so this) again on its next call, right after.
+    async fn put(&self, item: Result<T, Status>) {
+        let mut item = Some(Box::new(item));
+        poll_fn(|_| {
+            let mut slot = self.0.lock();
+            if slot.is_none() {
+                *slot = item.take();
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Leaves `item` unless the slot is taken (then drops it).
+    fn try_put(&self, item: Result<T, Status>) {
+        let mut slot = self.0.lock();
+        if slot.is_none() {
+            *slot = Some(Box::new(item));
+        }
+    }
+
+    fn take(&self) -> Option<Outbound<T>> {
+        self.0.lock().take()
+    }
+}
+
+/// A stream's responses: polling it runs the stream's driver until the driver leaves a
+/// response in the mailbox or ends. Dropping it (the client went away) drops the driver.
+pub(crate) struct Driven<T> {
+    /// `None` once the driver has returned.
+    driver: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    mailbox: Mailbox<T>,
+}
+
+impl<T> Stream for Driven<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(item) = this.mailbox.take() {
+            return Poll::Ready(Some(*item));
+        }
+        let Some(driver) = &mut this.driver else {
+            return Poll::Ready(None);
+        };
+        if driver.as_mut().poll(cx).is_ready() {
+            this.driver = None;
+        }
+        match this.mailbox.take() {
+            Some(item) => Poll::Ready(Some(*item)),
+            None if this.driver.is_none() => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+}
 
 /// What the stream loop handles next. A request is boxed: a `DiscoveryRequest` is over 500
 /// bytes, and whatever the loop holds across its awaits is part of every idle stream's task.
@@ -447,7 +544,7 @@ async fn run<M: Machine>(
     stream_id: u64,
     context: Box<StreamContext>,
     mut requests: Streaming<M::Request>,
-    tx: mpsc::Sender<Outbound<M::Response>>,
+    out: Mailbox<M::Response>,
 ) {
     let first = tokio::select! {
         () = inner.shutdown.cancelled() => return,
@@ -456,7 +553,7 @@ async fn run<M: Machine>(
             Ok(None) => return,
             Err(error) => {
                 debug!(%error, "stream failed before its first request");
-                let _ = tx.try_send(Box::new(Err(request_error(error))));
+                out.try_put(Err(request_error(error)));
                 return;
             }
         },
@@ -471,13 +568,13 @@ async fn run<M: Machine>(
         Ok(view) => view,
         Err(status) => {
             debug!(code = ?status.code(), "stream refused");
-            let _ = tx.send(Box::new(Err(status))).await;
+            out.put(Err(status)).await;
             return;
         }
     };
     let peer = context.peer;
     drop(context);
-    // Listed until this task ends (the cell's drop removes it).
+    // Listed until the driver ends (the cell's drop removes it).
     let cell = inner.registry.insert(StreamStatus {
         stream_id,
         node_id: node_id.clone(),
@@ -507,8 +604,7 @@ async fn run<M: Machine>(
                     Ok(step) => (step, snapshot.seq(), None),
                     Err(error) => {
                         debug!(%error, "protocol violation");
-                        let _ = tx
-                            .send(Box::new(Err(Status::invalid_argument(error.to_string()))))
+                        out.put(Err(Status::invalid_argument(error.to_string())))
                             .await;
                         return;
                     }
@@ -541,7 +637,7 @@ async fn run<M: Machine>(
             );
             tokio::select! {
                 () = inner.shutdown.cancelled() => return,
-                sent = tx.send(Box::new(Ok(response))) => if sent.is_err() { return },
+                () = out.put(Ok(response)) => {}
             }
             inner.observer.response_sent(&type_url, n_resources, seq);
             inner.observer.pushed(&Pushed {
@@ -565,7 +661,7 @@ async fn run<M: Machine>(
                     debug!(%error, "stream ended by the client");
                     // When the stream is still up (a request that does not decode or is
                     // too large), tell the client why; a reset stream ignores this.
-                    let _ = tx.try_send(Box::new(Err(request_error(error))));
+                    out.try_put(Err(request_error(error)));
                     return;
                 }
             },
@@ -634,14 +730,120 @@ mod tests {
             None,
             None,
         );
-        let (tx, _rx) = mpsc::channel(2);
         let context = Box::new(StreamContext {
             metadata: MetadataMap::new(),
             extensions: tonic::Extensions::new(),
             peer: None,
         });
-        let sotw = run::<SotwStream>(&server.inner, 1, context, requests, tx);
+        let sotw = run::<SotwStream>(&server.inner, 1, context, requests, Mailbox::new());
         let size = std::mem::size_of_val(&sotw);
         assert!(size <= 2048, "the SotW stream future grew to {size} bytes");
+    }
+
+    /// The mailbox holds one item; the response stream hands items out in order, then the
+    /// driver's end.
+    #[tokio::test]
+    async fn a_driven_stream_yields_what_its_driver_puts_then_ends() {
+        use futures::StreamExt;
+        let mailbox = Mailbox::<u32>::new();
+        let out = mailbox.clone();
+        let driver = async move {
+            for i in 0..3 {
+                out.put(Ok(i)).await;
+            }
+            // Dropped: the slot still holds the last response.
+            out.try_put(Ok(99));
+            out.put(Err(Status::aborted("done"))).await;
+        };
+        let driven = Driven {
+            driver: Some(Box::pin(driver)),
+            mailbox,
+        };
+        let items: Vec<_> = driven.collect().await;
+        let items: Vec<_> = items
+            .into_iter()
+            .map(|item| item.map_err(|status| status.code()))
+            .collect();
+        assert_eq!(
+            items,
+            [Ok(0), Ok(1), Ok(2), Err(tonic::Code::Aborted)],
+            "in order, the dropped one left out, then the status"
+        );
+    }
+
+    /// Dropping the response stream (the client went away) drops the driver with it: its
+    /// permit is released and the observer hears the stream close.
+    #[tokio::test]
+    async fn dropping_the_stream_ends_its_driver() {
+        #[derive(Default)]
+        struct Counts(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        );
+        impl StreamObserver for Counts {
+            fn stream_opened(&self, _: Protocol) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+            fn stream_closed(&self, _: Protocol) {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        use futures::StreamExt;
+        let (cache, _writer) = crate::cache::cache();
+        let counts = Arc::new(Counts::default());
+        let server = AdsServer::new(
+            cache,
+            Arc::new(NoPartitions),
+            Registry::new(),
+            ServerConfig {
+                max_streams: 1,
+                ..ServerConfig::default()
+            },
+            CancellationToken::new(),
+        )
+        .with_observer(counts.clone());
+        // A request body that never ends: the driver waits for the first request.
+        let (_sender, body) = futures::channel::mpsc::channel::<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >(1);
+        let body = http_body_util::StreamBody::new(body);
+        let requests = Streaming::<DiscoveryRequest>::new_request(
+            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+            body,
+            None,
+            None,
+        );
+        let mut driven = server
+            .open::<SotwStream>(Request::new(requests))
+            .expect("admitted");
+        let polled = futures::poll!(driven.next());
+        assert!(polled.is_pending(), "no request yet");
+        assert_eq!(counts.0.load(Ordering::SeqCst), 1);
+        let second = Streaming::<DiscoveryRequest>::new_request(
+            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+            tonic::body::Body::empty(),
+            None,
+            None,
+        );
+        assert_eq!(
+            server
+                .open::<SotwStream>(Request::new(second))
+                .err()
+                .map(|status| status.code()),
+            Some(tonic::Code::ResourceExhausted),
+            "the first stream holds the only permit"
+        );
+        drop(driven);
+        assert_eq!(counts.1.load(Ordering::SeqCst), 1, "closed once dropped");
+        let third = Streaming::<DiscoveryRequest>::new_request(
+            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+            tonic::body::Body::empty(),
+            None,
+            None,
+        );
+        assert!(
+            server.open::<SotwStream>(Request::new(third)).is_ok(),
+            "the permit came back"
+        );
     }
 }

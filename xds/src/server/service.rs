@@ -15,8 +15,8 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::Stream;
 use http_body::Frame;
-use tokio::sync::mpsc;
 use tonic::{
     Request, Status, Streaming,
     body::Body as TonicBody,
@@ -27,7 +27,7 @@ use tonic::{
 };
 use tonic_prost::ProstDecoder;
 
-use super::{AdsServer, Machine, Outbound};
+use super::{AdsServer, Driven, Machine};
 use crate::{delta::DeltaStream, sotw::SotwStream};
 
 /// Initial decode buffer of a stream: an ACK fits; larger requests grow it.
@@ -133,7 +133,7 @@ where
 /// buffer at all.
 struct Encode<T> {
     /// `None` once the trailers are sent.
-    outbound: Option<mpsc::Receiver<Outbound<T>>>,
+    outbound: Option<Driven<T>>,
 }
 
 impl<T: prost::Message> Body for Encode<T> {
@@ -148,8 +148,8 @@ impl<T: prost::Message> Body for Encode<T> {
         let Some(outbound) = &mut this.outbound else {
             return Poll::Ready(None);
         };
-        let status = match ready!(outbound.poll_recv(cx)) {
-            Some(item) => match *item {
+        let status = match ready!(Pin::new(outbound).poll_next(cx)) {
+            Some(item) => match item {
                 Ok(message) => match frame(&message) {
                     Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Err(status) => status,
@@ -289,14 +289,18 @@ mod tests {
     /// The status a driver sends ends the body as trailers.
     #[tokio::test]
     async fn a_failed_stream_sends_its_status() {
-        let (tx, rx) = mpsc::channel::<Outbound<DiscoveryResponse>>(2);
-        tx.send(Box::new(Ok(DiscoveryResponse::default())))
-            .await
-            .unwrap();
-        tx.send(Box::new(Err(Status::invalid_argument("bad nonce"))))
-            .await
-            .unwrap();
-        let mut body = Encode { outbound: Some(rx) };
+        let mailbox = super::super::Mailbox::new();
+        let out = mailbox.clone();
+        let driver = async move {
+            out.put(Ok(DiscoveryResponse::default())).await;
+            out.put(Err(Status::invalid_argument("bad nonce"))).await;
+        };
+        let mut body = Encode {
+            outbound: Some(Driven {
+                driver: Some(Box::pin(driver)),
+                mailbox,
+            }),
+        };
         let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&data[..], &[0, 0, 0, 0, 0]);
         let trailers = body
