@@ -18,7 +18,7 @@ use envoy_types::pb::{
     envoy::config::core::v3::Node,
     google::protobuf::{Any, value::Kind as ValueKind},
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use pixiu_xds::{CacheWriter, Partition, ResourceName, StreamContext, TypeUrl, Update, View};
 use prost::Message;
 use tokio::sync::watch;
@@ -97,7 +97,15 @@ pub fn resource(record: &Record) -> (ResourceName, Any) {
     )
 }
 
+/// Most store events applied to the cache as one snapshot.
+const MAX_EVENTS_PER_SNAPSHOT: usize = 1024;
+
 /// Follows `store`'s watch and mirrors it into the cache until `shutdown`.
+///
+/// Events that are already waiting when one arrives (a store commits a whole batch of writes
+/// at once) go into the same snapshot, up to [`MAX_EVENTS_PER_SNAPSHOT`]: one copy of the
+/// cache's changed paths and one wake-up of every stream per batch, not per write. Streams
+/// see a snapshot at least as new as each write, as they would after coalescing anyway.
 ///
 /// `warmed` turns true once the first full state is in the cache (for `/readyz` and for
 /// callers that must not serve an empty cache as if it were the truth).
@@ -109,24 +117,38 @@ pub async fn run(
 ) {
     let mut events = store.watch();
     let mut mappings = mapping::MappingIndex::default();
-    loop {
-        let event = tokio::select! {
+    let mut ended = false;
+    while !ended {
+        let first = tokio::select! {
             () = shutdown.cancelled() => return,
             event = events.next() => match event {
                 Some(event) => event,
-                None => {
-                    info!("store watch ended");
-                    return;
-                }
+                None => break,
             },
         };
-        let is_reset = matches!(event, Event::Reset { .. });
-        let seq = writer.apply(updates(&writer, &mut mappings, event));
-        debug!(snapshot.seq = seq, "cache updated");
+        let mut is_reset = false;
+        let mut updates = Vec::new();
+        let mut n_events = 0;
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            n_events += 1;
+            is_reset |= matches!(event, Event::Reset { .. });
+            updates.extend(self::updates(&writer, &mut mappings, event));
+            if n_events < MAX_EVENTS_PER_SNAPSHOT {
+                match events.next().now_or_never() {
+                    Some(Some(event)) => next = Some(event),
+                    Some(None) => ended = true,
+                    None => {}
+                }
+            }
+        }
+        let seq = writer.apply(updates);
+        debug!(snapshot.seq = seq, n_events, "cache updated");
         if is_reset {
             warmed.send_replace(true);
         }
     }
+    info!("store watch ended");
 }
 
 /// The cache updates for one store event.
@@ -308,6 +330,48 @@ mod tests {
             .await
             .unwrap();
         let snap = changes.next().await.unwrap();
+        assert!(snap.get(&view, &metadata, "app/r1").is_none());
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// Writes committed together reach the cache as one snapshot, in order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_events_share_one_snapshot() {
+        let store = Arc::new(MemoryStore::default());
+        let (cache, writer) = pixiu_xds::cache();
+        let (warmed_tx, mut warmed) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(store.clone(), writer, warmed_tx, shutdown.clone()));
+        warmed.wait_for(|w| *w).await.unwrap();
+        let before = cache.snapshot().seq();
+        // The push task cannot run until this one awaits something that is not ready: all
+        // 50 events wait in its watch.
+        for i in 0..50 {
+            let key = Key::metadata("ns1", "app", &format!("r{i}"));
+            store.put(&key, "v1", SystemTime::now()).await.unwrap();
+        }
+        store
+            .put(&Key::metadata("ns1", "app", "r0"), "v2", SystemTime::now())
+            .await
+            .unwrap();
+        store
+            .delete(&Key::metadata("ns1", "app", "r1"), None)
+            .await
+            .unwrap();
+        let mut changes = cache.changes();
+        let snap = changes.next().await.unwrap();
+        assert_eq!(
+            snap.seq(),
+            before + 1,
+            "one snapshot for the 52 waiting events"
+        );
+        let view = View::new([Partition::new("ns1")]);
+        let metadata = TypeUrl::new(pb::METADATA_TYPE_URL);
+        assert_eq!(snap.resources(&view, &metadata).len(), 49);
+        let r0 = snap.get(&view, &metadata, "app/r0").unwrap();
+        let decoded = proto::Metadata::decode(r0.body.value.as_slice()).unwrap();
+        assert_eq!(decoded.metadata_info, "v2", "the later write wins");
         assert!(snap.get(&view, &metadata, "app/r1").is_none());
         shutdown.cancel();
         task.await.unwrap();
