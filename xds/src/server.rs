@@ -712,7 +712,17 @@ mod tests {
         }
     }
 
-    /// Every idle stream's task holds its whole future: what the driver keeps across its
+    /// A request stream that ends at once.
+    fn empty_requests() -> Streaming<DiscoveryRequest> {
+        Streaming::<DiscoveryRequest>::new_request(
+            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+            tonic::body::Body::empty(),
+            None,
+            None,
+        )
+    }
+
+    /// Every idle stream's HTTP/2 task holds the driver's whole future: what it keeps across its
     /// awaits is memory per stream. It was 3 KiB before requests and the context were boxed.
     #[test]
     fn the_stream_future_stays_small() {
@@ -724,12 +734,7 @@ mod tests {
             ServerConfig::default(),
             CancellationToken::new(),
         );
-        let requests = Streaming::<DiscoveryRequest>::new_request(
-            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
-            tonic::body::Body::empty(),
-            None,
-            None,
-        );
+        let requests = empty_requests();
         let context = Box::new(StreamContext {
             metadata: MetadataMap::new(),
             extensions: tonic::Extensions::new(),
@@ -819,12 +824,7 @@ mod tests {
         let polled = futures::poll!(driven.next());
         assert!(polled.is_pending(), "no request yet");
         assert_eq!(counts.0.load(Ordering::SeqCst), 1);
-        let second = Streaming::<DiscoveryRequest>::new_request(
-            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
-            tonic::body::Body::empty(),
-            None,
-            None,
-        );
+        let second = empty_requests();
         assert_eq!(
             server
                 .open::<SotwStream>(Request::new(second))
@@ -835,12 +835,7 @@ mod tests {
         );
         drop(driven);
         assert_eq!(counts.1.load(Ordering::SeqCst), 1, "closed once dropped");
-        let third = Streaming::<DiscoveryRequest>::new_request(
-            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
-            tonic::body::Body::empty(),
-            None,
-            None,
-        );
+        let third = empty_requests();
         assert!(
             server.open::<SotwStream>(Request::new(third)).is_ok(),
             "the permit came back"
