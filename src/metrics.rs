@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
@@ -26,11 +26,11 @@ pub use store::InstrumentedStore;
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
     /// The backend: `memory`, `embedded`, `etcd`, ...
-    pub backend: String,
+    pub backend: &'static str,
     /// `put`, `get`, `delete`, `list`.
-    pub operation: String,
+    pub operation: &'static str,
     /// `ok` or `error`.
-    pub result: String,
+    pub result: &'static str,
 }
 
 /// Buckets from 50 µs to about 3 s: a memory read to an etcd write timing out.
@@ -49,25 +49,45 @@ pub struct KindLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `metadata` or `definition`.
-    pub kind: String,
+    pub kind: &'static str,
     /// `publish`, `get`, `list`, `delete`.
-    pub method: String,
+    pub method: &'static str,
     /// The gRPC status code name, e.g. `Ok`, `NotFound`.
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// Labels of per-type xDS counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
     /// The resource type URL.
-    pub type_url: String,
+    pub type_url: TypeUrlLabel,
+}
+
+/// A type URL as a label value: the xDS server's shared string, so counting a push or an
+/// ACK copies nothing.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct TypeUrlLabel(pub pixiu_xds::TypeUrl);
+
+impl EncodeLabelValue for TypeUrlLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        EncodeLabelValue::encode(&self.0.as_str(), encoder)
+    }
+}
+
+impl TypeLabels {
+    /// The label set of `type_url`.
+    pub fn new(type_url: &pixiu_xds::TypeUrl) -> Self {
+        Self {
+            type_url: TypeUrlLabel(type_url.clone()),
+        }
+    }
 }
 
 /// Labels of per-protocol gauges.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
     /// `sotw` or `delta`.
-    pub protocol: String,
+    pub protocol: &'static str,
 }
 
 /// Labels of per-namespace record gauges.
@@ -247,13 +267,13 @@ impl Metrics {
         }
     }
 
-    /// Counts one request.
-    pub fn request(&self, kind: Kind, method: &str, code: tonic::Code) {
+    /// Counts one request. Every label is static: counting allocates nothing.
+    pub fn request(&self, kind: Kind, method: &'static str, code: tonic::Code) {
         self.requests
             .get_or_create(&RequestLabels {
-                kind: kind.as_str().to_string(),
-                method: method.to_string(),
-                code: format!("{code:?}"),
+                kind: kind.as_str(),
+                method,
+                code: code_name(code),
             })
             .inc();
     }
@@ -293,6 +313,30 @@ impl crate::security::tls::AcceptObserver for Metrics {
     }
 }
 
+/// A gRPC status code's name as the `code` label spells it (its variant name).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
 /// Buckets of the push latency histogram: 100 µs to ~13 s.
 fn push_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -307,7 +351,7 @@ impl pixiu_xds::StreamObserver for XdsObserver {
         self.0
             .xds_streams
             .get_or_create(&ProtocolLabels {
-                protocol: protocol.as_str().to_string(),
+                protocol: protocol.as_str(),
             })
             .inc();
     }
@@ -316,17 +360,20 @@ impl pixiu_xds::StreamObserver for XdsObserver {
         self.0
             .xds_streams
             .get_or_create(&ProtocolLabels {
-                protocol: protocol.as_str().to_string(),
+                protocol: protocol.as_str(),
             })
             .dec();
     }
 
-    fn response_sent(&self, type_url: &str, _n_resources: usize, _snapshot_seq: u64) {
+    fn response_sent(
+        &self,
+        type_url: &pixiu_xds::TypeUrl,
+        _n_resources: usize,
+        _snapshot_seq: u64,
+    ) {
         self.0
             .xds_pushes
-            .get_or_create(&TypeLabels {
-                type_url: type_url.to_string(),
-            })
+            .get_or_create(&TypeLabels::new(type_url))
             .inc();
     }
 
@@ -334,9 +381,7 @@ impl pixiu_xds::StreamObserver for XdsObserver {
         if let Some(changed_at) = push.changed_at {
             self.0
                 .xds_push_latency
-                .get_or_create(&TypeLabels {
-                    type_url: push.type_url.to_string(),
-                })
+                .get_or_create(&TypeLabels::new(push.type_url))
                 .observe(changed_at.elapsed().as_secs_f64());
         }
     }
@@ -346,17 +391,13 @@ impl pixiu_xds::StreamObserver for XdsObserver {
             pixiu_xds::Notice::Ack { type_url, .. } => {
                 self.0
                     .xds_acks
-                    .get_or_create(&TypeLabels {
-                        type_url: type_url.to_string(),
-                    })
+                    .get_or_create(&TypeLabels::new(type_url))
                     .inc();
             }
             pixiu_xds::Notice::Nack { type_url, .. } => {
                 self.0
                     .xds_nacks
-                    .get_or_create(&TypeLabels {
-                        type_url: type_url.to_string(),
-                    })
+                    .get_or_create(&TypeLabels::new(type_url))
                     .inc();
             }
             pixiu_xds::Notice::StaleNonce { .. } => {}
@@ -367,6 +408,15 @@ impl pixiu_xds::StreamObserver for XdsObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The label is the variant's name, as `Debug` prints it, for every code.
+    #[test]
+    fn code_labels_are_the_variant_names() {
+        for n in 0..=16 {
+            let code = tonic::Code::from_i32(n);
+            assert_eq!(code_name(code), format!("{code:?}"));
+        }
+    }
 
     #[test]
     fn encodes_prometheus_text() {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use pixiu_xds::{Notice, Protocol, Pushed, StreamObserver};
+use pixiu_xds::{Notice, Protocol, Pushed, StreamObserver, TypeUrl};
 
 use super::views::PushEntry;
 
@@ -43,7 +43,7 @@ impl Logged {
         self.at = Some(at);
         self.stream_id = push.stream_id;
         set(&mut self.node_id, push.node_id);
-        set(&mut self.type_url, push.type_url);
+        set(&mut self.type_url, push.type_url.as_str());
         set(&mut self.version, push.version);
         set(&mut self.nonce, push.nonce);
         self.n_resources = push.n_resources;
@@ -125,7 +125,7 @@ impl StreamObserver for Both {
         self.0.stream_closed(protocol);
     }
 
-    fn response_sent(&self, type_url: &str, n_resources: usize, snapshot_seq: u64) {
+    fn response_sent(&self, type_url: &TypeUrl, n_resources: usize, snapshot_seq: u64) {
         self.0.response_sent(type_url, n_resources, snapshot_seq);
     }
 
@@ -145,11 +145,16 @@ mod tests {
 
     use super::*;
 
-    fn push(stream_id: u64, nonce: &str, changed_at: Option<Instant>) -> Pushed<'_> {
+    fn push<'a>(
+        type_url: &'a TypeUrl,
+        stream_id: u64,
+        nonce: &'a str,
+        changed_at: Option<Instant>,
+    ) -> Pushed<'a> {
         Pushed {
             stream_id,
             node_id: "node-1",
-            type_url: "type.googleapis.com/pixiu.pkg.metadata.Metadata",
+            type_url,
             version: "v1",
             nonce,
             n_resources: 2,
@@ -162,10 +167,11 @@ mod tests {
     fn keeps_the_newest_and_reuses_the_oldest_slots() {
         let log = PushLog::new();
         let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let type_url = TypeUrl::new("type.googleapis.com/pixiu.pkg.metadata.Metadata");
         for i in 0..(PushLog::CAPACITY as u64 + 50) {
             let nonce = format!("n{i}");
             let changed_at = (i % 2 == 0).then(Instant::now);
-            log.record(&push(i, &nonce, changed_at), at);
+            log.record(&push(&type_url, i, &nonce, changed_at), at);
         }
         let recent = log.recent();
         assert_eq!(recent.len(), PushLog::CAPACITY);

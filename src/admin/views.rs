@@ -459,9 +459,7 @@ pub fn refresh_gauges(metrics: &Metrics, snapshot: &Snapshot, registry: &Registr
     for type_url in streams.iter().flat_map(|s| s.types.keys()) {
         metrics
             .xds_subscriptions
-            .get_or_create(&TypeLabels {
-                type_url: type_url.to_string(),
-            })
+            .get_or_create(&TypeLabels::new(type_url))
             .inc();
     }
 }

@@ -119,7 +119,7 @@ impl Api {
     fn finish<T>(
         &self,
         kind: Kind,
-        method: &str,
+        method: &'static str,
         result: Result<T, Error>,
     ) -> Result<Response<T>, Status> {
         let result = result.map(Response::new).map_err(Status::from);

@@ -25,11 +25,11 @@ impl InstrumentedStore {
         Self { inner, histograms }
     }
 
-    fn record<T>(&self, operation: &str, started: Instant, result: &Result<T>) {
+    fn record<T>(&self, operation: &'static str, started: Instant, result: &Result<T>) {
         let labels = StoreLabels {
-            backend: self.inner.backend().to_string(),
-            operation: operation.to_string(),
-            result: if result.is_ok() { "ok" } else { "error" }.to_string(),
+            backend: self.inner.backend(),
+            operation,
+            result: if result.is_ok() { "ok" } else { "error" },
         };
         self.histograms
             .get_or_create(&labels)

@@ -83,11 +83,11 @@ pub trait StreamObserver: Send + Sync + 'static {
     fn stream_opened(&self, _protocol: Protocol) {}
     /// A stream closed.
     fn stream_closed(&self, _protocol: Protocol) {}
-    /// A response was handed to the stream's transport.
-    fn response_sent(&self, _type_url: &str, _n_resources: usize, _snapshot_seq: u64) {}
+    /// A response is handed to the stream's transport (called just before).
+    fn response_sent(&self, _type_url: &TypeUrl, _n_resources: usize, _snapshot_seq: u64) {}
     /// The state machine noticed an ACK, NACK or stale nonce.
     fn notice(&self, _notice: &Notice) {}
-    /// A response was handed to the stream's transport (called after
+    /// A response is handed to the stream's transport (called after
     /// [`response_sent`](Self::response_sent), with more detail).
     fn pushed(&self, _push: &Pushed<'_>) {}
 }
@@ -100,7 +100,7 @@ pub struct Pushed<'a> {
     /// The client's `node.id`.
     pub node_id: &'a str,
     /// The response's type URL.
-    pub type_url: &'a str,
+    pub type_url: &'a TypeUrl,
     /// SotW `version_info`, Delta `system_version_info`.
     pub version: &'a str,
     /// The response nonce.
@@ -626,30 +626,39 @@ async fn run<M: Machine>(
         }
         for response in step.responses {
             let sent = M::describe(&response);
-            let (type_url, n_resources) = (sent.type_url.to_owned(), sent.n_resources);
-            let (version, nonce) = (sent.version.to_owned(), sent.nonce.to_owned());
             debug!(
-                type_url,
+                type_url = sent.type_url,
                 version = sent.version,
                 nonce = sent.nonce,
-                n_resources,
+                n_resources = sent.n_resources,
                 "send"
             );
-            tokio::select! {
-                () = inner.shutdown.cancelled() => return,
-                () = out.put(Ok(response)) => {}
-            }
-            inner.observer.response_sent(&type_url, n_resources, seq);
+            // The machine's own type URL (a shared string), not a copy of the response's.
+            let type_url = machine
+                .status()
+                .map(|(type_url, _)| type_url)
+                .find(|type_url| type_url.as_str() == sent.type_url)
+                .cloned()
+                .unwrap_or_else(|| TypeUrl::new(sent.type_url));
+            // Before the hand-over, while the response can still be borrowed: nothing is
+            // copied for the observer.
+            inner
+                .observer
+                .response_sent(&type_url, sent.n_resources, seq);
             inner.observer.pushed(&Pushed {
                 stream_id,
                 node_id: &node_id,
                 type_url: &type_url,
-                version: &version,
-                nonce: &nonce,
-                n_resources,
+                version: sent.version,
+                nonce: sent.nonce,
+                n_resources: sent.n_resources,
                 snapshot_seq: seq,
                 changed_at,
             });
+            tokio::select! {
+                () = inner.shutdown.cancelled() => return,
+                () = out.put(Ok(response)) => {}
+            }
         }
         input = tokio::select! {
             biased;
