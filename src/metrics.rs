@@ -3,7 +3,9 @@
 //! The handles are cheap to clone; `api/`, `lease/` and the xDS observer increment them and the
 //! admin endpoint encodes the registry.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
+
+use parking_lot::RwLock;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
@@ -83,6 +85,12 @@ impl TypeLabels {
     }
 }
 
+/// Most type URLs with series of their own in the xDS families.
+pub const MAX_LABELLED_TYPES: usize = 64;
+
+/// The `type_url` label of every type URL past [`MAX_LABELLED_TYPES`].
+pub const OTHER_TYPES: &str = "other";
+
 /// Labels of per-protocol gauges.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -119,6 +127,8 @@ pub struct ReasonLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    /// The type URLs with series of their own (see [`Metrics::type_labels`]).
+    labelled_types: Arc<RwLock<HashSet<pixiu_xds::TypeUrl>>>,
     /// Requests by kind, method and status code.
     pub requests: Family<RequestLabels, Counter>,
     /// Publishes that overwrote a different value under the same key.
@@ -264,6 +274,7 @@ impl Metrics {
             xds_subscriptions,
             records,
             store_operations,
+            labelled_types: Arc::default(),
         }
     }
 
@@ -286,6 +297,25 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// The label set of `type_url` for the xDS families. Clients choose type URLs (an unknown
+    /// type is answered with no resources), so only the first [`MAX_LABELLED_TYPES`] get series
+    /// of their own; later ones share [`OTHER_TYPES`].
+    pub fn type_labels(&self, type_url: &pixiu_xds::TypeUrl) -> TypeLabels {
+        if self.labelled_types.read().contains(type_url) {
+            return TypeLabels::new(type_url);
+        }
+        let mut labelled = self.labelled_types.write();
+        if labelled.len() < MAX_LABELLED_TYPES {
+            labelled.insert(type_url.clone());
+            return TypeLabels::new(type_url);
+        }
+        if labelled.contains(type_url) {
+            TypeLabels::new(type_url)
+        } else {
+            TypeLabels::new(&pixiu_xds::TypeUrl::new(OTHER_TYPES))
+        }
     }
 
     /// The label set of a kind.
@@ -373,7 +403,7 @@ impl pixiu_xds::StreamObserver for XdsObserver {
     ) {
         self.0
             .xds_pushes
-            .get_or_create(&TypeLabels::new(type_url))
+            .get_or_create(&self.0.type_labels(type_url))
             .inc();
     }
 
@@ -381,7 +411,7 @@ impl pixiu_xds::StreamObserver for XdsObserver {
         if let Some(changed_at) = push.changed_at {
             self.0
                 .xds_push_latency
-                .get_or_create(&TypeLabels::new(push.type_url))
+                .get_or_create(&self.0.type_labels(push.type_url))
                 .observe(changed_at.elapsed().as_secs_f64());
         }
     }
@@ -391,13 +421,13 @@ impl pixiu_xds::StreamObserver for XdsObserver {
             pixiu_xds::Notice::Ack { type_url, .. } => {
                 self.0
                     .xds_acks
-                    .get_or_create(&TypeLabels::new(type_url))
+                    .get_or_create(&self.0.type_labels(type_url))
                     .inc();
             }
             pixiu_xds::Notice::Nack { type_url, .. } => {
                 self.0
                     .xds_nacks
-                    .get_or_create(&TypeLabels::new(type_url))
+                    .get_or_create(&self.0.type_labels(type_url))
                     .inc();
             }
             pixiu_xds::Notice::StaleNonce { .. } => {}
@@ -408,6 +438,34 @@ impl pixiu_xds::StreamObserver for XdsObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client cycling through made-up type URLs adds at most [`MAX_LABELLED_TYPES`] series.
+    #[test]
+    fn type_url_series_are_bounded() {
+        use pixiu_xds::StreamObserver;
+        let metrics = Metrics::new();
+        let observer = XdsObserver(metrics.clone());
+        for i in 0..(MAX_LABELLED_TYPES + 100) {
+            let type_url = pixiu_xds::TypeUrl::new(format!("type.example/T{i}"));
+            observer.response_sent(&type_url, 0, 1);
+        }
+        let first = pixiu_xds::TypeUrl::new("type.example/T0");
+        observer.response_sent(&first, 0, 1);
+        let text = metrics.encode();
+        let series = text
+            .lines()
+            .filter(|line| line.starts_with("pixiu_metadata_xds_pushes_total{"))
+            .count();
+        assert_eq!(series, MAX_LABELLED_TYPES + 1, "{text}");
+        assert!(
+            text.contains(r#"pixiu_metadata_xds_pushes_total{type_url="other"} 100"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pixiu_metadata_xds_pushes_total{type_url="type.example/T0"} 2"#),
+            "{text}"
+        );
+    }
 
     /// The label is the variant's name, as `Debug` prints it, for every code.
     #[test]

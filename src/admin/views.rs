@@ -10,7 +10,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    metrics::{Metrics, NamespaceLabels, TypeLabels},
+    metrics::{Metrics, NamespaceLabels},
     model::Kind,
     pb::metadata as proto,
     push::GLOBAL_PARTITION,
@@ -459,7 +459,7 @@ pub fn refresh_gauges(metrics: &Metrics, snapshot: &Snapshot, registry: &Registr
     for type_url in streams.iter().flat_map(|s| s.types.keys()) {
         metrics
             .xds_subscriptions
-            .get_or_create(&TypeLabels::new(type_url))
+            .get_or_create(&metrics.type_labels(type_url))
             .inc();
     }
 }
