@@ -27,6 +27,7 @@ pub mod model;
 pub mod pb;
 pub mod push;
 pub mod security;
+pub mod status;
 pub mod store;
 pub mod watches;
 

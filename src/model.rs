@@ -5,6 +5,13 @@
 
 use std::fmt;
 
+/// The request header that selects a namespace for the seed's RPCs and for xDS streams whose
+/// node names none.
+pub const NAMESPACE_HEADER: &str = "x-pixiu-namespace";
+
+/// The xDS partition of resources every client sees, whatever its namespace.
+pub const GLOBAL_PARTITION: &str = "";
+
 /// Longest name accepted, in bytes (application, revision, identifier, namespace).
 pub const MAX_NAME_BYTES: usize = 253;
 /// Largest value accepted by default, in bytes (1 MiB).

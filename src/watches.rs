@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::api::Error;
+use crate::status::Error;
 
 /// Which resources a watch follows.
 #[derive(Debug, Clone, PartialEq, Eq)]

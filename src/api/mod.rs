@@ -30,14 +30,13 @@ use crate::{
 };
 
 pub mod mapping;
-pub mod status;
 pub mod upstream;
 mod watch;
 
-pub use status::Error;
-
-/// The request header that selects a namespace for the seed's RPCs.
-pub const NAMESPACE_HEADER: &str = "x-pixiu-namespace";
+pub use crate::{
+    model::NAMESPACE_HEADER,
+    status::{Error, code},
+};
 
 /// Limits and defaults of the metadata API.
 #[derive(Debug, Clone)]

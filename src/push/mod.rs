@@ -26,15 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::{
-    api::NAMESPACE_HEADER,
-    model::{self, Kind},
+    model::{self, Kind, NAMESPACE_HEADER},
     pb::{self, metadata as proto},
     security::{Authorizer, Operation},
     store::{Event, Record, Store},
 };
 
-/// The partition of resources every client sees, whatever its namespace.
-pub const GLOBAL_PARTITION: &str = "";
+pub use crate::model::GLOBAL_PARTITION;
 
 /// The node metadata key naming a client's namespace (istio's convention).
 pub const NODE_NAMESPACE_KEY: &str = "NAMESPACE";

@@ -271,9 +271,9 @@ impl Authorizer {
     }
 }
 
-/// The gRPC status of a denial.
+/// The gRPC status of a denial: its code, and its message (which names nothing asked about).
 pub fn status(denied: Denied) -> Status {
-    Status::from(crate::api::Error::Denied(denied))
+    Status::new(denied.code(), denied.to_string())
 }
 
 /// Shows a CSDS caller only the streams of namespaces it may read.
@@ -311,7 +311,7 @@ impl pixiu_xds::StatusFilter for CsdsAccess {
                 let namespace = stream
                     .partitions
                     .iter()
-                    .find(|p| p.as_str() != crate::push::GLOBAL_PARTITION);
+                    .find(|p| p.as_str() != crate::model::GLOBAL_PARTITION);
                 match namespace {
                     Some(namespace) => authorizer
                         .decide(&decision.identity, Some(namespace), Operation::Status)

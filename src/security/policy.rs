@@ -91,6 +91,16 @@ pub enum Denied {
 }
 
 impl Denied {
+    /// The gRPC code of the denial (`crate::status` maps every other error).
+    pub fn code(self) -> tonic::Code {
+        match self {
+            Denied::Unauthenticated | Denied::BadCredentials => tonic::Code::Unauthenticated,
+            Denied::PermissionDenied => tonic::Code::PermissionDenied,
+        }
+    }
+}
+
+impl Denied {
     /// A short stable label, for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {

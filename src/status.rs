@@ -68,10 +68,7 @@ pub fn code(error: &Error) -> Code {
         },
         Error::TooManyStreams { .. } => Code::ResourceExhausted,
         Error::Unsupported { .. } => Code::Unimplemented,
-        Error::Denied(denied) => match denied {
-            Denied::Unauthenticated | Denied::BadCredentials => Code::Unauthenticated,
-            Denied::PermissionDenied => Code::PermissionDenied,
-        },
+        Error::Denied(denied) => denied.code(),
         Error::RateLimited { .. } => Code::ResourceExhausted,
     }
 }
