@@ -125,13 +125,13 @@ pub async fn run(
             },
         };
         let mut is_reset = false;
-        let mut updates = Vec::new();
+        let mut batch = Vec::new();
         let mut n_events = 0;
         let mut next = Some(first);
         while let Some(event) = next.take() {
             n_events += 1;
             is_reset |= matches!(event, Event::Reset { .. });
-            updates.extend(self::updates(&writer, &mut mappings, event));
+            batch.extend(updates(&writer, &mut mappings, event));
             if n_events < MAX_EVENTS_PER_SNAPSHOT {
                 match events.next().now_or_never() {
                     Some(Some(event)) => next = Some(event),
@@ -140,7 +140,7 @@ pub async fn run(
                 }
             }
         }
-        let seq = writer.apply(updates);
+        let seq = writer.apply(batch);
         debug!(snapshot.seq = seq, n_events, "cache updated");
         if is_reset {
             warmed.send_replace(true);

@@ -125,7 +125,7 @@ where
     }
 }
 
-/// A stream's response body: each message from the driver's channel framed on its own, in a
+/// A stream's response body: each message of the driven stream framed on its own, in a
 /// buffer of exactly its size, then the status as trailers.
 ///
 /// tonic's encoder keeps a buffer for the stream's life (the unused part of its last
