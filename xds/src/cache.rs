@@ -15,6 +15,7 @@ use envoy_types::pb::google::protobuf::Any;
 use imbl::OrdMap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
+use tokio_stream::{StreamExt, wrappers::WatchStream};
 
 use crate::types::{Partition, ResourceName, TypeUrl, Version};
 
@@ -242,21 +243,31 @@ impl Cache {
     pub fn changes(&self) -> Changes {
         let mut rx = self.rx.clone();
         rx.mark_unchanged();
-        Changes { rx }
+        Changes {
+            stream: WatchStream::from_changes(rx),
+        }
     }
 }
 
 /// Notifies one stream of new snapshots; coalesces any number of writes into one wake-up.
-#[derive(Debug)]
+///
+/// The wait outlives a cancelled [`Changes::next`]: a stream loop that selects over its
+/// requests and its changes stays registered with the channel between them instead of
+/// registering again (under the channel's lock) for every request it reads.
 pub struct Changes {
-    rx: watch::Receiver<Arc<Snapshot>>,
+    stream: WatchStream<Arc<Snapshot>>,
+}
+
+impl std::fmt::Debug for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Changes").finish_non_exhaustive()
+    }
 }
 
 impl Changes {
     /// Waits for a snapshot newer than the last one returned. `None` when the writer is gone.
     pub async fn next(&mut self) -> Option<Arc<Snapshot>> {
-        self.rx.changed().await.ok()?;
-        Some(self.rx.borrow_and_update().clone())
+        self.stream.next().await
     }
 }
 
@@ -449,6 +460,37 @@ mod tests {
             .map(|r| r.name.to_string())
             .collect();
         assert_eq!(names, vec!["z".to_string()]);
+    }
+
+    /// A stream loop cancels its wait for changes whenever a request comes first; a change
+    /// made then is still seen by the next wait, and once only.
+    #[tokio::test]
+    async fn a_cancelled_wait_loses_no_change() {
+        use futures::FutureExt;
+        let (cache, writer) = cache();
+        writer.apply([put("a", "x", "0")]);
+        // What was written before counts as seen.
+        let mut changes = cache.changes();
+        assert!(
+            changes.next().now_or_never().is_none(),
+            "nothing changed yet"
+        );
+        writer.apply([put("a", "x", "1")]);
+        let snap = changes.next().now_or_never().flatten().expect("the change");
+        assert_eq!(snap.seq(), 2);
+        assert!(changes.next().now_or_never().is_none(), "seen once");
+        assert!(changes.next().now_or_never().is_none());
+        for i in 3..6 {
+            writer.apply([put("a", "x", &i.to_string())]);
+        }
+        let snap = changes
+            .next()
+            .now_or_never()
+            .flatten()
+            .expect("the changes");
+        assert_eq!(snap.seq(), 5, "coalesced into the newest");
+        drop(writer);
+        assert!(changes.next().await.is_none(), "the writer is gone");
     }
 
     #[tokio::test]

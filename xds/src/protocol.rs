@@ -211,7 +211,11 @@ pub(crate) fn read_response_nonce(
             })
         }
         None => {
-            let version = acked_version.map_or(sent_version, Version::new);
+            // The sent version's shared string when the client names it, as it does.
+            let version = match acked_version {
+                Some(acked) if acked != sent_version.as_str() => Version::new(acked),
+                _ => sent_version,
+            };
             status.n_acks += 1;
             status.acked_version = Some(version.clone());
             status.nack = None;

@@ -1,76 +1,67 @@
-//! The registry of open streams and their sync status, shared by the stream tasks (writers)
+//! The registry of open streams and their sync status, shared by the stream drivers (writers)
 //! and CSDS / admin pages (readers).
 //!
-//! Each stream owns a cell of its own ([`StreamCell`]): a stream task updates its status
-//! under its cell's lock only, so streams never contend with each other; the registry-wide
-//! lock is taken only when a stream opens or closes and when a reader copies the list.
+//! A stream's state machine lives in its registry entry ([`StreamCell`]): the driver steps
+//! it under the entry's own lock, and readers take the per-type status from the machine
+//! itself, so a step copies nothing and streams never contend with each other. The
+//! registry-wide lock is taken only when a stream opens or closes and when a reader copies
+//! the list.
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::{
     status::{StreamStatus, TypeStatus},
     types::TypeUrl,
 };
 
+/// What the registry reads of a stream's state machine.
+pub(crate) trait TypeStatuses: Send + 'static {
+    /// The status of every type the stream has asked for, copied.
+    fn type_statuses(&self) -> BTreeMap<TypeUrl, TypeStatus>;
+}
+
+/// A stream's entry as readers of the registry see it: its machine behind a trait object.
+type SharedEntry = Arc<Mutex<Entry<dyn TypeStatuses>>>;
+
 /// Open streams by stream id. Cheap to clone; every clone sees the same streams.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    streams: Arc<RwLock<BTreeMap<u64, Arc<Mutex<Entry>>>>>,
+    streams: Arc<RwLock<BTreeMap<u64, SharedEntry>>>,
 }
 
-/// One stream as the registry holds it: compact, since every open stream has one. The
-/// per-type status lives in a vector (a stream reads one to a few types) rather than in the
-/// map [`StreamStatus::types`] is, whose smallest node has room for eleven.
-#[derive(Debug)]
-struct Entry {
-    /// Everything but `types`, which stays empty here.
+/// One stream as the registry holds it: what is fixed when it opens, and its state machine.
+struct Entry<M: ?Sized> {
+    /// Everything but `types`, which stays empty here: the machine holds them.
     stream: StreamStatus,
-    types: Vec<(TypeUrl, TypeStatus)>,
+    machine: M,
 }
 
-impl Entry {
-    fn status(&self) -> StreamStatus {
-        let mut status = self.stream.clone();
-        status.types = self.types.iter().cloned().collect();
-        status
+impl std::fmt::Debug for Entry<dyn TypeStatuses> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("stream", &self.stream.stream_id)
+            .finish_non_exhaustive()
     }
 }
 
-/// One stream's entry in the [`Registry`], held by its task. Dropping it removes the stream.
-#[derive(Debug)]
-pub(crate) struct StreamCell {
+/// One stream's entry in the [`Registry`], held by its driver. Dropping it removes the stream.
+pub(crate) struct StreamCell<M> {
     registry: Registry,
     stream_id: u64,
-    entry: Arc<Mutex<Entry>>,
+    entry: Arc<Mutex<Entry<M>>>,
 }
 
-impl StreamCell {
-    /// Brings the per-type status in line with `types`, copying only what changed: an ACK
-    /// changes a version and a counter, not the subscription or the resources held.
-    pub(crate) fn sync_types<'a>(
-        &self,
-        types: impl Iterator<Item = (&'a TypeUrl, &'a TypeStatus)>,
-    ) {
-        let mut entry = self.entry.lock();
-        let mut seen = 0;
-        for (type_url, current) in types {
-            seen += 1;
-            match entry.types.iter_mut().find(|(t, _)| t == type_url) {
-                Some((_, stored)) => stored.sync_from(current),
-                None => {
-                    entry.types.reserve_exact(1);
-                    entry.types.push((type_url.clone(), current.clone()));
-                }
-            }
-        }
-        // The state machines add types and never drop one, so every stored type was seen.
-        debug_assert_eq!(seen, entry.types.len(), "a state machine dropped a type");
+impl<M> StreamCell<M> {
+    /// The stream's state machine, locked for one step. Readers of the registry wait for the
+    /// step to finish; no other stream does.
+    pub(crate) fn machine(&self) -> parking_lot::MappedMutexGuard<'_, M> {
+        MutexGuard::map(self.entry.lock(), |entry| &mut entry.machine)
     }
 }
 
-impl Drop for StreamCell {
+impl<M> Drop for StreamCell<M> {
     fn drop(&mut self) {
         self.registry.streams.write().remove(&self.stream_id);
     }
@@ -82,12 +73,18 @@ impl Registry {
         Self::default()
     }
 
-    /// Registers a stream; it stays listed until the returned cell is dropped.
-    pub(crate) fn insert(&self, mut stream: StreamStatus) -> StreamCell {
+    /// Registers a stream driven by `machine`; it stays listed until the returned cell is
+    /// dropped.
+    pub(crate) fn insert<M: TypeStatuses>(
+        &self,
+        mut stream: StreamStatus,
+        machine: M,
+    ) -> StreamCell<M> {
         let stream_id = stream.stream_id;
-        let types = std::mem::take(&mut stream.types).into_iter().collect();
-        let entry = Arc::new(Mutex::new(Entry { stream, types }));
-        self.streams.write().insert(stream_id, entry.clone());
+        stream.types.clear();
+        let entry = Arc::new(Mutex::new(Entry { stream, machine }));
+        let shared: SharedEntry = entry.clone();
+        self.streams.write().insert(stream_id, shared);
         StreamCell {
             registry: self.clone(),
             stream_id,
@@ -98,7 +95,16 @@ impl Registry {
     /// A copy of every open stream's status, ordered by stream id.
     pub fn streams(&self) -> Vec<StreamStatus> {
         let cells: Vec<_> = self.streams.read().values().cloned().collect();
-        cells.iter().map(|cell| cell.lock().status()).collect()
+        cells
+            .iter()
+            .map(|cell| {
+                let entry = cell.lock();
+                StreamStatus {
+                    types: entry.machine.type_statuses(),
+                    ..entry.stream.clone()
+                }
+            })
+            .collect()
     }
 
     /// The number of open streams.
@@ -132,11 +138,21 @@ mod tests {
         }
     }
 
+    /// A machine that is only its per-type status.
+    #[derive(Default)]
+    struct Statuses(BTreeMap<TypeUrl, TypeStatus>);
+
+    impl TypeStatuses for Statuses {
+        fn type_statuses(&self) -> BTreeMap<TypeUrl, TypeStatus> {
+            self.0.clone()
+        }
+    }
+
     #[test]
-    fn cells_update_their_own_stream_and_leave_on_drop() {
+    fn readers_see_each_machine_as_it_is_now_and_streams_leave_on_drop() {
         let registry = Registry::new();
-        let one = registry.insert(stream(1));
-        let two = registry.insert(stream(2));
+        let one = registry.insert(stream(1), Statuses::default());
+        let two = registry.insert(stream(2), Statuses::default());
         assert_eq!(registry.len(), 2);
 
         let type_url = TypeUrl::from("t");
@@ -144,12 +160,14 @@ mod tests {
             sent_version: Some("v1".into()),
             ..TypeStatus::default()
         };
-        one.sync_types([(&type_url, &status)].into_iter());
+        one.machine().0.insert(type_url.clone(), status.clone());
+        assert_eq!(registry.streams()[0].types.get(&type_url), Some(&status));
         status.acked_version = Some("v1".into());
         status.n_acks = 1;
-        one.sync_types([(&type_url, &status)].into_iter());
+        one.machine().0.insert(type_url.clone(), status.clone());
 
         let streams = registry.streams();
+        assert_eq!(streams[0].node_id, "node-1");
         assert_eq!(streams[0].types.get(&type_url), Some(&status));
         assert!(streams[1].types.is_empty(), "the other stream is untouched");
 

@@ -12,6 +12,7 @@
 //! implement one private trait (`Machine`), and only the message types differ.
 
 use std::{
+    collections::BTreeMap,
     future::{Future, poll_fn},
     net::SocketAddr,
     pin::Pin,
@@ -44,7 +45,7 @@ use crate::{
     cache::{Cache, Snapshot, View},
     delta::DeltaStream,
     protocol::{Limits, ProtocolError, Quirks, Step},
-    registry::Registry,
+    registry::{Registry, TypeStatuses},
     sotw::SotwStream,
     status::{Notice, Protocol, StreamStatus, TypeStatus},
     types::TypeUrl,
@@ -301,6 +302,15 @@ struct Sent<'a> {
     /// SotW `version_info`, Delta `system_version_info`.
     version: &'a str,
     nonce: &'a str,
+}
+
+/// The registry reads a stream's status from its machine.
+impl<M: Machine> TypeStatuses for M {
+    fn type_statuses(&self) -> BTreeMap<TypeUrl, TypeStatus> {
+        self.status()
+            .map(|(type_url, status)| (type_url.clone(), status.clone()))
+            .collect()
+    }
 }
 
 impl Machine for SotwStream {
@@ -574,17 +584,6 @@ async fn run<M: Machine>(
     };
     let peer = context.peer;
     drop(context);
-    // Listed until the driver ends (the cell's drop removes it).
-    let cell = inner.registry.insert(StreamStatus {
-        stream_id,
-        node_id: node_id.clone(),
-        node_cluster,
-        partitions: view.partitions().iter().map(|p| p.to_string()).collect(),
-        peer,
-        protocol: M::PROTOCOL,
-        connected_since: SystemTime::now(),
-        types: Default::default(),
-    });
     let quirks = inner.resolver.quirks(M::node(&first));
     if quirks != Quirks::default() {
         debug!(
@@ -592,37 +591,59 @@ async fn run<M: Machine>(
             "stream deviates from the protocol's general rules for this client"
         );
     }
-    let mut machine = M::start(view, format!("{stream_id:x}"), inner.config.limits, quirks);
+    let partitions = view.partitions().iter().map(|p| p.to_string()).collect();
+    let machine = M::start(view, format!("{stream_id:x}"), inner.config.limits, quirks);
+    // Listed until the driver ends (the cell's drop removes it). The machine lives in the
+    // cell, where readers of the registry find its status: a step copies nothing there.
+    let cell = inner.registry.insert(
+        StreamStatus {
+            stream_id,
+            node_id: node_id.clone(),
+            node_cluster,
+            partitions,
+            peer,
+            protocol: M::PROTOCOL,
+            connected_since: SystemTime::now(),
+            types: Default::default(),
+        },
+        machine,
+    );
     // Subscribe before reading the snapshot, so no change slips between the two.
     let mut changes = inner.cache.changes();
+    // One wait for shutdown for the stream's life, not one registration with the token (under
+    // its lock, shared by every stream) per select.
+    let shutdown = inner.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut input = Input::Request(first);
     loop {
-        let (step, seq, changed_at) = match input {
-            Input::Request(request) => {
-                let snapshot = inner.cache.snapshot();
-                match machine.on_request(&request, &snapshot) {
-                    Ok(step) => (step, snapshot.seq(), None),
-                    Err(error) => {
-                        debug!(%error, "protocol violation");
-                        out.put(Err(Status::invalid_argument(error.to_string())))
-                            .await;
-                        return;
-                    }
+        let stepped = {
+            let mut machine = cell.machine();
+            match input {
+                Input::Request(request) => {
+                    let snapshot = inner.cache.snapshot();
+                    machine
+                        .on_request(&request, &snapshot)
+                        .map(|step| (step, snapshot.seq(), None))
                 }
+                Input::Snapshot(snapshot) => Ok((
+                    machine.on_snapshot(&snapshot),
+                    snapshot.seq(),
+                    Some(snapshot.published_at()),
+                )),
             }
-            Input::Snapshot(snapshot) => (
-                machine.on_snapshot(&snapshot),
-                snapshot.seq(),
-                Some(snapshot.published_at()),
-            ),
+        };
+        let (step, seq, changed_at) = match stepped {
+            Ok(stepped) => stepped,
+            Err(error) => {
+                debug!(%error, "protocol violation");
+                out.put(Err(Status::invalid_argument(error.to_string())))
+                    .await;
+                return;
+            }
         };
         for notice in &step.notices {
             log_notice(notice);
             inner.observer.notice(notice);
-        }
-        // A snapshot that changed nothing this stream holds leaves its status as it was.
-        if !(changed_at.is_some() && step.responses.is_empty() && step.notices.is_empty()) {
-            cell.sync_types(machine.status());
         }
         for response in step.responses {
             let sent = M::describe(&response);
@@ -634,7 +655,8 @@ async fn run<M: Machine>(
                 "send"
             );
             // The machine's own type URL (a shared string), not a copy of the response's.
-            let type_url = machine
+            let type_url = cell
+                .machine()
                 .status()
                 .map(|(type_url, _)| type_url)
                 .find(|type_url| type_url.as_str() == sent.type_url)
@@ -656,13 +678,13 @@ async fn run<M: Machine>(
                 changed_at,
             });
             tokio::select! {
-                () = inner.shutdown.cancelled() => return,
+                () = &mut shutdown => return,
                 () = out.put(Ok(response)) => {}
             }
         }
         input = tokio::select! {
             biased;
-            () = inner.shutdown.cancelled() => return,
+            () = &mut shutdown => return,
             request = requests.message() => match request {
                 Ok(Some(request)) => Input::Request(Box::new(request)),
                 Ok(None) => return,

@@ -90,25 +90,6 @@ pub struct TypeStatus {
 }
 
 impl TypeStatus {
-    /// Makes `self` equal to `other`, cloning only the fields that differ (the subscription
-    /// and the held resources are maps, and most steps change neither).
-    pub fn sync_from(&mut self, other: &TypeStatus) {
-        if self.subscription != other.subscription {
-            self.subscription.clone_from(&other.subscription);
-        }
-        if self.resources != other.resources {
-            self.resources.clone_from(&other.resources);
-        }
-        if self.nack != other.nack {
-            self.nack.clone_from(&other.nack);
-        }
-        self.sent_version.clone_from(&other.sent_version);
-        self.sent_nonce.clone_from(&other.sent_nonce);
-        self.acked_version.clone_from(&other.acked_version);
-        self.n_acks = other.n_acks;
-        self.n_nacks = other.n_nacks;
-    }
-
     /// The sync state derived from sent, ACKed and NACKed.
     pub fn state(&self) -> SyncState {
         match (&self.sent_nonce, &self.nack) {
@@ -180,34 +161,6 @@ pub enum Notice {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sync_from_makes_equal() {
-        let mut other = TypeStatus {
-            subscription: Subscription::wildcard(),
-            sent_version: Some("v2".into()),
-            sent_nonce: Some("n2".into()),
-            acked_version: Some("v1".into()),
-            nack: Some(Nack {
-                version: "v2".into(),
-                nonce: "n2".into(),
-                message: "bad".into(),
-                code: 3,
-            }),
-            resources: [("a".into(), "v2".into())].into_iter().collect(),
-            n_acks: 4,
-            n_nacks: 1,
-        };
-        let mut st = TypeStatus::default();
-        st.sync_from(&other);
-        assert_eq!(st, other);
-        other.nack = None;
-        other.resources.clear();
-        other.subscription = Subscription::default();
-        other.n_acks = 5;
-        st.sync_from(&other);
-        assert_eq!(st, other);
-    }
 
     #[test]
     fn state_derivation() {
