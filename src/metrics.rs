@@ -3,9 +3,9 @@
 //! The handles are cheap to clone; `api/`, `lease/` and the xDS observer increment them and the
 //! admin endpoint encodes the registry.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
-use parking_lot::RwLock;
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
@@ -91,6 +91,35 @@ pub const MAX_LABELLED_TYPES: usize = 64;
 /// The `type_url` label of every type URL past [`MAX_LABELLED_TYPES`].
 pub const OTHER_TYPES: &str = "other";
 
+/// The xDS series of one type URL, taken from their families once: counting a push, an ACK
+/// or a NACK is one lookup of the type, not one per family.
+#[derive(Debug)]
+pub struct TypeSeries {
+    /// The label set of these series.
+    pub labels: TypeLabels,
+    /// Its series of [`Metrics::xds_pushes`].
+    pub pushes: Counter,
+    /// Its series of [`Metrics::xds_acks`].
+    pub acks: Counter,
+    /// Its series of [`Metrics::xds_nacks`].
+    pub nacks: Counter,
+    /// Its series of [`Metrics::xds_push_latency`].
+    pub push_latency: Histogram,
+}
+
+impl TypeSeries {
+    fn new(metrics: &Metrics, type_url: &pixiu_xds::TypeUrl) -> Self {
+        let labels = TypeLabels::new(type_url);
+        Self {
+            pushes: metrics.xds_pushes.get_or_create(&labels).clone(),
+            acks: metrics.xds_acks.get_or_create(&labels).clone(),
+            nacks: metrics.xds_nacks.get_or_create(&labels).clone(),
+            push_latency: metrics.xds_push_latency.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+}
+
 /// Labels of per-protocol gauges.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -127,8 +156,9 @@ pub struct ReasonLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
-    /// The type URLs with series of their own (see [`Metrics::type_labels`]).
-    labelled_types: Arc<RwLock<HashSet<pixiu_xds::TypeUrl>>>,
+    /// The series of each type URL with series of its own, and of [`OTHER_TYPES`] (see
+    /// [`Metrics::type_series`]): one lookup counts a push or an ACK.
+    by_type: Arc<RwLock<HashMap<pixiu_xds::TypeUrl, TypeSeries>>>,
     /// Requests by kind, method and status code.
     pub requests: Family<RequestLabels, Counter>,
     /// Publishes that overwrote a different value under the same key.
@@ -274,7 +304,7 @@ impl Metrics {
             xds_subscriptions,
             records,
             store_operations,
-            labelled_types: Arc::default(),
+            by_type: Arc::default(),
         }
     }
 
@@ -299,23 +329,37 @@ impl Metrics {
             .inc();
     }
 
-    /// The label set of `type_url` for the xDS families. Clients choose type URLs (an unknown
-    /// type is answered with no resources), so only the first [`MAX_LABELLED_TYPES`] get series
-    /// of their own; later ones share [`OTHER_TYPES`].
+    /// The label set of `type_url` for the xDS families (see [`Metrics::type_series`]).
     pub fn type_labels(&self, type_url: &pixiu_xds::TypeUrl) -> TypeLabels {
-        if self.labelled_types.read().contains(type_url) {
-            return TypeLabels::new(type_url);
-        }
-        let mut labelled = self.labelled_types.write();
-        if labelled.len() < MAX_LABELLED_TYPES {
-            labelled.insert(type_url.clone());
-            return TypeLabels::new(type_url);
-        }
-        if labelled.contains(type_url) {
-            TypeLabels::new(type_url)
+        self.type_series(type_url).labels.clone()
+    }
+
+    /// The xDS series of `type_url`. Clients choose type URLs (an unknown type is answered
+    /// with no resources), so only the first [`MAX_LABELLED_TYPES`] get series of their own;
+    /// later ones share [`OTHER_TYPES`]'.
+    pub fn type_series(
+        &self,
+        type_url: &pixiu_xds::TypeUrl,
+    ) -> MappedRwLockReadGuard<'_, TypeSeries> {
+        let by_type = match RwLockReadGuard::try_map(self.by_type.read(), |m| m.get(type_url)) {
+            Ok(series) => return series,
+            Err(by_type) => by_type,
+        };
+        drop(by_type);
+        let mut by_type = self.by_type.write();
+        // The map holds the labelled types and, once needed, `other`.
+        let other = pixiu_xds::TypeUrl::new(OTHER_TYPES);
+        let labelled = by_type.len() - usize::from(by_type.contains_key(&other));
+        let key = if by_type.contains_key(type_url) || labelled < MAX_LABELLED_TYPES {
+            type_url.clone()
         } else {
-            TypeLabels::new(&pixiu_xds::TypeUrl::new(OTHER_TYPES))
+            other
+        };
+        if !by_type.contains_key(&key) {
+            let series = TypeSeries::new(self, &key);
+            by_type.insert(key.clone(), series);
         }
+        RwLockReadGuard::map(RwLockWriteGuard::downgrade(by_type), |m| &m[&key])
     }
 
     /// The label set of a kind.
@@ -401,17 +445,14 @@ impl pixiu_xds::StreamObserver for XdsObserver {
         _n_resources: usize,
         _snapshot_seq: u64,
     ) {
-        self.0
-            .xds_pushes
-            .get_or_create(&self.0.type_labels(type_url))
-            .inc();
+        self.0.type_series(type_url).pushes.inc();
     }
 
     fn pushed(&self, push: &pixiu_xds::Pushed<'_>) {
         if let Some(changed_at) = push.changed_at {
             self.0
-                .xds_push_latency
-                .get_or_create(&self.0.type_labels(push.type_url))
+                .type_series(push.type_url)
+                .push_latency
                 .observe(changed_at.elapsed().as_secs_f64());
         }
     }
@@ -419,16 +460,10 @@ impl pixiu_xds::StreamObserver for XdsObserver {
     fn notice(&self, notice: &pixiu_xds::Notice) {
         match notice {
             pixiu_xds::Notice::Ack { type_url, .. } => {
-                self.0
-                    .xds_acks
-                    .get_or_create(&self.0.type_labels(type_url))
-                    .inc();
+                self.0.type_series(type_url).acks.inc();
             }
             pixiu_xds::Notice::Nack { type_url, .. } => {
-                self.0
-                    .xds_nacks
-                    .get_or_create(&self.0.type_labels(type_url))
-                    .inc();
+                self.0.type_series(type_url).nacks.inc();
             }
             pixiu_xds::Notice::StaleNonce { .. } => {}
         }
@@ -465,6 +500,30 @@ mod tests {
             text.contains(r#"pixiu_metadata_xds_pushes_total{type_url="type.example/T0"} 2"#),
             "{text}"
         );
+        // The ACK and NACK counters of a type come with its series, also for `other`.
+        let late = pixiu_xds::TypeUrl::new("type.example/late");
+        observer.notice(&pixiu_xds::Notice::Ack {
+            type_url: late.clone(),
+            version: pixiu_xds::Version::new("v1"),
+        });
+        observer.notice(&pixiu_xds::Notice::Ack {
+            type_url: first.clone(),
+            version: pixiu_xds::Version::new("v1"),
+        });
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"pixiu_metadata_xds_acks_total{type_url="other"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pixiu_metadata_xds_acks_total{type_url="type.example/T0"} 1"#),
+            "{text}"
+        );
+        assert_eq!(metrics.type_labels(&late), TypeLabels::new(&other_type()));
+    }
+
+    fn other_type() -> pixiu_xds::TypeUrl {
+        pixiu_xds::TypeUrl::new(OTHER_TYPES)
     }
 
     /// The label is the variant's name, as `Debug` prints it, for every code.
