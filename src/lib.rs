@@ -29,6 +29,7 @@ pub mod push;
 pub mod security;
 pub mod status;
 pub mod store;
+pub mod transport;
 pub mod watches;
 
 pub use config::Config;

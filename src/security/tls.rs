@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::guard::Guarded;
+use crate::transport::Batched;
 
 /// Where the TLS material lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,12 +372,12 @@ pub trait AcceptObserver: Send + Sync + 'static {
 }
 
 /// A stream of accepted plaintext connections, each guarded by the handshake and idle
-/// timeouts, for tonic's `serve_with_incoming`.
+/// timeouts and with its writes batched ([`Batched`]), for tonic's `serve_with_incoming`.
 pub fn incoming_plain(
     listener: TcpListener,
     limits: AcceptLimits,
     shutdown: CancellationToken,
-) -> impl Stream<Item = std::io::Result<Guarded<tokio::net::TcpStream>>> + Send + 'static {
+) -> impl Stream<Item = std::io::Result<Batched<Guarded<tokio::net::TcpStream>>>> + Send + 'static {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(
         async move {
@@ -385,7 +386,7 @@ pub fn incoming_plain(
                     return;
                 };
                 let guarded = Guarded::new(stream, limits.handshake_timeout, limits.idle_timeout);
-                if tx.send(Ok(guarded)).await.is_err() {
+                if tx.send(Ok(Batched::new(guarded))).await.is_err() {
                     return;
                 }
             }
@@ -403,8 +404,9 @@ pub fn incoming_tls(
     limits: AcceptLimits,
     observer: Arc<dyn AcceptObserver>,
     shutdown: CancellationToken,
-) -> impl Stream<Item = std::io::Result<TlsStream<Guarded<tokio::net::TcpStream>>>> + Send + 'static
-{
+) -> impl Stream<Item = std::io::Result<TlsStream<Batched<Guarded<tokio::net::TcpStream>>>>>
++ Send
++ 'static {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(
         limits.max_pending_handshakes.max(1),
@@ -421,6 +423,7 @@ pub fn incoming_tls(
                     continue;
                 };
                 let guarded = Guarded::new(stream, limits.handshake_timeout, limits.idle_timeout);
+                let guarded = Batched::new(guarded);
                 let acceptor = tls.acceptor.clone();
                 let tx = tx.clone();
                 let observer = observer.clone();
