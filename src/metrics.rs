@@ -492,33 +492,23 @@ mod tests {
             .filter(|line| line.starts_with("pixiu_metadata_xds_pushes_total{"))
             .count();
         assert_eq!(series, MAX_LABELLED_TYPES + 1, "{text}");
-        assert!(
-            text.contains(r#"pixiu_metadata_xds_pushes_total{type_url="other"} 100"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"pixiu_metadata_xds_pushes_total{type_url="type.example/T0"} 2"#),
-            "{text}"
-        );
-        // The ACK and NACK counters of a type come with its series, also for `other`.
         let late = pixiu_xds::TypeUrl::new("type.example/late");
-        observer.notice(&pixiu_xds::Notice::Ack {
-            type_url: late.clone(),
-            version: pixiu_xds::Version::new("v1"),
-        });
-        observer.notice(&pixiu_xds::Notice::Ack {
-            type_url: first.clone(),
-            version: pixiu_xds::Version::new("v1"),
-        });
+        // The ACK and NACK counters of a type come with its series, also for `other`.
+        for type_url in [&late, &first] {
+            observer.notice(&pixiu_xds::Notice::Ack {
+                type_url: type_url.clone(),
+                version: pixiu_xds::Version::new("v1"),
+            });
+        }
         let text = metrics.encode();
-        assert!(
-            text.contains(r#"pixiu_metadata_xds_acks_total{type_url="other"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"pixiu_metadata_xds_acks_total{type_url="type.example/T0"} 1"#),
-            "{text}"
-        );
+        for line in [
+            r#"pixiu_metadata_xds_pushes_total{type_url="other"} 100"#,
+            r#"pixiu_metadata_xds_pushes_total{type_url="type.example/T0"} 2"#,
+            r#"pixiu_metadata_xds_acks_total{type_url="other"} 1"#,
+            r#"pixiu_metadata_xds_acks_total{type_url="type.example/T0"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} is missing from {text}");
+        }
         assert_eq!(metrics.type_labels(&late), TypeLabels::new(&other_type()));
     }
 
