@@ -17,6 +17,8 @@
 //! The cost is a copy of every byte written and one more poll of the connection per turn
 //! with new bytes; the latency of a write grows by the turns it waits (the tasks that were
 //! ready anyway). Writes fail at the flush, not at the write, as with any buffered writer.
+//! A peer that stops reading makes a connection hold at most [`HIGH_WATER`] bytes plus one
+//! write of the HTTP/2 layer; then the writes wait for the socket, as they did before.
 
 use std::{
     io,
