@@ -336,16 +336,14 @@ impl Metrics {
 
     /// The xDS series of `type_url`. Clients choose type URLs (an unknown type is answered
     /// with no resources), so only the first [`MAX_LABELLED_TYPES`] get series of their own;
-    /// later ones share [`OTHER_TYPES`]'.
+    /// later ones share [`OTHER_TYPES`]'s.
     pub fn type_series(
         &self,
         type_url: &pixiu_xds::TypeUrl,
     ) -> MappedRwLockReadGuard<'_, TypeSeries> {
-        let by_type = match RwLockReadGuard::try_map(self.by_type.read(), |m| m.get(type_url)) {
-            Ok(series) => return series,
-            Err(by_type) => by_type,
-        };
-        drop(by_type);
+        if let Ok(series) = RwLockReadGuard::try_map(self.by_type.read(), |m| m.get(type_url)) {
+            return series;
+        }
         let mut by_type = self.by_type.write();
         // The map holds the labelled types and, once needed, `other`.
         let other = pixiu_xds::TypeUrl::new(OTHER_TYPES);
@@ -355,10 +353,9 @@ impl Metrics {
         } else {
             other
         };
-        if !by_type.contains_key(&key) {
-            let series = TypeSeries::new(self, &key);
-            by_type.insert(key.clone(), series);
-        }
+        by_type
+            .entry(key.clone())
+            .or_insert_with_key(|key| TypeSeries::new(self, key));
         RwLockReadGuard::map(RwLockWriteGuard::downgrade(by_type), |m| &m[&key])
     }
 
@@ -509,11 +506,8 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} is missing from {text}");
         }
-        assert_eq!(metrics.type_labels(&late), TypeLabels::new(&other_type()));
-    }
-
-    fn other_type() -> pixiu_xds::TypeUrl {
-        pixiu_xds::TypeUrl::new(OTHER_TYPES)
+        let other = pixiu_xds::TypeUrl::new(OTHER_TYPES);
+        assert_eq!(metrics.type_labels(&late), TypeLabels::new(&other));
     }
 
     /// The label is the variant's name, as `Debug` prints it, for every code.
