@@ -40,17 +40,21 @@ async fn client_publishes_and_subscribes_over_mtls() {
         .domain_name("localhost")
         .identity(Identity::from_pem(&workload.cert, &workload.key));
 
-    let client = Client::connect(ClientConfig::new(url.clone()).tls(tls.clone()))
-        .await
-        .expect("connects over mTLS");
+    let client = within(
+        "connect",
+        Client::connect(ClientConfig::new(url.clone()).tls(tls.clone())),
+    )
+    .await
+    .expect("connects over mTLS");
     let mut updates = client.subscribe::<Metadata>(["greeter/r1"]);
-    client
-        .publish_metadata("greeter", "r1", "{\"revision\":\"r1\"}")
+    within(
+        "publish",
+        client.publish_metadata("greeter", "r1", "{\"revision\":\"r1\"}"),
+    )
+    .await
+    .unwrap();
+    let update = within("push", updates.next())
         .await
-        .unwrap();
-    let update = tokio::time::timeout(Duration::from_secs(10), updates.next())
-        .await
-        .expect("a push within 10 s")
         .expect("the subscription is open");
     match update {
         Update::Added { name, resource, .. } => {
@@ -62,7 +66,9 @@ async fn client_publishes_and_subscribes_over_mtls() {
         other => panic!("expected the published revision, got {other:?}"),
     }
     assert_eq!(
-        client.get_metadata("greeter", "r1").await.unwrap(),
+        within("get", client.get_metadata("greeter", "r1"))
+            .await
+            .unwrap(),
         "{\"revision\":\"r1\"}"
     );
 
@@ -72,15 +78,30 @@ async fn client_publishes_and_subscribes_over_mtls() {
         .domain_name("localhost")
         .identity(Identity::from_pem(&workload.cert, &workload.key));
     assert!(
-        Client::connect(ClientConfig::new(url).tls(wrong_ca))
-            .await
-            .is_err()
+        within(
+            "connect with the wrong CA",
+            Client::connect(ClientConfig::new(url).tls(wrong_ca))
+        )
+        .await
+        .is_err()
     );
-    let plaintext = Client::connect(ClientConfig::new(server.url())).await;
+    let plaintext = within(
+        "connect in plaintext",
+        Client::connect(ClientConfig::new(server.url())),
+    )
+    .await;
     if let Ok(plaintext) = plaintext {
         // The transport may connect lazily; the first call fails then.
-        assert!(plaintext.get_metadata("greeter", "r1").await.is_err());
+        let get = within("get in plaintext", plaintext.get_metadata("greeter", "r1")).await;
+        assert!(get.is_err());
     }
     drop(client);
     server.stop().await;
+}
+
+/// `step`, which must end within 15 s (longer than the client's own connect timeout).
+async fn within<T>(step: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(15), future)
+        .await
+        .unwrap_or_else(|_| panic!("{step} did not end within 15 s"))
 }

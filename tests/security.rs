@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
 
 use common::{
     TestServer,
@@ -862,6 +862,72 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
             .0,
         200
     );
+    server.stop().await;
+}
+
+/// A raw TLS client trusting the server's CA and presenting `client`: what its first read
+/// gets, the bytes of the server's HTTP/2 preface or the error the refusal ends it with.
+async fn first_read(pki: &Pki, server: &TestServer, client: Option<&Pem>) -> Result<usize, String> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pki.server_ca_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(client) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(client.cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(client.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        // TLS 1.3: the client's handshake ends before the server checked its certificate.
+        let mut tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        let mut buf = [0; 64];
+        tls.read(&mut buf).await
+    })
+    .await
+    .expect("the server answers within 5 s");
+    heard.map_err(|error| error.to_string())
+}
+
+#[tokio::test]
+async fn refused_clients_hear_why_in_a_tls_alert() {
+    let pki = Pki::new();
+    let server = TestServer::start(pki.config(false)).await;
+    // Without the alert a client sees only the connection close.
+    let anonymous = first_read(&pki, &server, None).await.unwrap_err();
+    assert!(
+        anonymous.contains("received fatal alert: CertificateRequired"),
+        "{anonymous}"
+    );
+    let stranger = Ca::new("someone else").workload(TEAM_A, "app");
+    let stranger = first_read(&pki, &server, Some(&stranger))
+        .await
+        .unwrap_err();
+    assert!(
+        stranger.contains("received fatal alert: UnknownCA"),
+        "{stranger}"
+    );
+    let workload = pki.client_ca.workload(TEAM_A, "app");
+    let accepted = first_read(&pki, &server, Some(&workload)).await;
+    assert!(matches!(accepted, Ok(n) if n > 0), "{accepted:?}");
     server.stop().await;
 }
 

@@ -21,7 +21,7 @@ use std::{
 use futures::Stream;
 use parking_lot::RwLock;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::mpsc};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{
@@ -431,22 +431,26 @@ pub fn incoming_tls(
                     async move {
                         let handshake = tokio::time::timeout(
                             limits.handshake_timeout,
-                            acceptor.accept(guarded),
+                            acceptor.accept(guarded).into_fallible(),
                         )
                         .await;
-                        drop(permit);
                         match handshake {
                             Ok(Ok(stream)) => {
+                                // A failed handshake holds its permit until its alert left.
+                                drop(permit);
                                 let _ = tx.send(Ok(stream)).await;
                             }
                             // The guard's read deadline ends a stalled handshake first.
-                            Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => {
+                            Ok(Err((error, _))) if error.kind() == std::io::ErrorKind::TimedOut => {
                                 observer.handshake_failed("timeout");
                                 debug!(peer.addr = %peer, "TLS handshake timed out");
                             }
-                            Ok(Err(error)) => {
+                            Ok(Err((error, mut io))) => {
                                 observer.handshake_failed("handshake");
                                 debug!(peer.addr = %peer, %error, "TLS handshake failed");
+                                // The alert that says why (an unknown CA, a missing
+                                // certificate) is still in the connection's buffer.
+                                let _ = tokio::time::timeout(ALERT_TIMEOUT, io.shutdown()).await;
                             }
                             Err(_) => {
                                 observer.handshake_failed("timeout");
@@ -462,6 +466,9 @@ pub fn incoming_tls(
     );
     ReceiverStream::new(rx)
 }
+
+/// How long a failed handshake's alert may take to leave before the connection is closed.
+const ALERT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The next accepted connection, or `None` on shutdown. Accept errors (out of file
 /// descriptors) are logged and retried after a pause rather than ending the server.
