@@ -19,6 +19,8 @@
 //! ready anyway). Writes fail at the flush, not at the write, as with any buffered writer.
 //! A peer that stops reading makes a connection hold at most [`HIGH_WATER`] bytes plus one
 //! write of the HTTP/2 layer; then the writes wait for the socket, as they did before.
+//! Bytes held when the object is dropped without a flush or a shutdown are lost: the TLS
+//! acceptor shuts down a connection whose handshake failed, so that its alert still leaves.
 
 use std::{
     io,
