@@ -259,18 +259,22 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    let reload_interval = config
+        .security
+        .tls_reload_interval
+        .unwrap_or(std::time::Duration::from_secs(5));
+    tokio::spawn({
+        let authorizer = secured.authorizer.clone();
+        let security = config.security.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            security::watch_files(authorizer, &security, reload_interval, shutdown).await;
+        }
+    });
     let serving = async {
         match secured.tls {
             Some(tls) => {
-                tokio::spawn(
-                    tls.clone().watch(
-                        config
-                            .security
-                            .tls_reload_interval
-                            .unwrap_or(std::time::Duration::from_secs(5)),
-                        shutdown.clone(),
-                    ),
-                );
+                tokio::spawn(tls.clone().watch(reload_interval, shutdown.clone()));
                 let incoming = security::tls::incoming_tls(
                     grpc,
                     tls,

@@ -782,6 +782,85 @@ async fn bearer_tokens_without_tls_identify_clients() {
 }
 
 #[tokio::test]
+async fn token_and_policy_files_are_reloaded_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let policy = dir.path().join("policy.toml");
+    pki::write_atomically(
+        &tokens,
+        "[[token]]\nname = \"a\"\nnamespace = \"team-a\"\ntoken = \"token-a\"\n",
+    );
+    pki::write_atomically(&policy, "");
+    let mut config = Config::default();
+    config.store.backend = Backend::Memory;
+    config.security.token_file = Some(tokens.clone());
+    config.security.policy_file = Some(policy.clone());
+    config.security.tls_reload_interval = Some(Duration::from_millis(50));
+    let server = TestServer::start(config).await;
+    let channel = server.channel().await;
+    let publish = |token: &'static str, namespace: &'static str| {
+        let channel = channel.clone();
+        async move {
+            let mut request = tonic::Request::new(PublishMetadataRequest {
+                application_name: "app".into(),
+                revision: "r1".into(),
+                metadata_info: "x".into(),
+            });
+            let metadata = request.metadata_mut();
+            metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            metadata.insert("x-pixiu-namespace", namespace.parse().unwrap());
+            common::metadata_client(channel)
+                .publish(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    // Waits up to 5 s for `publish` to answer `expected`.
+    let eventually = |token: &'static str, namespace: &'static str, expected: Result<(), Code>| {
+        let publish = &publish;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = publish(token, namespace).await;
+                if got == expected || tokio::time::Instant::now() > deadline {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(
+        publish("token-a", "team-b").await,
+        Err(Code::PermissionDenied)
+    );
+
+    // A grant added to the policy file applies without a restart.
+    pki::write_atomically(
+        &policy,
+        "[[grant]]\nidentities = [\"token:a\"]\nnamespaces = [\"team-b\"]\noperations = [\"write\"]\n",
+    );
+    assert_eq!(eventually("token-a", "team-b", Ok(())).await, Ok(()));
+
+    // A policy file that does not parse leaves the last good one in use.
+    pki::write_atomically(&policy, "[[grant]]\nidentities = 7\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(publish("token-a", "team-b").await, Ok(()));
+
+    // A token rotated in the file: the new one works, the old one no longer does.
+    pki::write_atomically(
+        &tokens,
+        "[[token]]\nname = \"a\"\nnamespace = \"team-a\"\ntoken = \"token-a2\"\n",
+    );
+    assert_eq!(eventually("token-a2", "team-a", Ok(())).await, Ok(()));
+    assert_eq!(
+        publish("token-a", "team-a").await,
+        Err(Code::Unauthenticated)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn publish_rate_limit_answers_resource_exhausted_with_retry_info() {
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();

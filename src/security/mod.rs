@@ -19,16 +19,23 @@ pub mod policy;
 pub mod rate;
 pub mod tls;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
+use parking_lot::RwLock;
+
+use tokio_util::sync::CancellationToken;
 use tonic::{
     Status,
     metadata::MetadataMap,
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
-use tracing::warn;
+use tracing::{info, warn};
 
-pub use identity::{Authenticator, Identity, Workload};
+pub use identity::{Authenticator, Identity, Tokens, Workload};
 pub use policy::{Denied, Operation, Policy};
 
 use crate::metrics::Metrics;
@@ -146,6 +153,9 @@ pub enum Error {
     /// Admin HTTP on a non-loopback address needs a token.
     #[error("the admin port {0} is not on loopback: give --admin-token-file")]
     AdminExposed(std::net::SocketAddr),
+    /// Bearer tokens cannot be turned on without a restart.
+    #[error("the server started without a token file; tokens need a restart")]
+    TokensAdded,
 }
 
 /// The result of an authorized request: who asked and where it acts.
@@ -160,8 +170,10 @@ pub struct Decision {
 /// Identifies callers and decides namespaces; shared by every service.
 #[derive(Debug)]
 pub struct Authorizer {
-    authenticator: Authenticator,
-    policy: Policy,
+    /// Replaced whole when the token file changes ([`Authorizer::set_tokens`]).
+    authenticator: RwLock<Arc<Authenticator>>,
+    /// Replaced whole when the policy file changes ([`Authorizer::set_policy`]).
+    policy: RwLock<Arc<Policy>>,
     default_namespace: String,
     metrics: Option<Metrics>,
 }
@@ -184,8 +196,8 @@ impl Authorizer {
         default_namespace: impl Into<String>,
     ) -> Self {
         Self {
-            authenticator,
-            policy,
+            authenticator: RwLock::new(Arc::new(authenticator)),
+            policy: RwLock::new(Arc::new(policy)),
             default_namespace: default_namespace.into(),
             metrics: None,
         }
@@ -200,7 +212,27 @@ impl Authorizer {
 
     /// Whether authentication is configured.
     pub fn required(&self) -> bool {
-        self.authenticator.required()
+        self.authenticator.read().required()
+    }
+
+    /// Decides the requests from now on with `policy`.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write() = Arc::new(policy);
+    }
+
+    /// Identifies bearer tokens from now on with `tokens`. A server that started without a
+    /// token file accepts none later: whether anonymous callers are refused, and whether TLS
+    /// asks for a client certificate, were settled at start.
+    pub fn set_tokens(&self, tokens: Tokens) -> Result<(), Error> {
+        let mut authenticator = self.authenticator.write();
+        if authenticator.tokens.is_none() {
+            return Err(Error::TokensAdded);
+        }
+        *authenticator = Arc::new(Authenticator {
+            tokens: Some(tokens),
+            client_certificates: authenticator.client_certificates,
+        });
+        Ok(())
     }
 
     /// The caller of a request, from the verified TLS peer certificates in its extensions
@@ -210,8 +242,8 @@ impl Authorizer {
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
         let authorization = metadata.get("authorization").map(|v| v.as_bytes());
-        self.authenticator
-            .identify(certificates.as_deref().map(Vec::as_slice), authorization)
+        let authenticator = self.authenticator.read().clone();
+        authenticator.identify(certificates.as_deref().map(Vec::as_slice), authorization)
     }
 
     /// [`policy::decide`] with this server's policy, without counting.
@@ -221,12 +253,13 @@ impl Authorizer {
         requested: Option<&str>,
         operation: Operation,
     ) -> Result<String, Denied> {
+        let policy = self.policy.read().clone();
         policy::decide(
             identity,
             requested,
             operation,
-            &self.policy,
-            self.authenticator.required(),
+            &policy,
+            self.required(),
             &self.default_namespace,
         )
     }
@@ -436,6 +469,79 @@ pub fn load(
     })
 }
 
+/// Re-reads the token and policy files of `config` every `interval` and hands what changed
+/// to `authorizer`, like the TLS files: a file that does not load is logged and the old
+/// content kept. Ends on `shutdown`.
+pub async fn watch_files(
+    authorizer: Arc<Authorizer>,
+    config: &SecurityConfig,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tokens = config.token_file.clone().map(Watched::new);
+    let mut policy = config.policy_file.clone().map(Watched::new);
+    if tokens.is_none() && policy.is_none() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Some(file) = tokens.as_mut()
+            && file.changed()
+        {
+            match Tokens::load(&file.path).map_err(Error::from).and_then(|t| {
+                let n = t.len();
+                authorizer.set_tokens(t).map(|()| n)
+            }) {
+                Ok(n) => info!(file = %file.path.display(), tokens = n, "token file reloaded"),
+                Err(error) => warn!(%error, "token file not reloaded; keeping the old tokens"),
+            }
+        }
+        if let Some(file) = policy.as_mut()
+            && file.changed()
+        {
+            match Policy::load(&file.path) {
+                Ok(loaded) => {
+                    authorizer.set_policy(loaded);
+                    info!(file = %file.path.display(), "policy file reloaded");
+                }
+                Err(error) => warn!(%error, "policy file not reloaded; keeping the old policy"),
+            }
+        }
+    }
+}
+
+/// A file and the bytes it held when last looked at.
+struct Watched {
+    path: PathBuf,
+    seen: Option<Vec<u8>>,
+}
+
+impl Watched {
+    /// `path`, as loaded at start.
+    fn new(path: PathBuf) -> Self {
+        let seen = read(&path);
+        Self { path, seen }
+    }
+
+    /// Whether the file's bytes differ from the last look (an unreadable file counts as
+    /// changed, so the reload reports why).
+    fn changed(&mut self) -> bool {
+        let now = read(&self.path);
+        let changed = now.is_none() || now != self.seen;
+        self.seen = now;
+        changed
+    }
+}
+
+fn read(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
 /// Rewrites tonic's answer to a request whose protobuf does not decode (trailers-only
 /// `INTERNAL` "failed to decode Protobuf message", e.g. a string field that is not UTF-8) to
 /// `INVALID_ARGUMENT`: the peer sent bad bytes, the server is fine. No handler of ours
@@ -463,6 +569,23 @@ pub fn decode_error_status<B>(mut response: http::Response<B>) -> http::Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_replace_tokens_but_cannot_turn_them_on() {
+        let open = Authorizer::open("default");
+        assert!(matches!(
+            open.set_tokens(Tokens::default()),
+            Err(Error::TokensAdded)
+        ));
+        assert!(!open.required(), "a refused reload changes nothing");
+        let with_tokens = Authorizer::open("default");
+        *with_tokens.authenticator.write() = Arc::new(Authenticator {
+            tokens: Some(Tokens::default()),
+            client_certificates: false,
+        });
+        with_tokens.set_tokens(Tokens::default()).unwrap();
+        assert!(with_tokens.required());
+    }
 
     #[test]
     fn admin_exposure() {
