@@ -265,10 +265,18 @@ pub async fn serve(
         .unwrap_or(std::time::Duration::from_secs(5));
     tokio::spawn({
         let authorizer = secured.authorizer.clone();
+        let admin_token = secured.admin_token.clone();
         let security = config.security.clone();
         let shutdown = shutdown.clone();
         async move {
-            security::watch_files(authorizer, &security, reload_interval, shutdown).await;
+            security::watch_files(
+                authorizer,
+                admin_token,
+                &security,
+                reload_interval,
+                shutdown,
+            )
+            .await;
         }
     });
     let serving = async {

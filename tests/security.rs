@@ -921,6 +921,7 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
     let mut config = Config::default();
     config.store.backend = Backend::Memory;
     config.security.admin_token_file = Some(dir.path().join("admin-token"));
+    config.security.tls_reload_interval = Some(Duration::from_millis(50));
     let server = TestServer::start(config).await;
     // Wait until admin HTTP answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -937,6 +938,35 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
     );
     assert_eq!(
         http_get(server.admin_addr, "/metrics", Some("admin-secret"))
+            .await
+            .0,
+        200
+    );
+    // A rotated token file: the new token works without a restart, the old one no longer.
+    pki::write_atomically(&dir.path().join("admin-token"), "rotated-secret\n");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while http_get(server.admin_addr, "/metrics", Some("rotated-secret"))
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated token was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        http_get(server.admin_addr, "/metrics", Some("admin-secret"))
+            .await
+            .0,
+        401
+    );
+    // An empty file is refused; the rotated token stays.
+    pki::write_atomically(&dir.path().join("admin-token"), "\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http_get(server.admin_addr, "/metrics", Some("rotated-secret"))
             .await
             .0,
         200

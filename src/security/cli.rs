@@ -23,7 +23,7 @@ pub struct SecurityArgs {
     /// unless --token-file is also given.
     #[arg(long, env = "PIXIU_METADATA_CLIENT_CA", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// How often the TLS, token and policy files are checked for changes.
+    /// How often the TLS, token, policy and admin token files are checked for changes.
     #[arg(long, env = "PIXIU_METADATA_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_reload_interval: Duration,
     /// TOML file of bearer tokens (`[[token]]` entries: name, namespace, sha256 or token); clients

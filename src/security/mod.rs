@@ -378,23 +378,46 @@ pub fn admin_token(path: &std::path::Path) -> Result<String, Error> {
     Ok(token)
 }
 
+/// The token admin HTTP requires, kept as its SHA-256 so requests are compared digest to
+/// digest; replaced when its file changes.
+#[derive(Debug)]
+pub struct AdminToken(RwLock<Arc<[u8]>>);
+
+impl AdminToken {
+    /// The token `token`.
+    pub fn new(token: &str) -> Self {
+        Self(RwLock::new(Self::digest(token.as_bytes())))
+    }
+
+    /// Requires `token` from now on.
+    pub fn set(&self, token: &str) {
+        *self.0.write() = Self::digest(token.as_bytes());
+    }
+
+    /// Whether `presented` is the token.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        *Self::digest(presented) == **self.0.read()
+    }
+
+    fn digest(token: &[u8]) -> Arc<[u8]> {
+        Arc::from(ring::digest::digest(&ring::digest::SHA256, token).as_ref())
+    }
+}
+
 /// Wraps the admin router so that every route but `/healthz` and `/readyz` requires
 /// `Authorization: Bearer <token>` (401 otherwise).
-pub fn require_admin_token(router: axum::Router, token: String) -> axum::Router {
-    let expected = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let expected: Arc<[u8]> = Arc::from(expected.as_ref());
+pub fn require_admin_token(router: axum::Router, token: Arc<AdminToken>) -> axum::Router {
     router.layer(axum::middleware::from_fn(
         move |request: axum::extract::Request, next: axum::middleware::Next| {
-            let expected = expected.clone();
+            let token = token.clone();
             async move {
                 let path = request.uri().path();
                 let open = path == "/healthz" || path == "/readyz";
                 let presented = request
                     .headers()
                     .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-                    .map(|t| ring::digest::digest(&ring::digest::SHA256, t));
-                if open || presented.is_some_and(|d| d.as_ref() == &*expected) {
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+                if open || presented.is_some_and(|t| token.matches(t)) {
                     next.run(request).await
                 } else {
                     axum::response::IntoResponse::into_response((
@@ -417,7 +440,7 @@ pub struct Loaded {
     /// The TLS acceptor, when TLS is configured.
     pub tls: Option<tls::ReloadingTls>,
     /// The token admin HTTP requires, when configured.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Arc<AdminToken>>,
 }
 
 /// Reads every file the settings name, so a mistake stops the server at start.
@@ -455,7 +478,8 @@ pub fn load(
         .admin_token_file
         .as_deref()
         .map(admin_token)
-        .transpose()?;
+        .transpose()?
+        .map(|token| Arc::new(AdminToken::new(&token)));
     Ok(Loaded {
         authorizer: Arc::new(
             Authorizer::new(authenticator, policy, default_namespace).with_metrics(metrics.clone()),
@@ -469,18 +493,20 @@ pub fn load(
     })
 }
 
-/// Re-reads the token and policy files of `config` every `interval` and hands what changed
-/// to `authorizer`, like the TLS files: a file that does not load is logged and the old
-/// content kept. Ends on `shutdown`.
+/// Re-reads the token, policy and admin token files of `config` every `interval` and hands
+/// what changed to `authorizer` and `admin`, like the TLS files: a file that does not load is
+/// logged and the old content kept. Ends on `shutdown`.
 pub async fn watch_files(
     authorizer: Arc<Authorizer>,
+    admin: Option<Arc<AdminToken>>,
     config: &SecurityConfig,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     let mut tokens = config.token_file.clone().map(Watched::new);
     let mut policy = config.policy_file.clone().map(Watched::new);
-    if tokens.is_none() && policy.is_none() {
+    let mut admin_file = config.admin_token_file.clone().map(Watched::new);
+    if tokens.is_none() && policy.is_none() && admin_file.is_none() {
         return;
     }
     let mut ticks = tokio::time::interval(interval);
@@ -510,6 +536,17 @@ pub async fn watch_files(
                     info!(file = %file.path.display(), "policy file reloaded");
                 }
                 Err(error) => warn!(%error, "policy file not reloaded; keeping the old policy"),
+            }
+        }
+        if let (Some(file), Some(admin)) = (admin_file.as_mut(), &admin)
+            && file.changed()
+        {
+            match admin_token(&file.path) {
+                Ok(token) => {
+                    admin.set(&token);
+                    info!(file = %file.path.display(), "admin token file reloaded");
+                }
+                Err(error) => warn!(%error, "admin token not reloaded; keeping the old one"),
             }
         }
     }
