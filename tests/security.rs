@@ -727,6 +727,33 @@ fn write_pair(dir: &Path, pem: &Pem) {
     pki::write_atomically(&dir.join("server.crt"), &pem.cert);
 }
 
+/// Publishes `app/r1` with `token` as bearer token and in `namespace`, when given.
+async fn publish_as(
+    channel: Channel,
+    token: Option<&str>,
+    namespace: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(PublishMetadataRequest {
+        application_name: "app".into(),
+        revision: "r1".into(),
+        metadata_info: "x".into(),
+    });
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    if let Some(namespace) = namespace {
+        request
+            .metadata_mut()
+            .insert("x-pixiu-namespace", namespace.parse().unwrap());
+    }
+    common::metadata_client(channel)
+        .publish(request)
+        .await
+        .map(|_| ())
+}
+
 #[tokio::test]
 async fn bearer_tokens_without_tls_identify_clients() {
     let dir = tempfile::tempdir().unwrap();
@@ -743,25 +770,8 @@ async fn bearer_tokens_without_tls_identify_clients() {
     let call = |token: Option<&'static str>, namespace: Option<&'static str>| {
         let channel = channel.clone();
         async move {
-            let mut request = tonic::Request::new(PublishMetadataRequest {
-                application_name: "app".into(),
-                revision: "r1".into(),
-                metadata_info: "x".into(),
-            });
-            if let Some(token) = token {
-                request
-                    .metadata_mut()
-                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
-            }
-            if let Some(namespace) = namespace {
-                request
-                    .metadata_mut()
-                    .insert("x-pixiu-namespace", namespace.parse().unwrap());
-            }
-            common::metadata_client(channel)
-                .publish(request)
+            publish_as(channel, token, namespace)
                 .await
-                .map(|_| ())
                 .map_err(|s| (s.code(), s.message().to_string()))
         }
     };
@@ -801,18 +811,8 @@ async fn token_and_policy_files_are_reloaded_without_restart() {
     let publish = |token: &'static str, namespace: &'static str| {
         let channel = channel.clone();
         async move {
-            let mut request = tonic::Request::new(PublishMetadataRequest {
-                application_name: "app".into(),
-                revision: "r1".into(),
-                metadata_info: "x".into(),
-            });
-            let metadata = request.metadata_mut();
-            metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
-            metadata.insert("x-pixiu-namespace", namespace.parse().unwrap());
-            common::metadata_client(channel)
-                .publish(request)
+            publish_as(channel, Some(token), Some(namespace))
                 .await
-                .map(|_| ())
                 .map_err(|s| s.code())
         }
     };
@@ -929,48 +929,32 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(http_get(server.admin_addr, "/metrics", None).await.0, 401);
+    let metrics = |token: Option<&'static str>| async move {
+        http_get(server.admin_addr, "/metrics", token).await.0
+    };
+    assert_eq!(metrics(None).await, 401);
     assert_eq!(
         http_get(server.admin_addr, "/debug/config_dump", Some("wrong"))
             .await
             .0,
         401
     );
-    assert_eq!(
-        http_get(server.admin_addr, "/metrics", Some("admin-secret"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(metrics(Some("admin-secret")).await, 200);
     // A rotated token file: the new token works without a restart, the old one no longer.
     pki::write_atomically(&dir.path().join("admin-token"), "rotated-secret\n");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while http_get(server.admin_addr, "/metrics", Some("rotated-secret"))
-        .await
-        .0
-        != 200
-    {
+    while metrics(Some("rotated-secret")).await != 200 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the rotated token was not taken"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        http_get(server.admin_addr, "/metrics", Some("admin-secret"))
-            .await
-            .0,
-        401
-    );
+    assert_eq!(metrics(Some("admin-secret")).await, 401);
     // An empty file is refused; the rotated token stays.
     pki::write_atomically(&dir.path().join("admin-token"), "\n");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        http_get(server.admin_addr, "/metrics", Some("rotated-secret"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(metrics(Some("rotated-secret")).await, 200);
     server.stop().await;
 }
 

@@ -509,13 +509,7 @@ pub async fn watch_files(
     if tokens.is_none() && policy.is_none() && admin_file.is_none() {
         return;
     }
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    every(interval, &shutdown, || {
         if let Some(file) = tokens.as_mut()
             && file.changed()
         {
@@ -548,6 +542,19 @@ pub async fn watch_files(
                 }
                 Err(error) => warn!(%error, "admin token not reloaded; keeping the old one"),
             }
+        }
+    })
+    .await;
+}
+
+/// Runs `f` every `interval` (the first time at once) until `shutdown`.
+pub(crate) async fn every(interval: Duration, shutdown: &CancellationToken, mut f: impl FnMut()) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => f(),
         }
     }
 }

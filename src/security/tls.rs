@@ -334,21 +334,14 @@ impl ReloadingTls {
 
     /// Polls the files every `interval` until `shutdown`, reloading on change.
     pub async fn watch(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
+        super::every(interval, &shutdown, || match self.reload() {
+            Ok(true) => info!(cert = %self.paths.cert.display(), "TLS certificates reloaded"),
+            Ok(false) => {}
+            Err(error) => {
+                warn!(error = %error, "TLS certificates not reloaded; keeping the old ones")
             }
-            match self.reload() {
-                Ok(true) => info!(cert = %self.paths.cert.display(), "TLS certificates reloaded"),
-                Ok(false) => {}
-                Err(error) => {
-                    warn!(error = %error, "TLS certificates not reloaded; keeping the old ones")
-                }
-            }
-        }
+        })
+        .await;
     }
 }
 
