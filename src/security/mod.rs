@@ -170,10 +170,10 @@ pub struct Decision {
 /// Identifies callers and decides namespaces; shared by every service.
 #[derive(Debug)]
 pub struct Authorizer {
-    /// Replaced whole when the token file changes ([`Authorizer::set_tokens`]).
-    authenticator: RwLock<Arc<Authenticator>>,
-    /// Replaced whole when the policy file changes ([`Authorizer::set_policy`]).
-    policy: RwLock<Arc<Policy>>,
+    /// Its tokens are replaced when the token file changes ([`Authorizer::set_tokens`]).
+    authenticator: RwLock<Authenticator>,
+    /// Replaced when the policy file changes ([`Authorizer::set_policy`]).
+    policy: RwLock<Policy>,
     default_namespace: String,
     metrics: Option<Metrics>,
 }
@@ -196,8 +196,8 @@ impl Authorizer {
         default_namespace: impl Into<String>,
     ) -> Self {
         Self {
-            authenticator: RwLock::new(Arc::new(authenticator)),
-            policy: RwLock::new(Arc::new(policy)),
+            authenticator: RwLock::new(authenticator),
+            policy: RwLock::new(policy),
             default_namespace: default_namespace.into(),
             metrics: None,
         }
@@ -217,22 +217,20 @@ impl Authorizer {
 
     /// Decides the requests from now on with `policy`.
     pub fn set_policy(&self, policy: Policy) {
-        *self.policy.write() = Arc::new(policy);
+        *self.policy.write() = policy;
     }
 
     /// Identifies bearer tokens from now on with `tokens`. A server that started without a
     /// token file accepts none later: whether anonymous callers are refused, and whether TLS
     /// asks for a client certificate, were settled at start.
     pub fn set_tokens(&self, tokens: Tokens) -> Result<(), Error> {
-        let mut authenticator = self.authenticator.write();
-        if authenticator.tokens.is_none() {
-            return Err(Error::TokensAdded);
+        match &mut self.authenticator.write().tokens {
+            Some(current) => {
+                *current = tokens;
+                Ok(())
+            }
+            None => Err(Error::TokensAdded),
         }
-        *authenticator = Arc::new(Authenticator {
-            tokens: Some(tokens),
-            client_certificates: authenticator.client_certificates,
-        });
-        Ok(())
     }
 
     /// The caller of a request, from the verified TLS peer certificates in its extensions
@@ -242,8 +240,9 @@ impl Authorizer {
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
         let authorization = metadata.get("authorization").map(|v| v.as_bytes());
-        let authenticator = self.authenticator.read().clone();
-        authenticator.identify(certificates.as_deref().map(Vec::as_slice), authorization)
+        self.authenticator
+            .read()
+            .identify(certificates.as_deref().map(Vec::as_slice), authorization)
     }
 
     /// [`policy::decide`] with this server's policy, without counting.
@@ -253,12 +252,11 @@ impl Authorizer {
         requested: Option<&str>,
         operation: Operation,
     ) -> Result<String, Denied> {
-        let policy = self.policy.read().clone();
         policy::decide(
             identity,
             requested,
             operation,
-            &policy,
+            &self.policy.read(),
             self.required(),
             &self.default_namespace,
         )
@@ -381,7 +379,7 @@ pub fn admin_token(path: &std::path::Path) -> Result<String, Error> {
 /// The token admin HTTP requires, kept as its SHA-256 so requests are compared digest to
 /// digest; replaced when its file changes.
 #[derive(Debug)]
-pub struct AdminToken(RwLock<Arc<[u8]>>);
+pub struct AdminToken(RwLock<[u8; 32]>);
 
 impl AdminToken {
     /// The token `token`.
@@ -396,11 +394,12 @@ impl AdminToken {
 
     /// Whether `presented` is the token.
     pub fn matches(&self, presented: &[u8]) -> bool {
-        *Self::digest(presented) == **self.0.read()
+        Self::digest(presented) == *self.0.read()
     }
 
-    fn digest(token: &[u8]) -> Arc<[u8]> {
-        Arc::from(ring::digest::digest(&ring::digest::SHA256, token).as_ref())
+    fn digest(token: &[u8]) -> [u8; 32] {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token);
+        digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
     }
 }
 
@@ -623,10 +622,7 @@ mod tests {
         ));
         assert!(!open.required(), "a refused reload changes nothing");
         let with_tokens = Authorizer::open("default");
-        *with_tokens.authenticator.write() = Arc::new(Authenticator {
-            tokens: Some(Tokens::default()),
-            client_certificates: false,
-        });
+        with_tokens.authenticator.write().tokens = Some(Tokens::default());
         with_tokens.set_tokens(Tokens::default()).unwrap();
         assert!(with_tokens.required());
     }
