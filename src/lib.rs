@@ -25,6 +25,7 @@ pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod pb;
+pub mod poll;
 pub mod push;
 pub mod security;
 pub mod status;

@@ -178,16 +178,11 @@ pub fn follow<P: Parser>(
     mut publish: impl FnMut(&DirLoader<P>) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(poll_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
+        crate::poll::every(poll_interval, &shutdown, || {
             if loader.scan() {
                 publish(&loader);
             }
-        }
+        })
+        .await;
     })
 }

@@ -508,7 +508,7 @@ pub async fn watch_files(
     if tokens.is_none() && policy.is_none() && admin_file.is_none() {
         return;
     }
-    every(interval, &shutdown, || {
+    crate::poll::every(interval, &shutdown, || {
         if let Some(file) = tokens.as_mut()
             && file.changed()
         {
@@ -544,18 +544,6 @@ pub async fn watch_files(
         }
     })
     .await;
-}
-
-/// Runs `f` every `interval` (the first time at once) until `shutdown`.
-pub(crate) async fn every(interval: Duration, shutdown: &CancellationToken, mut f: impl FnMut()) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => f(),
-        }
-    }
 }
 
 /// A file and the bytes it held when last looked at.

@@ -334,7 +334,7 @@ impl ReloadingTls {
 
     /// Polls the files every `interval` until `shutdown`, reloading on change.
     pub async fn watch(self, interval: Duration, shutdown: CancellationToken) {
-        super::every(interval, &shutdown, || match self.reload() {
+        crate::poll::every(interval, &shutdown, || match self.reload() {
             Ok(true) => info!(cert = %self.paths.cert.display(), "TLS certificates reloaded"),
             Ok(false) => {}
             Err(error) => {
