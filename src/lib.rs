@@ -7,7 +7,7 @@
 //! Data flow: `api` validates and writes to a [`store::Store`]; `push` follows the store's
 //! watch and writes the xDS cache; `pixiu_xds` streams the cache to subscribers.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
@@ -53,15 +53,24 @@ pub enum Error {
 }
 
 /// Opens the store named by `config`.
-pub async fn open_store(config: &config::StoreConfig) -> Result<Arc<dyn store::Store>, Error> {
+///
+/// `lease_ttl` is the records' lease; the embedded store keeps refreshes in memory between
+/// checkpoints of it.
+pub async fn open_store(
+    config: &config::StoreConfig,
+    lease_ttl: Duration,
+) -> Result<Arc<dyn store::Store>, Error> {
     Ok(match config.backend {
         config::Backend::Memory => Arc::new(store::memory::MemoryStore::new(
             config.max_records_per_namespace,
         )),
         config::Backend::Embedded => Arc::new(
-            store::embedded::EmbeddedStore::open(
+            store::embedded::EmbeddedStore::open_with(
                 &config.data_dir,
-                config.max_records_per_namespace,
+                store::embedded::Options {
+                    max_records_per_namespace: config.max_records_per_namespace,
+                    lease_ttl: Some(lease_ttl),
+                },
             )
             .map_err(Error::Store)?,
         ),
@@ -115,7 +124,7 @@ pub async fn run(
     listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = open_store(&config.store).await?;
+    let store = open_store(&config.store, config.lease.ttl).await?;
     serve(config, store, listeners, shutdown).await
 }
 
@@ -263,7 +272,7 @@ pub async fn serve(
     let reload_interval = config
         .security
         .tls_reload_interval
-        .unwrap_or(std::time::Duration::from_secs(5));
+        .unwrap_or(Duration::from_secs(5));
     tokio::spawn({
         let authorizer = secured.authorizer.clone();
         let admin_token = secured.admin_token.clone();

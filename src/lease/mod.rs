@@ -73,9 +73,28 @@ impl LeaseIndex {
                 key,
                 revision,
                 refreshed_at_ms,
-            } => self.set(key, *refreshed_at_ms, *revision),
+            } => self.refresh(key, *refreshed_at_ms, *revision),
             Event::Delete { key, .. } => self.remove(key),
         }
+    }
+
+    /// A refresh only moves a known record's deadline forward. A refresh the embedded store
+    /// answered from memory keeps the record's revision, so one of a record no longer known,
+    /// or older than the revision known, is late news and changes nothing.
+    fn refresh(&mut self, key: &Key, refreshed_at_ms: u64, revision: u64) {
+        let Some(&(deadline, known)) = self.by_key.get(key) else {
+            return;
+        };
+        if revision < known {
+            return;
+        }
+        let refreshed = refreshed_at_ms.saturating_add(self.ttl_ms);
+        if refreshed > deadline {
+            self.by_deadline.remove(&(deadline, key.clone()));
+            self.by_deadline.insert((refreshed, key.clone()));
+        }
+        self.by_key
+            .insert(key.clone(), (refreshed.max(deadline), revision));
     }
 
     fn set(&mut self, key: &Key, refreshed_at_ms: u64, revision: u64) {
@@ -243,6 +262,34 @@ mod tests {
             revision: 4,
         });
         assert_eq!(index.len(), 1);
+        // Late news: a refresh of a deleted record, one older than the revision known, one
+        // that would move the deadline back.
+        index.apply(&Event::Refreshed {
+            key: Key::metadata("ns", "b", "r"),
+            revision: 5,
+            refreshed_at_ms: 1_000,
+        });
+        assert_eq!(index.len(), 1, "b stays deleted");
+        index.apply(&Event::Refreshed {
+            key: Key::metadata("ns", "a", "r"),
+            revision: 2,
+            refreshed_at_ms: 1_000,
+        });
+        assert_eq!(index.next_deadline_ms(), Some(190));
+        index.apply(&Event::Refreshed {
+            key: Key::metadata("ns", "a", "r"),
+            revision: 3,
+            refreshed_at_ms: 10,
+        });
+        assert_eq!(index.next_deadline_ms(), Some(190));
+        // The same revision moves it forward (a refresh kept in memory).
+        index.apply(&Event::Refreshed {
+            key: Key::metadata("ns", "a", "r"),
+            revision: 3,
+            refreshed_at_ms: 120,
+        });
+        assert_eq!(index.next_deadline_ms(), Some(220));
+        assert_eq!(index.expired(220)[0].revision, 3);
         index.apply(&Event::Reset {
             records: vec![],
             revision: 5,
@@ -270,6 +317,12 @@ mod tests {
                 };
                 match &event {
                     Event::Delete { .. } => { model.remove(&key); }
+                    Event::Refreshed { .. } => {
+                        if let Some((deadline, rev)) = model.get_mut(&key) {
+                            *deadline = (*deadline).max(at + ttl);
+                            *rev = revision;
+                        }
+                    }
                     _ => { model.insert(key, (at + ttl, revision)); }
                 }
                 index.apply(&event);

@@ -24,16 +24,29 @@
 //! (fsync), then publishes the events in revision order and answers every caller. Concurrent
 //! publishers therefore share one fsync, and a write is acknowledged only once it is durable.
 //!
+//! # Lease refreshes in memory
+//!
+//! Opened with a lease TTL ([`Options::lease_ttl`], what `serve` does), a publish of an
+//! unchanged record whose stamp on disk is less than half a TTL old is answered from memory:
+//! the index's stamp moves forward, an [`Event::Refreshed`] goes out at the record's current
+//! revision, and nothing is written. Other refreshes go through the writer and checkpoint the
+//! stamp. On opening, stamps are recovered as [`checkpoint`](super::checkpoint) explains, so a
+//! crash breaks no acknowledged refresh's promise. A refresh kept in memory does not change
+//! the record's revision; the sweeper's conditional delete therefore also refuses a record
+//! whose lease still runs in memory, and a record the writer is deleting is marked so no
+//! refresh is answered from memory until the delete is through (it is queued behind it and
+//! creates the record anew).
+//!
 //! # Reads and watches
 //!
 //! `get` answers from an in-memory index of every record's value and lease (the values are
 //! the same `Arc`s the events carry, so the index costs a key and a few words per record),
 //! loaded when the store opens and updated by the writer after each commit and before any
-//! caller hears back, so a reader sees its own acknowledged writes. `list` and the snapshots
-//! behind [`Event::Reset`] are redb read transactions on the blocking pool. None involves the
-//! writer. A watcher subscribes to the event broadcast
-//! *before* it takes its snapshot and then skips every event at or below the snapshot's
-//! revision, so no change is missed or seen twice.
+//! caller hears back, so a reader sees its own acknowledged writes. `list` is a redb read
+//! transaction on the blocking pool, with the leases taken from the index. The snapshot
+//! behind [`Event::Reset`] is the index itself: the writer updates it and publishes the
+//! batch's events under its write lock, a watcher subscribes and copies it under the read
+//! lock, so no change is missed or seen twice. None involves the writer.
 
 use std::{
     collections::HashMap,
@@ -41,7 +54,7 @@ use std::{
     ops::Bound,
     path::{Path, PathBuf},
     sync::{
-        Arc, Weak,
+        Arc,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -49,12 +62,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot};
 
-use super::{Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, epoch_ms};
+use super::{
+    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, checkpoint::Checkpoints,
+    epoch_ms,
+};
 
 /// The data file's name inside the data directory.
 pub const FILE_NAME: &str = "pixiu-metadata.redb";
@@ -67,9 +83,6 @@ pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 
 /// Events buffered per watcher before it falls behind and is sent a fresh [`Event::Reset`].
 const WATCH_BUFFER: usize = 4096;
-
-/// How long a watcher waits before retrying a snapshot that failed.
-const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 
 /// The cache redb may fill with pages.
 const CACHE_BYTES: usize = 256 * 1024 * 1024;
@@ -94,19 +107,51 @@ pub struct EmbeddedStore {
     inner: Arc<Inner>,
 }
 
-/// Every committed record's value and lease, by key: what `get` reads.
-type Index = RwLock<HashMap<Key, Indexed>>;
+/// Every committed record's value and lease, by key, and the revision of the newest: what
+/// `get`, snapshots and refreshes kept in memory read.
+#[derive(Debug, Default)]
+struct Index {
+    records: HashMap<Key, Indexed>,
+    revision: u64,
+}
 
 #[derive(Debug, Clone)]
 struct Indexed {
     value: Arc<str>,
     revision: u64,
+    /// The lease stamp, refreshes kept in memory included.
     refreshed_at_ms: u64,
+    /// The lease stamp in the file.
+    stored_at_ms: u64,
+    /// A delete of this record is in the writer's batch at hand.
+    deleting: bool,
+}
+
+impl Indexed {
+    fn record(&self, key: &Key) -> Record {
+        Record {
+            key: key.clone(),
+            value: self.value.clone(),
+            revision: self.revision,
+            refreshed_at_ms: self.refreshed_at_ms,
+        }
+    }
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Most records per namespace and kind.
+    pub max_records_per_namespace: usize,
+    /// The lease TTL of the records. With one, refreshes are kept in memory between
+    /// checkpoints (see the module documentation); without, every refresh is written.
+    pub lease_ttl: Option<Duration>,
 }
 
 struct Inner {
     db: Arc<Database>,
-    index: Arc<Index>,
+    index: Arc<RwLock<Index>>,
+    checkpoints: Option<Checkpoints>,
     /// The data file, for messages.
     file: PathBuf,
     /// Into the writer thread; `None` once dropping.
@@ -200,26 +245,47 @@ impl EmbeddedStore {
     /// [`Error::Unavailable`]. An empty file is taken for a new store (as after a crash while
     /// creating it).
     pub fn open(path: &Path, max_records_per_namespace: usize) -> Result<Self> {
+        Self::open_with(
+            path,
+            Options {
+                max_records_per_namespace,
+                lease_ttl: None,
+            },
+        )
+    }
+
+    /// [`EmbeddedStore::open`] with every option.
+    pub fn open_with(path: &Path, options: Options) -> Result<Self> {
+        let Options {
+            max_records_per_namespace,
+            lease_ttl,
+        } = options;
         std::fs::create_dir_all(path).map_err(|e| {
             Error::Storage(format!("creating data directory {}: {e}", path.display()))
         })?;
         let file = path.join(FILE_NAME);
         let db = open_database(&file)?;
         init(&db, &file)?;
-        let (records, _) = read_all(&db, &file)?;
-        let index = Arc::new(RwLock::new(
-            records
-                .into_iter()
-                .map(|r| {
-                    let entry = Indexed {
-                        value: r.value,
-                        revision: r.revision,
-                        refreshed_at_ms: r.refreshed_at_ms,
-                    };
-                    (r.key, entry)
-                })
-                .collect(),
-        ));
+        let (records, revision) = read_all(&db, &file)?;
+        let checkpoints = lease_ttl.map(Checkpoints::new);
+        let open_ms = epoch_ms(SystemTime::now());
+        let records = records
+            .into_iter()
+            .map(|r| {
+                let refreshed_at_ms = checkpoints.map_or(r.refreshed_at_ms, |c| {
+                    c.recovered(r.refreshed_at_ms, open_ms)
+                });
+                let entry = Indexed {
+                    value: r.value,
+                    revision: r.revision,
+                    refreshed_at_ms,
+                    stored_at_ms: r.refreshed_at_ms,
+                    deleting: false,
+                };
+                (r.key, entry)
+            })
+            .collect();
+        let index = Arc::new(RwLock::new(Index { records, revision }));
         let db = Arc::new(db);
 
         let (ops, rx) = mpsc::channel();
@@ -229,6 +295,7 @@ impl EmbeddedStore {
         let writer = Writer {
             db: db.clone(),
             index: index.clone(),
+            checkpoints,
             file: file.clone(),
             rx,
             events: events.clone(),
@@ -245,6 +312,7 @@ impl EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 index,
+                checkpoints,
                 file,
                 ops: Some(ops),
                 events,
@@ -480,12 +548,36 @@ impl Inner {
     }
 
     fn get(&self, key: &Key) -> Result<Option<Record>> {
-        Ok(self.index.read().get(key).map(|entry| Record {
+        Ok(self
+            .index
+            .read()
+            .records
+            .get(key)
+            .map(|entry| entry.record(key)))
+    }
+
+    /// A refresh of `key` to the identical `value` at `now_ms`, answered from memory when the
+    /// checkpoint rules allow; `None` when it has to go through the writer.
+    fn refresh_in_memory(&self, key: &Key, value: &str, now_ms: u64) -> Option<PutOutcome> {
+        let checkpoints = self.checkpoints?;
+        let mut index = self.index.write();
+        let entry = index.records.get_mut(key)?;
+        if entry.deleting
+            || *entry.value != *value
+            || !checkpoints.in_memory(entry.stored_at_ms, now_ms)
+        {
+            return None;
+        }
+        entry.refreshed_at_ms = entry.refreshed_at_ms.max(now_ms);
+        let revision = entry.revision;
+        // Under the lock, so it is ordered with the writer's events and with subscriptions.
+        // No watcher is fine.
+        let _ = self.events.send(Event::Refreshed {
             key: key.clone(),
-            value: entry.value.clone(),
-            revision: entry.revision,
+            revision,
             refreshed_at_ms: entry.refreshed_at_ms,
-        }))
+        });
+        Some(PutOutcome::Refreshed { revision })
     }
 
     /// The records `query` selects, from one read transaction, with the store revision.
@@ -546,12 +638,16 @@ impl Inner {
                 break;
             }
         }
+        // The file's stamps miss the refreshes kept in memory.
+        let index = self.index.read();
+        for record in &mut out {
+            if let Some(entry) = index.records.get(&record.key)
+                && entry.revision == record.revision
+            {
+                record.refreshed_at_ms = record.refreshed_at_ms.max(entry.refreshed_at_ms);
+            }
+        }
         Ok((out, revision))
-    }
-
-    /// Every record, with the revision it is current at (for [`Event::Reset`]).
-    fn snapshot(&self) -> Result<(Vec<Record>, u64)> {
-        read_all(&self.db, &self.file)
     }
 
     fn ready(&self) -> Result<()> {
@@ -568,6 +664,26 @@ impl Inner {
         let state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
         state.get(STATE_REVISION).map_err(|e| err(e.into()))?;
         Ok(())
+    }
+}
+
+impl super::Subscribe for Inner {
+    fn subscribe(&self) -> (Event, broadcast::Receiver<Event>) {
+        let index = self.index.read();
+        // The writer publishes under the write lock: what the subscription brings is exactly
+        // what the copy below does not hold.
+        let rx = self.events.subscribe();
+        let mut records: Vec<Record> = index
+            .records
+            .iter()
+            .map(|(key, entry)| entry.record(key))
+            .collect();
+        let revision = index.revision;
+        drop(index);
+        // In `Kind` order, then by namespace and name, as `list` and the other stores give
+        // them.
+        records.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        (Event::Reset { records, revision }, rx)
     }
 }
 
@@ -631,7 +747,8 @@ fn read_record(
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
-    index: Arc<Index>,
+    index: Arc<RwLock<Index>>,
+    checkpoints: Option<Checkpoints>,
     file: PathBuf,
     rx: mpsc::Receiver<Op>,
     events: broadcast::Sender<Event>,
@@ -671,13 +788,7 @@ impl Writer {
                 self.n_commits.fetch_add(1, Ordering::Relaxed);
                 self.last_commit_error.lock().take();
                 tracing::trace!(n_ops, "store batch committed");
-                self.index_committed(&events);
-                // In revision order, before the callers hear back: a caller that watches
-                // after its put returns sees the put in the reset, never an older state.
-                for event in events {
-                    // No watcher is fine.
-                    let _ = self.events.send(event);
-                }
+                self.publish_committed(events);
                 for d in done {
                     d.send();
                 }
@@ -685,6 +796,16 @@ impl Writer {
             Err(error) => {
                 tracing::error!(%error, n_ops, "store batch failed; nothing of it was written");
                 *self.last_commit_error.lock() = Some(error.to_string());
+                // The deletes did not happen: their records refresh in memory again.
+                let mut index = self.index.write();
+                for event in &events {
+                    if let Event::Delete { key, .. } = event
+                        && let Some(entry) = index.records.get_mut(key)
+                    {
+                        entry.deleting = false;
+                    }
+                }
+                drop(index);
                 // Nothing was written: every caller in the batch hears the error, including
                 // those whose own operation went through before the failure.
                 for d in done {
@@ -700,18 +821,24 @@ impl Writer {
         }
     }
 
-    /// Brings the index in line with a committed batch's events, before anyone hears back.
-    fn index_committed(&self, events: &[Event]) {
+    /// Brings the index in line with a committed batch's events and publishes them, in
+    /// revision order and under the index's write lock (see the module documentation),
+    /// before anyone hears back: a caller that watches after its put returns sees the put in
+    /// the reset, never an older state.
+    fn publish_committed(&self, events: Vec<Event>) {
         let mut index = self.index.write();
         for event in events {
-            match event {
+            let revision = event_revision(&event);
+            match &event {
                 Event::Put(record) => {
-                    index.insert(
+                    index.records.insert(
                         record.key.clone(),
                         Indexed {
                             value: record.value.clone(),
                             revision: record.revision,
                             refreshed_at_ms: record.refreshed_at_ms,
+                            stored_at_ms: record.refreshed_at_ms,
+                            deleting: false,
                         },
                     );
                 }
@@ -720,17 +847,21 @@ impl Writer {
                     revision,
                     refreshed_at_ms,
                 } => {
-                    if let Some(entry) = index.get_mut(key) {
+                    if let Some(entry) = index.records.get_mut(key) {
                         entry.revision = *revision;
-                        entry.refreshed_at_ms = *refreshed_at_ms;
+                        entry.refreshed_at_ms = entry.refreshed_at_ms.max(*refreshed_at_ms);
+                        entry.stored_at_ms = *refreshed_at_ms;
                     }
                 }
                 Event::Delete { key, .. } => {
-                    index.remove(key);
+                    index.records.remove(key);
                 }
                 // The writer never emits a reset.
                 Event::Reset { .. } => {}
             }
+            index.revision = index.revision.max(revision);
+            // No watcher is fine.
+            let _ = self.events.send(event);
         }
     }
 
@@ -754,6 +885,9 @@ impl Writer {
                 counts: txn.open_table(COUNTS).map_err(|e| err(e.into()))?,
                 file,
                 max_records_per_namespace: self.max_records_per_namespace,
+                index: &self.index,
+                checkpoints: self.checkpoints,
+                now_ms: epoch_ms(SystemTime::now()),
             };
             let mut state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
             let start = match state.get(STATE_REVISION).map_err(|e| err(e.into()))? {
@@ -815,6 +949,10 @@ struct Tables<'t> {
     counts: redb::Table<'t, &'static [u8], &'static [u8]>,
     file: &'t Path,
     max_records_per_namespace: usize,
+    index: &'t RwLock<Index>,
+    checkpoints: Option<Checkpoints>,
+    /// The clock when the transaction began, for the lease check of conditional deletes.
+    now_ms: u64,
 }
 
 /// What a put finds under its key.
@@ -932,6 +1070,21 @@ impl Tables<'_> {
         if if_revision.is_some_and(|r| r != current) {
             return Ok(Ok(false));
         }
+        {
+            let mut index = self.index.write();
+            if let Some(entry) = index.records.get_mut(key) {
+                // A refresh kept in memory leaves the revision as it was: the lease itself
+                // says whether the sweeper's delete still stands.
+                if if_revision.is_some()
+                    && self
+                        .checkpoints
+                        .is_some_and(|c| c.live(entry.refreshed_at_ms, self.now_ms))
+                {
+                    return Ok(Ok(false));
+                }
+                entry.deleting = true;
+            }
+        }
         self.meta.remove(encoded).map_err(&err)?;
         self.values.remove(encoded).map_err(&err)?;
         let namespace = namespace_key(key);
@@ -958,13 +1111,17 @@ impl Tables<'_> {
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn put(&self, key: &Key, value: &str, now: SystemTime) -> Result<PutOutcome> {
+        let refreshed_at_ms = epoch_ms(now);
+        if let Some(refreshed) = self.inner.refresh_in_memory(key, value, refreshed_at_ms) {
+            return Ok(refreshed);
+        }
         let encoded = encode_key(key)?;
         let (reply, answer) = oneshot::channel();
         self.send(Op::Put {
             key: key.clone(),
             encoded,
             value: Arc::from(value),
-            refreshed_at_ms: epoch_ms(now),
+            refreshed_at_ms,
             reply,
         })?;
         answer
@@ -1002,9 +1159,7 @@ impl Store for EmbeddedStore {
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
-        // Only a weak reference: the stream ends once the store is dropped.
-        let store = Arc::downgrade(&self.inner);
-        futures::stream::unfold(None, move |following| next_event(store.clone(), following)).boxed()
+        super::follow(Arc::downgrade(&self.inner))
     }
 
     async fn ready(&self) -> Result<()> {
@@ -1016,47 +1171,9 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// A watcher after its reset: its subscription and the reset's revision.
-type Following = (broadcast::Receiver<Event>, u64);
-
-/// The next event of a watch: a reset when not following yet (or no longer), else the next
-/// event past the reset.
-async fn next_event(
-    store: Weak<Inner>,
-    mut following: Option<Following>,
-) -> Option<(Event, Option<Following>)> {
-    loop {
-        match following.take() {
-            None => {
-                let inner = store.upgrade()?;
-                // Subscribe first: what commits after the snapshot is in the subscription,
-                // what is in both is skipped below by revision.
-                let rx = inner.events.subscribe();
-                let store = EmbeddedStore { inner };
-                match store.read(Inner::snapshot).await {
-                    Ok((records, revision)) => {
-                        return Some((Event::Reset { records, revision }, Some((rx, revision))));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "watch snapshot failed; retrying");
-                        drop(store);
-                        tokio::time::sleep(SNAPSHOT_RETRY).await;
-                    }
-                }
-            }
-            Some((mut rx, after)) => match rx.recv().await {
-                Ok(event) if event_revision(&event) <= after => following = Some((rx, after)),
-                Ok(event) => return Some((event, Some((rx, after)))),
-                // Fell behind: start over with a fresh snapshot.
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return None,
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
     use std::time::{Duration, Instant, UNIX_EPOCH};
 
     use super::*;
@@ -1076,6 +1193,163 @@ mod tests {
             async move { EmbeddedStore::open(&path, usize::MAX).unwrap() }
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn conformance_with_leases_kept_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicU64::new(0);
+        super::super::conformance::run(|| {
+            let path = dir
+                .path()
+                .join(n.fetch_add(1, Ordering::Relaxed).to_string());
+            async move { leased(&path, Duration::from_secs(3_600)) }
+        })
+        .await;
+    }
+
+    fn leased(path: &Path, ttl: Duration) -> EmbeddedStore {
+        EmbeddedStore::open_with(
+            path,
+            Options {
+                max_records_per_namespace: usize::MAX,
+                lease_ttl: Some(ttl),
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn refreshes_stay_in_memory_until_the_stamp_on_disk_is_half_a_ttl_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = leased(dir.path(), Duration::from_secs(10));
+        let key = Key::metadata("ns", "app", "r");
+        let mut watch = store.watch();
+        assert!(matches!(watch.next().await, Some(Event::Reset { .. })));
+        let created = store.put(&key, "v", at(100_000)).await.unwrap();
+        assert!(matches!(watch.next().await, Some(Event::Put(_))));
+        let commits = store.n_commits();
+
+        // Up to 5 s after the stamp on disk: memory only, at the same revision, and every
+        // reader sees the new stamp.
+        for (t, stamp) in [(101_000, 101_000), (104_999, 104_999), (103_000, 104_999)] {
+            let refreshed = store.put(&key, "v", at(t)).await.unwrap();
+            assert_eq!(
+                refreshed,
+                PutOutcome::Refreshed {
+                    revision: created.revision()
+                }
+            );
+            assert_eq!(
+                watch.next().await,
+                Some(Event::Refreshed {
+                    key: key.clone(),
+                    revision: created.revision(),
+                    refreshed_at_ms: stamp,
+                })
+            );
+        }
+        assert_eq!(store.n_commits(), commits, "nothing written");
+        assert_eq!(
+            store.get(&key).await.unwrap().unwrap().refreshed_at_ms,
+            104_999,
+            "a refresh never moves the stamp back"
+        );
+        let listed = store.list(&ListQuery::all(Kind::Metadata)).await.unwrap();
+        assert_eq!(listed[0].refreshed_at_ms, 104_999);
+        let mut late = store.watch();
+        let Some(Event::Reset { records, .. }) = late.next().await else {
+            panic!("a watch starts with a reset");
+        };
+        assert_eq!(records[0].refreshed_at_ms, 104_999);
+
+        // From 5 s on: a checkpoint, a commit and a new revision.
+        let checkpoint = store.put(&key, "v", at(105_000)).await.unwrap();
+        assert!(checkpoint.revision() > created.revision());
+        assert_eq!(store.n_commits(), commits + 1);
+        store.put(&key, "v", at(109_999)).await.unwrap();
+        assert_eq!(store.n_commits(), commits + 1, "in memory again");
+        // A changed value is always written.
+        store.put(&key, "w", at(110_000)).await.unwrap();
+        assert_eq!(store.n_commits(), commits + 2);
+    }
+
+    #[tokio::test]
+    async fn reopening_moves_each_stamp_to_the_last_refresh_it_may_have_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_secs(600);
+        let now = SystemTime::now();
+        let old = Key::metadata("ns", "old", "r");
+        let fresh = Key::metadata("ns", "fresh", "r");
+        {
+            let store = leased(dir.path(), ttl);
+            store.put(&old, "v", now - ttl).await.unwrap();
+            store
+                .put(&fresh, "v", now - Duration::from_secs(10))
+                .await
+                .unwrap();
+            // Kept in memory: the file still says 10 s ago.
+            store
+                .put(&fresh, "v", now - Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        let store = leased(dir.path(), ttl);
+        let stamp = |record: Option<Record>| record.unwrap().refreshed_at_ms;
+        // Half a TTL after the stamp on disk, for a record stamped long ago.
+        assert_eq!(
+            stamp(store.get(&old).await.unwrap()),
+            epoch_ms(now - ttl / 2)
+        );
+        // No later than the opening, for a recent one: at or after the refresh it missed.
+        let fresh_stamp = stamp(store.get(&fresh).await.unwrap());
+        assert!(fresh_stamp >= epoch_ms(now - Duration::from_secs(5)));
+        assert!(fresh_stamp <= epoch_ms(SystemTime::now()));
+        // Opened without a lease TTL, the file's stamps are taken as they are.
+        drop(store);
+        let plain = EmbeddedStore::open(dir.path(), usize::MAX).unwrap();
+        assert_eq!(
+            stamp(plain.get(&fresh).await.unwrap()),
+            epoch_ms(now - Duration::from_secs(10))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sweepers_delete_spares_a_lease_refreshed_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_secs(60);
+        let store = leased(dir.path(), ttl);
+        let now = SystemTime::now();
+        let key = Key::metadata("ns", "app", "r");
+        // Stamped 50 s ago on disk (its lease ends in 10 s), refreshed in memory 20 s later.
+        let revision = store
+            .put(&key, "v", now - Duration::from_secs(50))
+            .await
+            .unwrap()
+            .revision();
+        let refreshed = store
+            .put(&key, "v", now - Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(refreshed.revision(), revision);
+        // The same revision, but the lease still runs: refused.
+        assert!(!store.delete(&key, Some(revision)).await.unwrap());
+        assert!(store.get(&key).await.unwrap().is_some());
+        // An expired lease at that revision goes; so does any record on an unconditional
+        // delete.
+        let gone = Key::metadata("ns", "gone", "r");
+        let revision = store
+            .put(&gone, "v", now - Duration::from_secs(61))
+            .await
+            .unwrap()
+            .revision();
+        assert!(store.delete(&gone, Some(revision)).await.unwrap());
+        assert!(store.delete(&key, None).await.unwrap());
+        // A refresh after the delete creates the record anew.
+        assert!(matches!(
+            store.put(&key, "v", now).await.unwrap(),
+            PutOutcome::Created { .. }
+        ));
     }
 
     #[tokio::test]

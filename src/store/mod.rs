@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 
 pub use crate::model::{Key, Kind};
 
+pub mod checkpoint;
 pub mod embedded;
 pub mod etcd;
 pub mod kube;
