@@ -5,9 +5,11 @@
 //! and deletes each expired record *conditionally* on the revision it saw, so a re-publish
 //! that races the sweep wins (its refresh bumped the revision, the delete does nothing).
 //!
-//! Deadlines are exact: `refreshed_at + ttl`, from the lease stamp the store persisted with
-//! every publish. A restart therefore neither expires live records nor keeps dead ones: on
-//! start the index is rebuilt from the store and whatever expired meanwhile goes at once.
+//! Deadlines are `refreshed_at + ttl`, from the lease stamp the store keeps with every
+//! publish. A restart never expires a live record: on start the index is rebuilt from the
+//! store and whatever expired meanwhile goes at once. (The embedded store keeps refreshes in
+//! memory between checkpoints and recovers stamps up to half a TTL late, see
+//! `store::checkpoint`, so there a dead record may outlive a restart by that much.)
 //! With a shared backend every replica sweeps; the conditional delete makes that harmless
 //! (one delete wins, the others find a newer revision or nothing). A backend that elects one
 //! sweeper ([`Store::leadership`], the Kubernetes store) is swept only while this replica

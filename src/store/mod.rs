@@ -32,8 +32,9 @@ pub struct Record {
     pub key: Key,
     /// The raw value, exactly as published.
     pub value: Arc<str>,
-    /// The store revision of the last write to this record (value or lease). Conditional
-    /// deletes compare it, so a refresh racing a delete wins.
+    /// The store revision of the last write to this record (value or lease; a refresh the
+    /// embedded store keeps in memory leaves it). Conditional deletes compare it (and the
+    /// embedded store's also the lease in memory), so a refresh racing a delete wins.
     pub revision: u64,
     /// When a publish last created, changed or refreshed it, in milliseconds since the epoch.
     pub refreshed_at_ms: u64,
@@ -69,7 +70,8 @@ pub enum PutOutcome {
     },
     /// The identical value existed; only its lease was refreshed.
     Refreshed {
-        /// The revision of the refresh.
+        /// The revision of the refresh: the record's revision as it was when the refresh
+        /// stayed in memory.
         revision: u64,
     },
 }
@@ -98,11 +100,13 @@ pub enum Event {
     },
     /// A record was created or its value changed.
     Put(Record),
-    /// A record's lease was refreshed; its value is unchanged.
+    /// A record's lease was refreshed; its value is unchanged. Watchers only move a known
+    /// record's deadline forward with it: a refresh kept in memory comes at the record's
+    /// current revision, not a new one.
     Refreshed {
         /// Its key.
         key: Key,
-        /// The revision of the refresh.
+        /// The revision of the refresh (or the record's, for one kept in memory).
         revision: u64,
         /// The new lease stamp.
         refreshed_at_ms: u64,
@@ -194,7 +198,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores `value` under `key`, stamping the lease with `now`. Returns only once the write
-    /// is as durable as the backend makes it. An identical value only refreshes the lease.
+    /// is as durable as the backend makes it. An identical value only refreshes the lease
+    /// (which the embedded store may keep in memory until its next checkpoint).
     async fn put(&self, key: &Key, value: &str, now: SystemTime) -> Result<PutOutcome>;
 
     /// The record under `key`.
