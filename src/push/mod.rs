@@ -140,8 +140,11 @@ pub async fn run(
                 }
             }
         }
-        let seq = writer.apply(batch);
-        debug!(snapshot.seq = seq, n_events, "cache updated");
+        // Lease refreshes change nothing pushed: no need to look at the cache.
+        if !batch.is_empty() {
+            let seq = writer.apply(batch);
+            debug!(snapshot.seq = seq, n_events, "cache updated");
+        }
         if is_reset {
             warmed.send_replace(true);
         }
