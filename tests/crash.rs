@@ -84,6 +84,16 @@ impl Drop for Server {
 struct Rng(u64);
 
 impl Rng {
+    /// Seeded from `CRASH_SEED`, else `default`; the seed is printed so a failure replays.
+    fn seeded(test: &str, default: u64) -> Self {
+        let seed = std::env::var("CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        println!("{test} seed {seed} (set CRASH_SEED to replay)");
+        Self(seed)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -123,12 +133,7 @@ async fn check_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_publish_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x9e37_79b9_7f4a_7c15_u64);
-    println!("crash test seed {seed} (set CRASH_SEED to replay)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded("crash test", 0x9e37_79b9_7f4a_7c15);
     // Every acknowledged (application, revision) -> value.
     let acknowledged: Arc<Mutex<BTreeMap<(String, String), String>>> = Arc::default();
     let mut n_in_flight_total = 0usize;
@@ -241,12 +246,7 @@ async fn no_acknowledged_refresh_loses_its_lease_across_sigkill() {
     const TTL: &str = "4s";
     const ROUNDS: usize = 12;
     let dir = tempfile::tempdir().unwrap();
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x2545_f491_4f6c_dd1d_u64);
-    println!("refresh crash test seed {seed} (set CRASH_SEED to replay)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded("refresh crash test", 0x2545_f491_4f6c_dd1d);
     // Application -> when the last acknowledged refresh of its record was sent.
     let refreshed: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
     let mut n_refreshes = 0usize;

@@ -1182,30 +1182,31 @@ mod tests {
         UNIX_EPOCH + Duration::from_millis(ms)
     }
 
-    #[tokio::test]
-    async fn conformance() {
+    /// The conformance suite on stores opened with `lease_ttl`, each in its own directory.
+    async fn conformance_with(lease_ttl: Option<Duration>) {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicU64::new(0);
         super::super::conformance::run(|| {
             let path = dir
                 .path()
                 .join(n.fetch_add(1, Ordering::Relaxed).to_string());
-            async move { EmbeddedStore::open(&path, usize::MAX).unwrap() }
+            let options = Options {
+                max_records_per_namespace: usize::MAX,
+                lease_ttl,
+            };
+            async move { EmbeddedStore::open_with(&path, options).unwrap() }
         })
         .await;
     }
 
     #[tokio::test]
+    async fn conformance() {
+        conformance_with(None).await;
+    }
+
+    #[tokio::test]
     async fn conformance_with_leases_kept_in_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let n = AtomicU64::new(0);
-        super::super::conformance::run(|| {
-            let path = dir
-                .path()
-                .join(n.fetch_add(1, Ordering::Relaxed).to_string());
-            async move { leased(&path, Duration::from_secs(3_600)) }
-        })
-        .await;
+        conformance_with(Some(Duration::from_secs(3_600))).await;
     }
 
     fn leased(path: &Path, ttl: Duration) -> EmbeddedStore {
