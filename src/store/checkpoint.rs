@@ -34,11 +34,6 @@ impl Checkpoints {
         }
     }
 
-    /// The lease length, in milliseconds.
-    pub fn ttl_ms(&self) -> u64 {
-        self.ttl_ms
-    }
-
     /// Whether a refresh at `now_ms` may stay in memory, the stamp on disk being
     /// `stored_ms`: only while that stamp is less than half a TTL old.
     pub fn in_memory(&self, stored_ms: u64, now_ms: u64) -> bool {
