@@ -70,6 +70,7 @@ pub async fn open_store(
                 store::embedded::Options {
                     max_records_per_namespace: config.max_records_per_namespace,
                     lease_ttl: Some(lease_ttl),
+                    checkpoint: store::embedded::CheckpointPolicy::default(),
                 },
             )
             .map_err(Error::Store)?,

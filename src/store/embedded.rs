@@ -1,35 +1,52 @@
-//! The embedded durable store: one redb file under the data directory, the default backend.
+//! The embedded durable store, the default backend: a write-ahead journal in front of one
+//! redb data file under the data directory.
 //!
 //! # Layout
 //!
-//! Every table is keyed and valued by raw bytes, decoded here, so a damaged row is an
-//! [`Error::Storage`] rather than a panic inside redb's typed decoding.
+//! `pixiu-metadata.redb` holds the store as of the last checkpoint. Every table is keyed and
+//! valued by raw bytes, decoded here, so a damaged row is an [`Error::Storage`] rather than a
+//! panic inside redb's typed decoding.
 //!
 //! - `values`: record key → the raw value, exactly as published.
-//! - `meta`: record key → `revision` and `refreshed_at_ms` (two little-endian `u64`). A lease
-//!   refresh rewrites only this small row, never the value.
-//! - `counts`: `kind 0x00 namespace` → how many records the namespace holds, so the
-//!   per-namespace cap is checked without a scan.
-//! - `state`: `revision` → the store revision (never goes backwards, survives restarts) and
-//!   `format` → the layout version.
+//! - `meta`: record key → `revision` and `refreshed_at_ms` (two little-endian `u64`).
+//! - `state`: `revision` → the revision the data file is checkpointed at, and `format` → the
+//!   layout version (2; a version 1 file, which kept namespace counts in a `counts` table, is
+//!   upgraded on opening: the counts are now counted when the store opens).
+//!
+//! `journal-<generation>.log` files hold what was committed since: one frame per batch (see
+//! [`super::journal`]).
 //!
 //! A record key is `kind label 0x00 namespace 0x00 name`: it sorts by `(kind, namespace, name)`
 //! because namespaces hold neither NUL nor `/` and `0x00` sorts before every other byte.
 //!
-//! # Writes: group commit
+//! # Writes: group commit into the journal
 //!
 //! Every write goes to one writer thread through a channel. The thread takes everything
-//! queued (up to [`MAX_BATCH_OPS`] operations or [`MAX_BATCH_BYTES`] of values), applies it in
-//! one write transaction with consecutive revisions, commits once with immediate durability
-//! (fsync), then publishes the events in revision order and answers every caller. Concurrent
-//! publishers therefore share one fsync, and a write is acknowledged only once it is durable.
+//! queued (up to [`MAX_BATCH_OPS`] operations or [`MAX_BATCH_BYTES`] of values), decides each
+//! operation against the in-memory index (and the batch's earlier operations) with
+//! consecutive revisions, appends the batch to the journal as one frame and waits for its
+//! `fdatasync`, then publishes the events in revision order and answers every caller.
+//! Concurrent publishers therefore share one fsync of a sequential append, and a write is
+//! acknowledged only once it is durable.
+//!
+//! # Checkpoints
+//!
+//! Every [`CheckpointPolicy::interval`] (or once the journal file reaches
+//! [`CheckpointPolicy::bytes`]) the writer moves on to a new journal file and hands the
+//! changes of the old one, the latest per key, to a checkpoint thread, which writes them into
+//! the data file in one redb transaction and then removes the old journal file. A key
+//! rewritten many times between checkpoints is written there once, and none of it is on the
+//! path of an acknowledgement. A failing checkpoint is retried (the journal keeps its
+//! changes); no later one starts before it succeeds. Closing the store checkpoints what is
+//! left; opening replays every journal file after the data file's revision into it (a frame a
+//! crash cut short, never acknowledged, is dropped; damage elsewhere is an error).
 //!
 //! # Lease refreshes in memory
 //!
 //! Opened with a lease TTL ([`Options::lease_ttl`], what `serve` does), a publish of an
 //! unchanged record whose stamp on disk is less than half a TTL old is answered from memory:
 //! the index's stamp moves forward, an [`Event::Refreshed`] goes out at the record's current
-//! revision, and nothing is written. Other refreshes go through the writer and checkpoint the
+//! revision, and nothing is written. Other refreshes go through the writer and journal the
 //! stamp. On opening, stamps are recovered as [`checkpoint`](super::checkpoint) explains, so a
 //! crash breaks no acknowledged refresh's promise. A refresh kept in memory does not change
 //! the record's revision; the sweeper's conditional delete therefore also refuses a record
@@ -39,11 +56,11 @@
 //!
 //! # Reads and watches
 //!
-//! `get` answers from an in-memory index of every record's value and lease (the values are
-//! the same `Arc`s the events carry, so the index costs a key and a few words per record),
-//! loaded when the store opens and updated by the writer after each commit and before any
-//! caller hears back, so a reader sees its own acknowledged writes. `list` is a redb read
-//! transaction on the blocking pool, with the leases taken from the index. The snapshot
+//! `get` and `list` answer from an in-memory index of every record's value and lease (the
+//! values are the same `Arc`s the events carry, so the index costs a key and a few words per
+//! record), loaded when the store opens and updated by the writer after each commit and
+//! before any caller hears back, so a reader sees its own acknowledged writes; the data file
+//! is read only on opening. The snapshot
 //! behind [`Event::Reset`] is the index itself: the writer updates it and publishes the
 //! batch's events under its write lock, a watcher subscribes and copies it under the read
 //! lock, so no change is missed or seen twice. None involves the writer.
@@ -51,15 +68,16 @@
 use std::{
     collections::HashMap,
     fmt,
-    ops::Bound,
+    fs::{File, OpenOptions},
+    io::{Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures::stream::BoxStream;
@@ -69,7 +87,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{
     Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, checkpoint::Checkpoints,
-    epoch_ms,
+    epoch_ms, journal,
 };
 
 /// The data file's name inside the data directory.
@@ -87,8 +105,9 @@ const WATCH_BUFFER: usize = 4096;
 /// The cache redb may fill with pages.
 const CACHE_BYTES: usize = 256 * 1024 * 1024;
 
-/// The layout version written to the `state` table.
-const FORMAT_VERSION: u64 = 1;
+/// The layout version written to the `state` table. Version 1 had no journal and kept
+/// namespace counts in a table of their own; it is upgraded on opening.
+const FORMAT_VERSION: u64 = 2;
 
 const VALUES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("values");
 const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
@@ -112,7 +131,20 @@ pub struct EmbeddedStore {
 #[derive(Debug, Default)]
 struct Index {
     records: HashMap<Key, Indexed>,
+    /// How many records each namespace holds, by kind.
+    counts: HashMap<(Kind, String), usize>,
     revision: u64,
+}
+
+impl Index {
+    fn count(&mut self, key: &Key, delta: isize) {
+        let namespace = (key.kind, key.namespace.clone());
+        let count = self.counts.entry(namespace).or_default();
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            self.counts.remove(&(key.kind, key.namespace.clone()));
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +178,8 @@ pub struct Options {
     /// The lease TTL of the records. With one, refreshes are kept in memory between
     /// checkpoints (see the module documentation); without, every refresh is written.
     pub lease_ttl: Option<Duration>,
+    /// When the journal is checkpointed into the data file.
+    pub checkpoint: CheckpointPolicy,
 }
 
 struct Inner {
@@ -209,14 +243,6 @@ impl Op {
             Op::Delete { .. } => 0,
         }
     }
-
-    fn fail(self, error: &Error) {
-        // The caller may have gone away; nobody to tell then.
-        match self {
-            Op::Put { reply, .. } => drop(reply.send(Err(copy_error(error)))),
-            Op::Delete { reply, .. } => drop(reply.send(Err(copy_error(error)))),
-        }
-    }
 }
 
 /// The answer to one applied operation, held until the batch commits.
@@ -250,6 +276,7 @@ impl EmbeddedStore {
             Options {
                 max_records_per_namespace,
                 lease_ttl: None,
+                checkpoint: CheckpointPolicy::default(),
             },
         )
     }
@@ -259,6 +286,7 @@ impl EmbeddedStore {
         let Options {
             max_records_per_namespace,
             lease_ttl,
+            checkpoint,
         } = options;
         std::fs::create_dir_all(path).map_err(|e| {
             Error::Storage(format!("creating data directory {}: {e}", path.display()))
@@ -266,42 +294,50 @@ impl EmbeddedStore {
         let file = path.join(FILE_NAME);
         let db = open_database(&file)?;
         init(&db, &file)?;
-        let (records, revision) = read_all(&db, &file)?;
+        let (records, revision, generation) = recover(&db, &file, path)?;
         let checkpoints = lease_ttl.map(Checkpoints::new);
         let open_ms = epoch_ms(SystemTime::now());
-        let records = records
-            .into_iter()
-            .map(|r| {
-                let refreshed_at_ms = checkpoints.map_or(r.refreshed_at_ms, |c| {
-                    c.recovered(r.refreshed_at_ms, open_ms)
-                });
-                let entry = Indexed {
-                    value: r.value,
-                    revision: r.revision,
-                    refreshed_at_ms,
-                    stored_at_ms: r.refreshed_at_ms,
-                    deleting: false,
-                };
-                (r.key, entry)
-            })
-            .collect();
-        let index = Arc::new(RwLock::new(Index { records, revision }));
+        let mut index = Index {
+            revision,
+            ..Index::default()
+        };
+        for r in records {
+            let refreshed_at_ms = checkpoints.map_or(r.refreshed_at_ms, |c| {
+                c.recovered(r.refreshed_at_ms, open_ms)
+            });
+            index.count(&r.key, 1);
+            let entry = Indexed {
+                value: r.value,
+                revision: r.revision,
+                refreshed_at_ms,
+                stored_at_ms: r.refreshed_at_ms,
+                deleting: false,
+            };
+            index.records.insert(r.key, entry);
+        }
+        let index = Arc::new(RwLock::new(index));
         let db = Arc::new(db);
+        let journal = Journal::create(path, generation)?;
+        let checkpointer = Checkpointer::spawn(db.clone(), file.clone(), path.to_path_buf())?;
 
         let (ops, rx) = mpsc::channel();
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         let n_commits = Arc::new(AtomicU64::new(0));
         let last_commit_error = Arc::new(Mutex::new(None));
         let writer = Writer {
-            db: db.clone(),
             index: index.clone(),
             checkpoints,
-            file: file.clone(),
             rx,
             events: events.clone(),
             n_commits: n_commits.clone(),
             last_commit_error: last_commit_error.clone(),
             max_records_per_namespace,
+            journal,
+            pending: HashMap::new(),
+            pending_revision: revision,
+            last_checkpoint: Instant::now(),
+            policy: checkpoint,
+            checkpointer,
         };
         let writer = thread::Builder::new()
             .name("store-writer".into())
@@ -396,7 +432,6 @@ fn init(db: &Database, file: &Path) -> Result<()> {
     {
         txn.open_table(VALUES).map_err(|e| err(e.into()))?;
         txn.open_table(META).map_err(|e| err(e.into()))?;
-        txn.open_table(COUNTS).map_err(|e| err(e.into()))?;
         let mut state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
         let format = state
             .get(STATE_FORMAT)
@@ -410,6 +445,14 @@ fn init(db: &Database, file: &Path) -> Result<()> {
                     .map_err(|e| err(e.into()))?;
             }
             Some(FORMAT_VERSION) => {}
+            Some(1) => {
+                // The counts are now counted on opening.
+                txn.delete_table(COUNTS).map_err(|e| err(e.into()))?;
+                state
+                    .insert(STATE_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                    .map_err(|e| err(e.into()))?;
+                tracing::info!(file = %file.display(), "data file upgraded to layout version {FORMAT_VERSION}");
+            }
             Some(other) => {
                 return Err(Error::Storage(format!(
                     "{} has layout version {other}; this build reads version {FORMAT_VERSION}",
@@ -458,15 +501,6 @@ fn encode_key(key: &Key) -> Result<Vec<u8>> {
     out.push(0);
     out.extend_from_slice(key.name.as_bytes());
     Ok(out)
-}
-
-/// The `counts` key of `key`'s namespace.
-fn namespace_key(key: &Key) -> Vec<u8> {
-    let mut out = Vec::with_capacity(key.kind.as_str().len() + key.namespace.len() + 1);
-    out.extend_from_slice(key.kind.as_str().as_bytes());
-    out.push(0);
-    out.extend_from_slice(key.namespace.as_bytes());
-    out
 }
 
 fn kind_prefix(kind: Kind) -> Vec<u8> {
@@ -580,74 +614,25 @@ impl Inner {
         Some(PutOutcome::Refreshed { revision })
     }
 
-    /// The records `query` selects, from one read transaction, with the store revision.
-    fn list(&self, query: &ListQuery) -> Result<(Vec<Record>, u64)> {
-        let err = self.err("reading");
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
-        let revision = match state.get(STATE_REVISION).map_err(|e| err(e.into()))? {
-            Some(g) => decode_u64(g.value(), &self.file, "the store revision")?,
-            None => 0,
-        };
-        let values = txn.open_table(VALUES).map_err(|e| err(e.into()))?;
-        let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
-        let mut out = Vec::new();
+    /// The records `query` selects, in key order, from the index.
+    fn list(&self, query: &ListQuery) -> Vec<Record> {
         if query.limit == 0 {
-            return Ok((out, revision));
+            return Vec::new();
         }
-
-        let mut prefix = kind_prefix(query.kind);
-        if let Some(namespace) = &query.namespace {
-            if namespace.contains('\0') {
-                return Ok((out, revision));
-            }
-            prefix.extend_from_slice(namespace.as_bytes());
-            prefix.push(0);
-            prefix.extend_from_slice(query.name_prefix.as_bytes());
-        }
-        let after = query
-            .start_after
-            .as_ref()
-            .filter(|(namespace, _)| !namespace.contains('\0'))
-            .map(|(namespace, name)| {
-                let mut key = kind_prefix(query.kind);
-                key.extend_from_slice(namespace.as_bytes());
-                key.push(0);
-                key.extend_from_slice(name.as_bytes());
-                key
-            });
-        let lower = match &after {
-            Some(after) if *after >= prefix => Bound::Excluded(after.as_slice()),
-            _ => Bound::Included(prefix.as_slice()),
-        };
-        let range = values
-            .range::<&[u8]>((lower, Bound::Unbounded))
-            .map_err(|e| err(e.into()))?;
-        for entry in range {
-            let (encoded, value) = entry.map_err(|e| err(e.into()))?;
-            let encoded = encoded.value();
-            if !encoded.starts_with(&prefix) {
-                break;
-            }
-            let key = decode_key(encoded, &self.file)?;
-            if !query.matches(&key) {
-                continue;
-            }
-            out.push(read_record(&meta, key, encoded, value.value(), &self.file)?);
-            if out.len() >= query.limit {
-                break;
-            }
-        }
-        // The file's stamps miss the refreshes kept in memory.
         let index = self.index.read();
-        for record in &mut out {
-            if let Some(entry) = index.records.get(&record.key)
-                && entry.revision == record.revision
-            {
-                record.refreshed_at_ms = record.refreshed_at_ms.max(entry.refreshed_at_ms);
-            }
+        let mut out: Vec<Record> = index
+            .records
+            .iter()
+            .filter(|(key, _)| query.matches(key))
+            .map(|(key, entry)| entry.record(key))
+            .collect();
+        drop(index);
+        if out.len() > query.limit {
+            out.select_nth_unstable_by(query.limit - 1, |a, b| a.key.cmp(&b.key));
+            out.truncate(query.limit);
         }
-        Ok((out, revision))
+        out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        out
     }
 
     fn ready(&self) -> Result<()> {
@@ -685,6 +670,128 @@ impl super::Subscribe for Inner {
         records.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         (Event::Reset { records, revision }, rx)
     }
+}
+
+/// The store as the data file and the journal files after it hold it: every record, the
+/// store revision, and the generation for the next journal file. Journaled changes are
+/// checkpointed into the data file and their files removed before the store opens, so a
+/// store opens with one fresh journal file.
+fn recover(db: &Database, file: &Path, dir: &Path) -> Result<(Vec<Record>, u64, u64)> {
+    let (records, stored_revision) = read_all(db, file)?;
+    let mut journals = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error("reading", dir, &e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("reading", dir, &e))?;
+        if let Some(generation) = entry.file_name().to_str().and_then(journal::generation) {
+            journals.push((generation, entry.path()));
+        }
+    }
+    journals.sort();
+    let next_generation = journals.last().map_or(1, |(g, _)| g + 1);
+    if journals.is_empty() {
+        return Ok((records, stored_revision, next_generation));
+    }
+
+    let mut by_key: HashMap<Vec<u8>, Record> = HashMap::with_capacity(records.len());
+    for record in records {
+        by_key.insert(encode_key(&record.key)?, record);
+    }
+    let mut revision = stored_revision;
+    let mut changes: HashMap<Vec<u8>, Pending> = HashMap::new();
+    for (_, path) in &journals {
+        let bytes = std::fs::read(path).map_err(|e| io_error("reading", path, &e))?;
+        let read = journal::read(&bytes).map_err(|damage| {
+            Error::Storage(format!(
+                "{}: {damage} (the journal is damaged; restore the data directory from a \
+                 backup or move it away to start empty)",
+                path.display()
+            ))
+        })?;
+        if read.torn > 0 {
+            tracing::warn!(file = %path.display(), bytes = read.torn, "dropping the journal's unfinished last write");
+        }
+        for entry in read.entries {
+            // The data file already holds what a checkpoint finished before a crash.
+            if entry.revision() <= stored_revision {
+                continue;
+            }
+            revision = revision.max(entry.revision());
+            match entry {
+                journal::Entry::Put {
+                    key,
+                    revision,
+                    refreshed_at_ms,
+                    value,
+                } => {
+                    let decoded = decode_key(&key, path)?;
+                    let value = decode_value(&value, &decoded, path)?;
+                    changes.insert(
+                        key.clone(),
+                        Pending::Put {
+                            value: value.clone(),
+                            revision,
+                            refreshed_at_ms,
+                        },
+                    );
+                    by_key.insert(
+                        key,
+                        Record {
+                            key: decoded,
+                            value,
+                            revision,
+                            refreshed_at_ms,
+                        },
+                    );
+                }
+                journal::Entry::Lease {
+                    key,
+                    revision,
+                    refreshed_at_ms,
+                } => {
+                    if let Some(record) = by_key.get_mut(&key) {
+                        record.revision = revision;
+                        record.refreshed_at_ms = refreshed_at_ms;
+                        let lease = Pending::Lease {
+                            revision,
+                            refreshed_at_ms,
+                        };
+                        let change = match changes.remove(&key) {
+                            Some(before) => before.then(lease),
+                            None => lease,
+                        };
+                        changes.insert(key, change);
+                    }
+                }
+                journal::Entry::Delete { key, .. } => {
+                    by_key.remove(&key);
+                    changes.insert(key, Pending::Delete);
+                }
+            }
+        }
+    }
+    let n_changes = changes.len();
+    write_checkpoint(
+        db,
+        file,
+        &Checkpoint {
+            changes,
+            revision,
+            retire: Vec::new(),
+        },
+    )?;
+    for (_, path) in &journals {
+        std::fs::remove_file(path).map_err(|e| io_error("removing", path, &e))?;
+    }
+    sync_dir(dir)?;
+    tracing::info!(
+        journals = journals.len(),
+        changes = n_changes,
+        revision,
+        "journal replayed into the data file"
+    );
+    let mut records: Vec<Record> = by_key.into_values().collect();
+    records.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    Ok((records, revision, next_generation))
 }
 
 /// Every record in `db`, with the revision it is current at, from one read transaction.
@@ -746,21 +853,148 @@ fn read_record(
 
 /// The writer thread's state.
 struct Writer {
-    db: Arc<Database>,
     index: Arc<RwLock<Index>>,
     checkpoints: Option<Checkpoints>,
-    file: PathBuf,
     rx: mpsc::Receiver<Op>,
     events: broadcast::Sender<Event>,
     n_commits: Arc<AtomicU64>,
     last_commit_error: Arc<Mutex<Option<String>>>,
     max_records_per_namespace: usize,
+    journal: Journal,
+    /// Changes journaled since the last checkpoint began, by encoded key, the latest only.
+    pending: HashMap<Vec<u8>, Pending>,
+    /// The store revision `pending` reaches.
+    pending_revision: u64,
+    /// When the last checkpoint began (or the store opened).
+    last_checkpoint: Instant,
+    policy: CheckpointPolicy,
+    checkpointer: Checkpointer,
+}
+
+/// The latest change of one key since the last checkpoint, for the checkpoint to write.
+#[derive(Debug, Clone)]
+enum Pending {
+    Put {
+        value: Arc<str>,
+        revision: u64,
+        refreshed_at_ms: u64,
+    },
+    Lease {
+        revision: u64,
+        refreshed_at_ms: u64,
+    },
+    Delete,
+}
+
+impl Pending {
+    /// `self` followed by `next`: what the checkpoint writes for both.
+    fn then(self, next: Pending) -> Pending {
+        match (self, next) {
+            (
+                Pending::Put { value, .. },
+                Pending::Lease {
+                    revision,
+                    refreshed_at_ms,
+                },
+            ) => Pending::Put {
+                value,
+                revision,
+                refreshed_at_ms,
+            },
+            (_, next) => next,
+        }
+    }
+}
+
+/// One change of a batch, decided and not yet durable.
+struct Staged {
+    encoded: Vec<u8>,
+    revision: u64,
+    change: Pending,
+}
+
+impl Staged {
+    fn entry(&self) -> journal::EntryRef<'_> {
+        let key = self.encoded.as_slice();
+        let revision = self.revision;
+        match &self.change {
+            Pending::Put {
+                value,
+                refreshed_at_ms,
+                ..
+            } => journal::Entry::Put {
+                key,
+                revision,
+                refreshed_at_ms: *refreshed_at_ms,
+                value: value.as_bytes(),
+            },
+            Pending::Lease {
+                refreshed_at_ms, ..
+            } => journal::Entry::Lease {
+                key,
+                revision,
+                refreshed_at_ms: *refreshed_at_ms,
+            },
+            Pending::Delete => journal::Entry::Delete { key, revision },
+        }
+    }
+}
+
+/// A key's state as a batch sees it: the index, then the batch's own earlier changes.
+struct Overlay<'a> {
+    index: &'a RwLock<Index>,
+    /// `None`: deleted in this batch.
+    records: HashMap<Key, Option<(Arc<str>, u64)>>,
+    counts: HashMap<(Kind, String), isize>,
+}
+
+impl Overlay<'_> {
+    fn current(&self, key: &Key) -> Option<(Arc<str>, u64)> {
+        match self.records.get(key) {
+            Some(state) => state.clone(),
+            None => self
+                .index
+                .read()
+                .records
+                .get(key)
+                .map(|e| (e.value.clone(), e.revision)),
+        }
+    }
+
+    fn count(&self, key: &Key) -> usize {
+        let namespace = (key.kind, key.namespace.clone());
+        let stored = self
+            .index
+            .read()
+            .counts
+            .get(&namespace)
+            .copied()
+            .unwrap_or(0);
+        let delta = self.counts.get(&namespace).copied().unwrap_or(0);
+        stored.saturating_add_signed(delta)
+    }
+
+    fn add(&mut self, key: &Key, delta: isize) {
+        *self
+            .counts
+            .entry((key.kind, key.namespace.clone()))
+            .or_default() += delta;
+    }
 }
 
 impl Writer {
-    /// Applies batches until every sender is gone.
-    fn run(self) {
-        while let Ok(first) = self.rx.recv() {
+    /// Applies batches until every sender is gone, checkpointing on the way; then a last
+    /// checkpoint, so a clean stop leaves no journal to replay.
+    fn run(mut self) {
+        loop {
+            let first = match self.rx.recv_timeout(self.policy.interval) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.maybe_checkpoint();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut bytes = first.value_bytes();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
@@ -773,21 +1007,51 @@ impl Writer {
                 }
             }
             self.apply(batch);
+            self.maybe_checkpoint();
         }
+        self.checkpointer.wait_idle();
+        if !self.pending.is_empty() && !self.checkpointer.failed() {
+            self.start_checkpoint();
+        }
+        self.checkpointer.close();
     }
 
-    /// Applies `batch` in one transaction, commits, then publishes and answers.
-    fn apply(&self, batch: Vec<Op>) {
+    /// Decides `batch` against the index, appends it to the journal as one frame and makes
+    /// it durable, then publishes and answers.
+    fn apply(&mut self, batch: Vec<Op>) {
         let n_ops = batch.len();
         let mut done = Vec::with_capacity(n_ops);
         let mut events = Vec::with_capacity(n_ops);
-        let mut batch = batch.into_iter();
-        let committed = self.transact(&mut batch, &mut done, &mut events);
-        match committed {
+        let mut staged = Vec::with_capacity(n_ops);
+        self.decide(batch, &mut done, &mut events, &mut staged);
+        let written = if staged.is_empty() {
+            Ok(())
+        } else {
+            let mut frame = Vec::with_capacity(
+                staged
+                    .iter()
+                    .map(|s| s.encoded.len() + value_len(&s.change) + 32)
+                    .sum::<usize>()
+                    + journal::FRAME_HEADER,
+            );
+            journal::encode_frame(staged.iter().map(Staged::entry), &mut frame);
+            self.journal.append(&frame)
+        };
+        match written {
             Ok(()) => {
-                self.n_commits.fetch_add(1, Ordering::Relaxed);
+                if !staged.is_empty() {
+                    self.n_commits.fetch_add(1, Ordering::Relaxed);
+                }
                 self.last_commit_error.lock().take();
                 tracing::trace!(n_ops, "store batch committed");
+                for s in staged {
+                    self.pending_revision = self.pending_revision.max(s.revision);
+                    let change = match self.pending.remove(&s.encoded) {
+                        Some(before) => before.then(s.change),
+                        None => s.change,
+                    };
+                    self.pending.insert(s.encoded, change);
+                }
                 self.publish_committed(events);
                 for d in done {
                     d.send();
@@ -814,11 +1078,142 @@ impl Writer {
                         Done::Delete(reply, _) => drop(reply.send(Err(copy_error(&error)))),
                     }
                 }
-                for op in batch {
-                    op.fail(&error);
+            }
+        }
+    }
+
+    /// Decides every operation of `batch` in order, against the index and the batch's own
+    /// earlier operations, with consecutive revisions.
+    fn decide(
+        &self,
+        batch: Vec<Op>,
+        done: &mut Vec<Done>,
+        events: &mut Vec<Event>,
+        staged: &mut Vec<Staged>,
+    ) {
+        let now_ms = epoch_ms(SystemTime::now());
+        let mut overlay = Overlay {
+            index: &self.index,
+            records: HashMap::new(),
+            counts: HashMap::new(),
+        };
+        let mut revision = self.index.read().revision;
+        for op in batch {
+            match op {
+                Op::Put {
+                    key,
+                    encoded,
+                    value,
+                    refreshed_at_ms,
+                    reply,
+                } => {
+                    let result = match overlay.current(&key) {
+                        None if overlay.count(&key) >= self.max_records_per_namespace => {
+                            Err(Error::NamespaceFull {
+                                namespace: key.namespace.clone(),
+                                limit: self.max_records_per_namespace,
+                            })
+                        }
+                        None => {
+                            revision += 1;
+                            overlay.add(&key, 1);
+                            Ok(PutOutcome::Created { revision })
+                        }
+                        Some((stored, _)) if *stored == *value => {
+                            revision += 1;
+                            Ok(PutOutcome::Refreshed { revision })
+                        }
+                        Some((previous, _)) => {
+                            revision += 1;
+                            Ok(PutOutcome::Updated { revision, previous })
+                        }
+                    };
+                    if let Ok(outcome) = &result {
+                        if let PutOutcome::Refreshed { .. } = outcome {
+                            overlay.records.insert(
+                                key.clone(),
+                                overlay.current(&key).map(|(v, _)| (v, revision)),
+                            );
+                            events.push(Event::Refreshed {
+                                key,
+                                revision,
+                                refreshed_at_ms,
+                            });
+                            staged.push(Staged {
+                                encoded,
+                                revision,
+                                change: Pending::Lease {
+                                    revision,
+                                    refreshed_at_ms,
+                                },
+                            });
+                        } else {
+                            overlay
+                                .records
+                                .insert(key.clone(), Some((value.clone(), revision)));
+                            events.push(Event::Put(Record {
+                                key,
+                                value: value.clone(),
+                                revision,
+                                refreshed_at_ms,
+                            }));
+                            staged.push(Staged {
+                                encoded,
+                                revision,
+                                change: Pending::Put {
+                                    value,
+                                    revision,
+                                    refreshed_at_ms,
+                                },
+                            });
+                        }
+                    }
+                    done.push(Done::Put(reply, result));
+                }
+                Op::Delete {
+                    key,
+                    encoded,
+                    if_revision,
+                    reply,
+                } => {
+                    let deleted = match overlay.current(&key) {
+                        None => false,
+                        Some((_, current)) if if_revision.is_some_and(|r| r != current) => false,
+                        Some(_) => self.mark_deleting(&key, if_revision.is_some(), now_ms),
+                    };
+                    if deleted {
+                        revision += 1;
+                        overlay.add(&key, -1);
+                        overlay.records.insert(key.clone(), None);
+                        events.push(Event::Delete { key, revision });
+                        staged.push(Staged {
+                            encoded,
+                            revision,
+                            change: Pending::Delete,
+                        });
+                    }
+                    done.push(Done::Delete(reply, Ok(deleted)));
                 }
             }
         }
+    }
+
+    /// Marks `key` as being deleted, unless the delete is conditional and the lease still
+    /// runs in memory (a refresh kept in memory leaves the revision as it was: the lease
+    /// itself says whether the sweeper's delete still stands).
+    fn mark_deleting(&self, key: &Key, conditional: bool, now_ms: u64) -> bool {
+        let mut index = self.index.write();
+        if let Some(entry) = index.records.get_mut(key) {
+            if conditional
+                && self
+                    .checkpoints
+                    .is_some_and(|c| c.live(entry.refreshed_at_ms, now_ms))
+            {
+                return false;
+            }
+            entry.deleting = true;
+        }
+        true
     }
 
     /// Brings the index in line with a committed batch's events and publishes them, in
@@ -831,7 +1226,7 @@ impl Writer {
             let revision = event_revision(&event);
             match &event {
                 Event::Put(record) => {
-                    index.records.insert(
+                    let previous = index.records.insert(
                         record.key.clone(),
                         Indexed {
                             value: record.value.clone(),
@@ -841,6 +1236,9 @@ impl Writer {
                             deleting: false,
                         },
                     );
+                    if previous.is_none() {
+                        index.count(&record.key, 1);
+                    }
                 }
                 Event::Refreshed {
                     key,
@@ -854,7 +1252,9 @@ impl Writer {
                     }
                 }
                 Event::Delete { key, .. } => {
-                    index.records.remove(key);
+                    if index.records.remove(key).is_some() {
+                        index.count(key, -1);
+                    }
                 }
                 // The writer never emits a reset.
                 Event::Reset { .. } => {}
@@ -865,247 +1265,307 @@ impl Writer {
         }
     }
 
-    /// Runs the write transaction. Operations it took from `batch` have their answers in
-    /// `done`; on error, those still in `batch` were never started.
-    fn transact(
-        &self,
-        batch: &mut std::vec::IntoIter<Op>,
-        done: &mut Vec<Done>,
-        events: &mut Vec<Event>,
-    ) -> Result<()> {
-        let file = &self.file;
-        let err = |e: redb::Error| storage(file, "writing", e);
-        let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| Error::Storage(format!("writing {}: {e}", file.display())))?;
-        {
-            let mut tables = Tables {
-                values: txn.open_table(VALUES).map_err(|e| err(e.into()))?,
-                meta: txn.open_table(META).map_err(|e| err(e.into()))?,
-                counts: txn.open_table(COUNTS).map_err(|e| err(e.into()))?,
-                file,
-                max_records_per_namespace: self.max_records_per_namespace,
-                index: &self.index,
-                checkpoints: self.checkpoints,
-                now_ms: epoch_ms(SystemTime::now()),
-            };
-            let mut state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
-            let start = match state.get(STATE_REVISION).map_err(|e| err(e.into()))? {
-                Some(g) => decode_u64(g.value(), file, "the store revision")?,
-                None => 0,
-            };
-            let mut revision = start;
-            for op in batch.by_ref() {
-                match op {
-                    Op::Put {
-                        key,
-                        encoded,
-                        value,
-                        refreshed_at_ms,
-                        reply,
-                    } => {
-                        let result = tables.put(
-                            &key,
-                            &encoded,
-                            value,
-                            refreshed_at_ms,
-                            revision + 1,
-                            events,
-                        )?;
-                        if result.is_ok() {
-                            revision += 1;
-                        }
-                        done.push(Done::Put(reply, result));
-                    }
-                    Op::Delete {
-                        key,
-                        encoded,
-                        if_revision,
-                        reply,
-                    } => {
-                        let result =
-                            tables.delete(&key, &encoded, if_revision, revision + 1, events)?;
-                        if result.as_ref().is_ok_and(|deleted| *deleted) {
-                            revision += 1;
-                        }
-                        done.push(Done::Delete(reply, result));
-                    }
-                }
-            }
-            if revision != start {
-                state
-                    .insert(STATE_REVISION, revision.to_le_bytes().as_slice())
-                    .map_err(|e| err(e.into()))?;
-            }
+    /// Starts a checkpoint when one is due and none is running.
+    fn maybe_checkpoint(&mut self) {
+        if self.pending.is_empty() || self.checkpointer.busy() {
+            return;
         }
-        txn.commit().map_err(|e| err(e.into()))
-    }
-}
-
-/// The tables of one write transaction.
-struct Tables<'t> {
-    values: redb::Table<'t, &'static [u8], &'static [u8]>,
-    meta: redb::Table<'t, &'static [u8], &'static [u8]>,
-    counts: redb::Table<'t, &'static [u8], &'static [u8]>,
-    file: &'t Path,
-    max_records_per_namespace: usize,
-    index: &'t RwLock<Index>,
-    checkpoints: Option<Checkpoints>,
-    /// The clock when the transaction began, for the lease check of conditional deletes.
-    now_ms: u64,
-}
-
-/// What a put finds under its key.
-enum Existing {
-    Missing,
-    Same,
-    Different,
-}
-
-impl Tables<'_> {
-    /// Puts one record at `revision`. The outer error aborts the transaction; the inner one
-    /// is this operation's alone (nothing was written for it).
-    fn put(
-        &mut self,
-        key: &Key,
-        encoded: &[u8],
-        value: Arc<str>,
-        refreshed_at_ms: u64,
-        revision: u64,
-        events: &mut Vec<Event>,
-    ) -> Result<Result<PutOutcome>> {
-        let file = self.file;
-        let err = move |e: redb::StorageError| storage(file, "writing", e.into());
-        let existing = match self.values.get(encoded).map_err(&err)? {
-            None => Existing::Missing,
-            Some(stored) if stored.value() == value.as_bytes() => Existing::Same,
-            Some(_) => Existing::Different,
-        };
-        let meta = encode_meta(revision, refreshed_at_ms);
-        match existing {
-            Existing::Same => {
-                // A lease refresh: only the small meta row changes.
-                self.meta.insert(encoded, meta.as_slice()).map_err(&err)?;
-                events.push(Event::Refreshed {
-                    key: key.clone(),
-                    revision,
-                    refreshed_at_ms,
-                });
-                Ok(Ok(PutOutcome::Refreshed { revision }))
-            }
-            Existing::Different => {
-                let previous = {
-                    let previous = self
-                        .values
-                        .insert(encoded, value.as_bytes())
-                        .map_err(&err)?;
-                    match previous {
-                        Some(previous) => String::from_utf8_lossy(previous.value()).into(),
-                        None => Arc::from(""),
-                    }
-                };
-                self.meta.insert(encoded, meta.as_slice()).map_err(&err)?;
-                events.push(Event::Put(Record {
-                    key: key.clone(),
-                    value,
-                    revision,
-                    refreshed_at_ms,
-                }));
-                Ok(Ok(PutOutcome::Updated { revision, previous }))
-            }
-            Existing::Missing => {
-                let namespace = namespace_key(key);
-                let count = match self.counts.get(namespace.as_slice()).map_err(&err)? {
-                    Some(g) => match decode_u64(g.value(), self.file, "a namespace count") {
-                        Ok(count) => count,
-                        Err(e) => return Ok(Err(e)),
-                    },
-                    None => 0,
-                };
-                if usize::try_from(count).unwrap_or(usize::MAX) >= self.max_records_per_namespace {
-                    return Ok(Err(Error::NamespaceFull {
-                        namespace: key.namespace.clone(),
-                        limit: self.max_records_per_namespace,
-                    }));
-                }
-                self.counts
-                    .insert(namespace.as_slice(), (count + 1).to_le_bytes().as_slice())
-                    .map_err(&err)?;
-                self.values
-                    .insert(encoded, value.as_bytes())
-                    .map_err(&err)?;
-                self.meta.insert(encoded, meta.as_slice()).map_err(&err)?;
-                events.push(Event::Put(Record {
-                    key: key.clone(),
-                    value,
-                    revision,
-                    refreshed_at_ms,
-                }));
-                Ok(Ok(PutOutcome::Created { revision }))
-            }
+        if self.journal.len >= self.policy.bytes
+            || self.last_checkpoint.elapsed() >= self.policy.interval
+        {
+            self.start_checkpoint();
         }
     }
 
-    /// Deletes one record at `revision` when `if_revision` allows. Errors as for
-    /// [`Tables::put`].
-    fn delete(
-        &mut self,
-        key: &Key,
-        encoded: &[u8],
-        if_revision: Option<u64>,
-        revision: u64,
-        events: &mut Vec<Event>,
-    ) -> Result<Result<bool>> {
-        let file = self.file;
-        let err = move |e: redb::StorageError| storage(file, "writing", e.into());
-        let current = match self.meta.get(encoded).map_err(&err)? {
-            None => return Ok(Ok(false)),
-            Some(lease) => match decode_meta(lease.value(), key, self.file) {
-                Ok((current, _)) => current,
-                // A damaged lease still allows an unconditional delete.
-                Err(e) if if_revision.is_some() => return Ok(Err(e)),
-                Err(_) => 0,
-            },
-        };
-        if if_revision.is_some_and(|r| r != current) {
-            return Ok(Ok(false));
-        }
-        {
-            let mut index = self.index.write();
-            if let Some(entry) = index.records.get_mut(key) {
-                // A refresh kept in memory leaves the revision as it was: the lease itself
-                // says whether the sweeper's delete still stands.
-                if if_revision.is_some()
-                    && self
-                        .checkpoints
-                        .is_some_and(|c| c.live(entry.refreshed_at_ms, self.now_ms))
-                {
-                    return Ok(Ok(false));
-                }
-                entry.deleting = true;
+    /// Hands the pending changes to the checkpointer and moves on to a new journal file; the
+    /// checkpointer removes the old one once the changes are in the data file.
+    fn start_checkpoint(&mut self) {
+        let retired = match self.journal.rotate() {
+            Ok(retired) => retired,
+            Err(error) => {
+                tracing::warn!(%error, "cannot start a new journal file; checkpoint postponed");
+                self.last_checkpoint = Instant::now();
+                return;
             }
-        }
-        self.meta.remove(encoded).map_err(&err)?;
-        self.values.remove(encoded).map_err(&err)?;
-        let namespace = namespace_key(key);
-        let count = match self.counts.get(namespace.as_slice()).map_err(&err)? {
-            // A damaged count is rebuilt as best it can be: it only caps creation.
-            Some(g) => decode_u64(g.value(), self.file, "a namespace count").unwrap_or(1),
-            None => 1,
         };
-        if count <= 1 {
-            self.counts.remove(namespace.as_slice()).map_err(&err)?;
-        } else {
-            self.counts
-                .insert(namespace.as_slice(), (count - 1).to_le_bytes().as_slice())
-                .map_err(&err)?;
-        }
-        events.push(Event::Delete {
-            key: key.clone(),
-            revision,
+        self.last_checkpoint = Instant::now();
+        self.checkpointer.start(Checkpoint {
+            changes: std::mem::take(&mut self.pending),
+            revision: self.pending_revision,
+            retire: vec![retired],
         });
-        Ok(Ok(true))
     }
+}
+
+fn value_len(change: &Pending) -> usize {
+    match change {
+        Pending::Put { value, .. } => value.len(),
+        _ => 0,
+    }
+}
+
+/// When the writer checkpoints the journal into the data file.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// At the latest this long after the last checkpoint began, once there are changes.
+    pub interval: Duration,
+    /// Or once the journal file holds this many bytes.
+    pub bytes: u64,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The journal file being appended to.
+struct Journal {
+    dir: PathBuf,
+    generation: u64,
+    file: File,
+    /// The bytes of complete frames in it.
+    len: u64,
+}
+
+impl Journal {
+    /// Creates journal file `generation` in `dir`, empty.
+    fn create(dir: &Path, generation: u64) -> Result<Self> {
+        let path = dir.join(journal::file_name(generation));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error("creating", &path, &e))?;
+        sync_dir(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            generation,
+            file,
+            len: 0,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(journal::file_name(self.generation))
+    }
+
+    /// Appends `frame` and waits until it is durable. On failure the file is cut back to
+    /// its complete frames, so the next append starts clean.
+    fn append(&mut self, frame: &[u8]) -> Result<()> {
+        let written = self
+            .file
+            .write_all(frame)
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.len += frame.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let path = self.path();
+                let error = io_error("writing", &path, &e);
+                if let Err(e) = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop))
+                {
+                    // The frame may stay behind, complete or not; a new file keeps what
+                    // follows apart from it.
+                    tracing::error!(error = %e, file = %path.display(), "cannot cut the journal back");
+                    if let Ok(next) = Journal::create(&self.dir, self.generation + 1) {
+                        *self = next;
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Moves on to the next journal file; returns the path of the one left.
+    fn rotate(&mut self) -> Result<PathBuf> {
+        let next = Journal::create(&self.dir, self.generation + 1)?;
+        let old = std::mem::replace(self, next);
+        Ok(old.path())
+    }
+}
+
+fn io_error(doing: &str, path: &Path, e: &std::io::Error) -> Error {
+    Error::Storage(format!("{doing} {}: {e}", path.display()))
+}
+
+/// Makes the directory's entries (a created or removed journal file) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("syncing directory", dir, &e))
+}
+
+/// Changes to write into the data file in one transaction, then the journal files they came
+/// from to remove.
+struct Checkpoint {
+    changes: HashMap<Vec<u8>, Pending>,
+    revision: u64,
+    retire: Vec<PathBuf>,
+}
+
+/// The checkpointer thread, seen from the writer.
+struct Checkpointer {
+    tx: Option<mpsc::Sender<Checkpoint>>,
+    thread: Option<thread::JoinHandle<()>>,
+    state: Arc<CheckpointState>,
+}
+
+#[derive(Default)]
+struct CheckpointState {
+    busy: Mutex<bool>,
+    idle: parking_lot::Condvar,
+    /// A checkpoint was given up (at closing): later ones would pass over its changes.
+    failed: AtomicBool,
+    closing: AtomicBool,
+}
+
+impl Checkpointer {
+    fn spawn(db: Arc<Database>, file: PathBuf, dir: PathBuf) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Checkpoint>();
+        let state = Arc::new(CheckpointState::default());
+        let thread_state = state.clone();
+        let thread = thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                for checkpoint in rx {
+                    let mut attempt = 0u32;
+                    loop {
+                        match write_checkpoint(&db, &file, &checkpoint) {
+                            Ok(()) => {
+                                for path in &checkpoint.retire {
+                                    if let Err(e) = std::fs::remove_file(path) {
+                                        tracing::warn!(error = %e, file = %path.display(), "cannot remove a checkpointed journal file");
+                                    }
+                                }
+                                let _ = sync_dir(&dir);
+                                tracing::debug!(revision = checkpoint.revision, changes = checkpoint.changes.len(), "store checkpoint written");
+                                break;
+                            }
+                            Err(error) => {
+                                attempt += 1;
+                                tracing::error!(%error, attempt, "store checkpoint failed; the journal keeps the changes, retrying");
+                                if thread_state.closing.load(Ordering::Relaxed) && attempt >= 3 {
+                                    thread_state.failed.store(true, Ordering::Relaxed);
+                                    break;
+                                }
+                                thread::sleep(Duration::from_millis(100) * attempt.min(50));
+                            }
+                        }
+                    }
+                    *thread_state.busy.lock() = false;
+                    thread_state.idle.notify_all();
+                }
+            })
+            .map_err(|e| Error::Storage(format!("starting the store checkpoint thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            state,
+        })
+    }
+
+    fn busy(&self) -> bool {
+        *self.state.busy.lock()
+    }
+
+    fn failed(&self) -> bool {
+        self.state.failed.load(Ordering::Relaxed)
+    }
+
+    fn start(&self, checkpoint: Checkpoint) {
+        *self.state.busy.lock() = true;
+        if let Some(tx) = &self.tx
+            && tx.send(checkpoint).is_err()
+        {
+            *self.state.busy.lock() = false;
+        }
+    }
+
+    /// Waits until no checkpoint runs; from now on a failing one is given up after a few
+    /// attempts.
+    fn wait_idle(&self) {
+        self.state.closing.store(true, Ordering::Relaxed);
+        let mut busy = self.state.busy.lock();
+        while *busy {
+            self.state.idle.wait(&mut busy);
+        }
+    }
+
+    /// Lets the thread finish what it was given and waits for it.
+    fn close(&mut self) {
+        self.state.closing.store(true, Ordering::Relaxed);
+        self.tx.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("store checkpoint thread panicked");
+        }
+    }
+}
+
+/// Writes `checkpoint`'s changes and its revision into the data file, durably.
+fn write_checkpoint(db: &Database, file: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    let err = |e: redb::Error| storage(file, "checkpointing", e);
+    let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| Error::Storage(format!("checkpointing {}: {e}", file.display())))?;
+    {
+        let mut values = txn.open_table(VALUES).map_err(|e| err(e.into()))?;
+        let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+        let mut state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
+        for (encoded, change) in &checkpoint.changes {
+            let key = encoded.as_slice();
+            match change {
+                Pending::Put {
+                    value,
+                    revision,
+                    refreshed_at_ms,
+                } => {
+                    values
+                        .insert(key, value.as_bytes())
+                        .map_err(|e| err(e.into()))?;
+                    meta.insert(key, encode_meta(*revision, *refreshed_at_ms).as_slice())
+                        .map_err(|e| err(e.into()))?;
+                }
+                Pending::Lease {
+                    revision,
+                    refreshed_at_ms,
+                } => {
+                    // A lease change of a record the data file does not hold cannot be
+                    // (its put came first); it is skipped rather than leave a lease alone.
+                    if values.get(key).map_err(|e| err(e.into()))?.is_some() {
+                        meta.insert(key, encode_meta(*revision, *refreshed_at_ms).as_slice())
+                            .map_err(|e| err(e.into()))?;
+                    }
+                }
+                Pending::Delete => {
+                    values.remove(key).map_err(|e| err(e.into()))?;
+                    meta.remove(key).map_err(|e| err(e.into()))?;
+                }
+            }
+        }
+        let stored = match state.get(STATE_REVISION).map_err(|e| err(e.into()))? {
+            Some(g) => decode_u64(g.value(), file, "the store revision")?,
+            None => 0,
+        };
+        state
+            .insert(
+                STATE_REVISION,
+                stored.max(checkpoint.revision).to_le_bytes().as_slice(),
+            )
+            .map_err(|e| err(e.into()))?;
+    }
+    txn.commit().map_err(|e| err(e.into()))
 }
 
 #[async_trait::async_trait]
@@ -1153,9 +1613,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
-        let query = query.clone();
-        let (records, _) = self.read(move |inner| inner.list(&query)).await?;
-        Ok(records)
+        Ok(self.inner.list(query))
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
@@ -1193,6 +1651,7 @@ mod tests {
             let options = Options {
                 max_records_per_namespace: usize::MAX,
                 lease_ttl,
+                checkpoint: CheckpointPolicy::default(),
             };
             async move { EmbeddedStore::open_with(&path, options).unwrap() }
         })
@@ -1215,6 +1674,7 @@ mod tests {
             Options {
                 max_records_per_namespace: usize::MAX,
                 lease_ttl: Some(ttl),
+                checkpoint: CheckpointPolicy::default(),
             },
         )
         .unwrap()
@@ -1591,27 +2051,73 @@ mod tests {
         );
     }
 
+    /// The bytes of every journal file in `dir`.
+    fn journal_bytes(dir: &Path) -> u64 {
+        journal_files(dir)
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
+    fn journal_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(journal::generation)
+                    .is_some()
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The value row of `key` in the data file.
+    fn stored_value(store: &EmbeddedStore, key: &Key) -> Option<Vec<u8>> {
+        let txn = store.inner.db.begin_read().unwrap();
+        let values = txn.open_table(VALUES).unwrap();
+        let encoded = encode_key(key).unwrap();
+        values
+            .get(encoded.as_slice())
+            .unwrap()
+            .map(|g| g.value().to_vec())
+    }
+
+    fn never_checkpointing(path: &Path) -> EmbeddedStore {
+        EmbeddedStore::open_with(
+            path,
+            Options {
+                max_records_per_namespace: usize::MAX,
+                lease_ttl: None,
+                checkpoint: CheckpointPolicy {
+                    interval: Duration::from_secs(3600),
+                    bytes: u64::MAX,
+                },
+            },
+        )
+        .unwrap()
+    }
+
+    /// A copy of the data directory as a crash would leave it: the data file and the
+    /// journal, nothing checkpointed since opening.
+    fn copy_dir(from: &Path) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.path().join(entry.file_name())).unwrap();
+        }
+        to
+    }
+
     #[tokio::test]
-    async fn refresh_writes_only_the_lease() {
+    async fn refresh_journals_only_the_lease() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), usize::MAX).unwrap();
         let key = Key::metadata("ns", "app", "r");
         let value = "v".repeat(100_000);
         let created = store.put(&key, &value, at(1)).await.unwrap();
-
-        // The value row as stored.
-        let raw_value = |store: &EmbeddedStore| {
-            let txn = store.inner.db.begin_read().unwrap();
-            let values = txn.open_table(VALUES).unwrap();
-            let encoded = encode_key(&key).unwrap();
-            values
-                .get(encoded.as_slice())
-                .unwrap()
-                .unwrap()
-                .value()
-                .to_vec()
-        };
-        let before = raw_value(&store);
         let refreshed = store.put(&key, &value, at(2)).await.unwrap();
         assert_eq!(
             refreshed,
@@ -1619,19 +2125,214 @@ mod tests {
                 revision: created.revision() + 1
             }
         );
-        assert_eq!(raw_value(&store), before);
         let record = store.get(&key).await.unwrap().unwrap();
         assert_eq!(record.revision, refreshed.revision());
         assert_eq!(record.refreshed_at_ms, 2);
 
-        // A refresh touches far fewer bytes than a rewrite of the value would: the file does
-        // not grow by the value's size per refresh.
-        let file_len = || std::fs::metadata(store.file()).unwrap().len();
-        let len_before = file_len();
+        // A refresh journals far fewer bytes than a rewrite of the value would.
+        let before = journal_bytes(dir.path());
         for i in 0..20 {
             store.put(&key, &value, at(3 + i)).await.unwrap();
         }
-        assert!(file_len() < len_before + 20 * value.len() as u64 / 2);
+        assert!(journal_bytes(dir.path()) < before + 20 * value.len() as u64 / 2);
+
+        // Closing checkpoints: the data file holds the value and the last lease, the
+        // journal nothing.
+        drop(store);
+        assert_eq!(journal_bytes(dir.path()), 0);
+        let store = EmbeddedStore::open(dir.path(), usize::MAX).unwrap();
+        assert_eq!(stored_value(&store, &key).unwrap(), value.as_bytes());
+        let record = store.get(&key).await.unwrap().unwrap();
+        assert_eq!(record.refreshed_at_ms, 22);
+        assert_eq!(record.revision, created.revision() + 21);
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_are_in_the_journal_before_any_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = never_checkpointing(dir.path());
+        let (a, b, c) = (
+            Key::metadata("ns", "a", "1"),
+            Key::metadata("ns", "b", "1"),
+            Key::definition("ns", "c"),
+        );
+        store.put(&a, "a1", at(1)).await.unwrap();
+        store.put(&b, "b1", at(2)).await.unwrap();
+        store.put(&a, "a2", at(3)).await.unwrap();
+        store.put(&c, "c1", at(4)).await.unwrap();
+        store.put(&c, "c1", at(5)).await.unwrap();
+        assert!(store.delete(&b, None).await.unwrap());
+        assert!(
+            stored_value(&store, &a).is_none(),
+            "nothing checkpointed yet"
+        );
+
+        let crashed = copy_dir(dir.path());
+        let reopened = never_checkpointing(crashed.path());
+        let metadata = reopened
+            .list(&ListQuery::all(Kind::Metadata))
+            .await
+            .unwrap();
+        assert_eq!(metadata.len(), 1);
+        assert_eq!((&*metadata[0].value, metadata[0].revision), ("a2", 3));
+        let definitions = reopened
+            .list(&ListQuery::all(Kind::Definition))
+            .await
+            .unwrap();
+        assert_eq!(definitions.len(), 1);
+        assert_eq!(definitions[0].revision, 5);
+        assert_eq!(definitions[0].refreshed_at_ms, 5);
+        // The journal went into the data file on opening; the revision goes on from it.
+        assert_eq!(stored_value(&reopened, &a).unwrap(), b"a2");
+        assert_eq!(journal_bytes(crashed.path()), 0);
+        let next = reopened.put(&b, "b2", at(7)).await.unwrap();
+        assert_eq!(next, PutOutcome::Created { revision: 7 });
+    }
+
+    #[tokio::test]
+    async fn a_journal_cut_short_keeps_every_complete_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = never_checkpointing(dir.path());
+        let key = Key::metadata("ns", "a", "1");
+        store.put(&key, "a1", at(1)).await.unwrap();
+        let crashed = copy_dir(dir.path());
+        let journal = journal_files(crashed.path()).pop().unwrap();
+        // Half of a second frame, then the zeros of blocks allocated but never written.
+        let mut frame = Vec::new();
+        journal::encode_frame(
+            [journal::Entry::Delete {
+                key: encode_key(&key).unwrap().as_slice(),
+                revision: 2,
+            }],
+            &mut frame,
+        );
+        let mut bytes = std::fs::read(&journal).unwrap();
+        bytes.extend_from_slice(&frame[..frame.len() / 2]);
+        std::fs::write(&journal, &bytes).unwrap();
+        let reopened = never_checkpointing(crashed.path());
+        assert_eq!(&*reopened.get(&key).await.unwrap().unwrap().value, "a1");
+        drop(reopened);
+
+        let crashed = copy_dir(dir.path());
+        let journal = journal_files(crashed.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&journal).unwrap();
+        bytes.resize(bytes.len() + 4096, 0);
+        std::fs::write(&journal, &bytes).unwrap();
+        let reopened = never_checkpointing(crashed.path());
+        assert_eq!(&*reopened.get(&key).await.unwrap().unwrap().value, "a1");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_journal_is_a_storage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = never_checkpointing(dir.path());
+        store
+            .put(&Key::metadata("ns", "a", "1"), "a1", at(1))
+            .await
+            .unwrap();
+        store
+            .put(&Key::metadata("ns", "b", "1"), "b1", at(2))
+            .await
+            .unwrap();
+        let crashed = copy_dir(dir.path());
+        let journal = journal_files(crashed.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&journal).unwrap();
+        // The first frame's payload: a later frame follows it.
+        bytes[journal::FRAME_HEADER + 2] ^= 0x40;
+        std::fs::write(&journal, &bytes).unwrap();
+        match EmbeddedStore::open(crashed.path(), usize::MAX) {
+            Err(Error::Storage(message)) => {
+                assert!(
+                    message.contains(&journal.display().to_string()),
+                    "{message}"
+                );
+                assert!(message.contains("checksum"), "{message}");
+            }
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_move_the_journal_into_the_data_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_with(
+            dir.path(),
+            Options {
+                max_records_per_namespace: usize::MAX,
+                lease_ttl: None,
+                checkpoint: CheckpointPolicy {
+                    interval: Duration::from_millis(50),
+                    bytes: u64::MAX,
+                },
+            },
+        )
+        .unwrap();
+        let key = Key::metadata("ns", "a", "1");
+        store.put(&key, "a1", at(1)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stored_value(&store, &key).is_none() {
+            assert!(Instant::now() < deadline, "no checkpoint within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The checkpointed file is gone; the writer appends to a new, empty one.
+        while journal_files(dir.path()).len() > 1 {
+            assert!(Instant::now() < deadline, "the old journal file stayed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(journal_bytes(dir.path()), 0);
+        // Writes go on into the new file, and a crash now keeps them.
+        store.put(&key, "a2", at(2)).await.unwrap();
+        let crashed = copy_dir(dir.path());
+        let reopened = never_checkpointing(crashed.path());
+        assert_eq!(&*reopened.get(&key).await.unwrap().unwrap().value, "a2");
+    }
+
+    /// A data file of layout version 1 (namespace counts in a table, no journal) opens,
+    /// keeps its records and counts, and is upgraded.
+    #[tokio::test]
+    async fn a_version_1_data_file_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::metadata("ns", "a", "1");
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let encoded = encode_key(&key).unwrap();
+                let mut values = txn.open_table(VALUES).unwrap();
+                values.insert(encoded.as_slice(), b"v1".as_slice()).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(encoded.as_slice(), encode_meta(4, 9).as_slice())
+                    .unwrap();
+                let mut counts = txn.open_table(COUNTS).unwrap();
+                counts
+                    .insert(b"metadata\0ns".as_slice(), 1u64.to_le_bytes().as_slice())
+                    .unwrap();
+                let mut state = txn.open_table(STATE).unwrap();
+                state
+                    .insert(STATE_FORMAT, 1u64.to_le_bytes().as_slice())
+                    .unwrap();
+                state
+                    .insert(STATE_REVISION, 4u64.to_le_bytes().as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), 1).unwrap();
+        let record = store.get(&key).await.unwrap().unwrap();
+        assert_eq!(
+            (&*record.value, record.revision, record.refreshed_at_ms),
+            ("v1", 4, 9)
+        );
+        // The namespace is full at one record.
+        assert!(matches!(
+            store.put(&Key::metadata("ns", "b", "1"), "x", at(10)).await,
+            Err(Error::NamespaceFull { .. })
+        ));
+        let txn = store.inner.db.begin_read().unwrap();
+        let state = txn.open_table(STATE).unwrap();
+        let format = state.get(STATE_FORMAT).unwrap().unwrap().value().to_vec();
+        assert_eq!(format, FORMAT_VERSION.to_le_bytes());
+        assert!(txn.open_table(COUNTS).is_err(), "the counts table is gone");
     }
 
     #[tokio::test]

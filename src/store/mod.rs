@@ -19,6 +19,7 @@ pub use crate::model::{Key, Kind};
 pub mod checkpoint;
 pub mod embedded;
 pub mod etcd;
+pub mod journal;
 pub mod kube;
 pub mod memory;
 
