@@ -755,11 +755,7 @@ fn recover(db: &Database, file: &Path, dir: &Path) -> Result<(Vec<Record>, u64, 
                             revision,
                             refreshed_at_ms,
                         };
-                        let change = match changes.remove(&key) {
-                            Some(before) => before.then(lease),
-                            None => lease,
-                        };
-                        changes.insert(key, change);
+                        Pending::record(&mut changes, key, lease);
                     }
                 }
                 journal::Entry::Delete { key, .. } => {
@@ -887,6 +883,15 @@ enum Pending {
 }
 
 impl Pending {
+    /// Records `change` of `key` after what `changes` holds for it.
+    fn record(changes: &mut HashMap<Vec<u8>, Pending>, key: Vec<u8>, change: Pending) {
+        let change = match changes.remove(&key) {
+            Some(before) => before.then(change),
+            None => change,
+        };
+        changes.insert(key, change);
+    }
+
     /// `self` followed by `next`: what the checkpoint writes for both.
     fn then(self, next: Pending) -> Pending {
         match (self, next) {
@@ -1046,11 +1051,7 @@ impl Writer {
                 tracing::trace!(n_ops, "store batch committed");
                 for s in staged {
                     self.pending_revision = self.pending_revision.max(s.revision);
-                    let change = match self.pending.remove(&s.encoded) {
-                        Some(before) => before.then(s.change),
-                        None => s.change,
-                    };
-                    self.pending.insert(s.encoded, change);
+                    Pending::record(&mut self.pending, s.encoded, s.change);
                 }
                 self.publish_committed(events);
                 for d in done {
