@@ -1438,6 +1438,13 @@ impl Checkpointer {
         let thread = thread::Builder::new()
             .name("store-checkpoint".into())
             .spawn(move || {
+                // Checkpoints are never waited for: they yield the cores to the writer and
+                // the request path.
+                if let Err(error) =
+                    rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10)
+                {
+                    tracing::debug!(%error, "cannot lower the checkpoint thread's priority");
+                }
                 for checkpoint in rx {
                     let mut attempt = 0u32;
                     loop {
@@ -1524,7 +1531,11 @@ fn write_checkpoint(db: &Database, file: &Path, checkpoint: &Checkpoint) -> Resu
         let mut values = txn.open_table(VALUES).map_err(|e| err(e.into()))?;
         let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
         let mut state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
-        for (encoded, change) in &checkpoint.changes {
+        // In key order: consecutive inserts land in the same leaves, so each page is copied
+        // and written once per checkpoint rather than once per change.
+        let mut changes: Vec<(&Vec<u8>, &Pending)> = checkpoint.changes.iter().collect();
+        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (encoded, change) in changes {
             let key = encoded.as_slice();
             match change {
                 Pending::Put {
