@@ -1317,7 +1317,7 @@ pub struct CheckpointPolicy {
 impl Default for CheckpointPolicy {
     fn default() -> Self {
         Self {
-            interval: Duration::from_secs(5),
+            interval: Duration::from_secs(1),
             bytes: 64 * 1024 * 1024,
         }
     }
