@@ -93,7 +93,7 @@ use super::{
 /// The data file's name inside the data directory.
 pub const FILE_NAME: &str = "pixiu-metadata.redb";
 
-/// Most operations applied in one write transaction.
+/// Most operations in one batch (one journal frame, one fdatasync).
 pub const MAX_BATCH_OPS: usize = 1024;
 
 /// Once a batch holds this many bytes of values, the writer stops adding to it (64 MiB).
@@ -117,7 +117,7 @@ const STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("state");
 const STATE_REVISION: &[u8] = b"revision";
 const STATE_FORMAT: &[u8] = b"format";
 
-/// The embedded durable [`Store`], on redb.
+/// The embedded durable [`Store`]: a write-ahead journal, checkpointed into redb.
 ///
 /// Cloning is cheap and shares the store. Dropping the last clone stops the writer thread
 /// (after it finishes the batch at hand) and closes the file.
@@ -364,8 +364,8 @@ impl EmbeddedStore {
         &self.inner.file
     }
 
-    /// How many write transactions the writer committed since the store was opened. Fewer
-    /// than the writes when concurrent writes shared commits.
+    /// How many batches (journal frames) the writer made durable since the store was opened.
+    /// Fewer than the writes when concurrent writes shared commits.
     pub fn n_commits(&self) -> u64 {
         self.inner.n_commits.load(Ordering::Relaxed)
     }
