@@ -765,23 +765,14 @@ fn recover(db: &Database, file: &Path, dir: &Path) -> Result<(Vec<Record>, u64, 
             }
         }
     }
-    let n_changes = changes.len();
-    write_checkpoint(
-        db,
-        file,
-        &Checkpoint {
-            changes,
-            revision,
-            retire: Vec::new(),
-        },
-    )?;
+    write_checkpoint(db, file, &changes, revision)?;
     for (_, path) in &journals {
         std::fs::remove_file(path).map_err(|e| io_error("removing", path, &e))?;
     }
     sync_dir(dir)?;
     tracing::info!(
         journals = journals.len(),
-        changes = n_changes,
+        changes = changes.len(),
         revision,
         "journal replayed into the data file"
     );
@@ -1130,11 +1121,11 @@ impl Writer {
                         }
                     };
                     if let Ok(outcome) = &result {
+                        // A refresh's stored value is this one.
+                        overlay
+                            .records
+                            .insert(key.clone(), Some((value.clone(), revision)));
                         if let PutOutcome::Refreshed { .. } = outcome {
-                            overlay.records.insert(
-                                key.clone(),
-                                overlay.current(&key).map(|(v, _)| (v, revision)),
-                            );
                             events.push(Event::Refreshed {
                                 key,
                                 revision,
@@ -1149,9 +1140,6 @@ impl Writer {
                                 },
                             });
                         } else {
-                            overlay
-                                .records
-                                .insert(key.clone(), Some((value.clone(), revision)));
                             events.push(Event::Put(Record {
                                 key,
                                 value: value.clone(),
@@ -1293,7 +1281,7 @@ impl Writer {
         self.checkpointer.start(Checkpoint {
             changes: std::mem::take(&mut self.pending),
             revision: self.pending_revision,
-            retire: vec![retired],
+            retire: retired,
         });
     }
 }
@@ -1406,12 +1394,12 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_error("syncing directory", dir, &e))
 }
 
-/// Changes to write into the data file in one transaction, then the journal files they came
+/// Changes to write into the data file in one transaction, then the journal file they came
 /// from to remove.
 struct Checkpoint {
     changes: HashMap<Vec<u8>, Pending>,
     revision: u64,
-    retire: Vec<PathBuf>,
+    retire: PathBuf,
 }
 
 /// The checkpointer thread, seen from the writer.
@@ -1448,12 +1436,11 @@ impl Checkpointer {
                 for checkpoint in rx {
                     let mut attempt = 0u32;
                     loop {
-                        match write_checkpoint(&db, &file, &checkpoint) {
+                        match write_checkpoint(&db, &file, &checkpoint.changes, checkpoint.revision) {
                             Ok(()) => {
-                                for path in &checkpoint.retire {
-                                    if let Err(e) = std::fs::remove_file(path) {
-                                        tracing::warn!(error = %e, file = %path.display(), "cannot remove a checkpointed journal file");
-                                    }
+                                let path = &checkpoint.retire;
+                                if let Err(e) = std::fs::remove_file(path) {
+                                    tracing::warn!(error = %e, file = %path.display(), "cannot remove a checkpointed journal file");
                                 }
                                 let _ = sync_dir(&dir);
                                 tracing::debug!(revision = checkpoint.revision, changes = checkpoint.changes.len(), "store checkpoint written");
@@ -1521,8 +1508,13 @@ impl Checkpointer {
     }
 }
 
-/// Writes `checkpoint`'s changes and its revision into the data file, durably.
-fn write_checkpoint(db: &Database, file: &Path, checkpoint: &Checkpoint) -> Result<()> {
+/// Writes `changes` and the revision they reach into the data file, durably.
+fn write_checkpoint(
+    db: &Database,
+    file: &Path,
+    changes: &HashMap<Vec<u8>, Pending>,
+    revision: u64,
+) -> Result<()> {
     let err = |e: redb::Error| storage(file, "checkpointing", e);
     let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
     txn.set_durability(Durability::Immediate)
@@ -1533,7 +1525,7 @@ fn write_checkpoint(db: &Database, file: &Path, checkpoint: &Checkpoint) -> Resu
         let mut state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
         // In key order: consecutive inserts land in the same leaves, so each page is copied
         // and written once per checkpoint rather than once per change.
-        let mut changes: Vec<(&Vec<u8>, &Pending)> = checkpoint.changes.iter().collect();
+        let mut changes: Vec<(&Vec<u8>, &Pending)> = changes.iter().collect();
         changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (encoded, change) in changes {
             let key = encoded.as_slice();
@@ -1573,7 +1565,7 @@ fn write_checkpoint(db: &Database, file: &Path, checkpoint: &Checkpoint) -> Resu
         state
             .insert(
                 STATE_REVISION,
-                stored.max(checkpoint.revision).to_le_bytes().as_slice(),
+                stored.max(revision).to_le_bytes().as_slice(),
             )
             .map_err(|e| err(e.into()))?;
     }
@@ -1660,12 +1652,7 @@ mod tests {
             let path = dir
                 .path()
                 .join(n.fetch_add(1, Ordering::Relaxed).to_string());
-            let options = Options {
-                max_records_per_namespace: usize::MAX,
-                lease_ttl,
-                checkpoint: CheckpointPolicy::default(),
-            };
-            async move { EmbeddedStore::open_with(&path, options).unwrap() }
+            async move { unbounded(&path, lease_ttl, CheckpointPolicy::default()) }
         })
         .await;
     }
@@ -1680,16 +1667,22 @@ mod tests {
         conformance_with(Some(Duration::from_secs(3_600))).await;
     }
 
+    /// A store without a namespace cap.
+    fn unbounded(
+        path: &Path,
+        lease_ttl: Option<Duration>,
+        checkpoint: CheckpointPolicy,
+    ) -> EmbeddedStore {
+        let options = Options {
+            max_records_per_namespace: usize::MAX,
+            lease_ttl,
+            checkpoint,
+        };
+        EmbeddedStore::open_with(path, options).unwrap()
+    }
+
     fn leased(path: &Path, ttl: Duration) -> EmbeddedStore {
-        EmbeddedStore::open_with(
-            path,
-            Options {
-                max_records_per_namespace: usize::MAX,
-                lease_ttl: Some(ttl),
-                checkpoint: CheckpointPolicy::default(),
-            },
-        )
-        .unwrap()
+        unbounded(path, Some(ttl), CheckpointPolicy::default())
     }
 
     #[tokio::test]
@@ -2098,18 +2091,11 @@ mod tests {
     }
 
     fn never_checkpointing(path: &Path) -> EmbeddedStore {
-        EmbeddedStore::open_with(
-            path,
-            Options {
-                max_records_per_namespace: usize::MAX,
-                lease_ttl: None,
-                checkpoint: CheckpointPolicy {
-                    interval: Duration::from_secs(3600),
-                    bytes: u64::MAX,
-                },
-            },
-        )
-        .unwrap()
+        let policy = CheckpointPolicy {
+            interval: Duration::from_secs(3600),
+            bytes: u64::MAX,
+        };
+        unbounded(path, None, policy)
     }
 
     /// A copy of the data directory as a crash would leave it: the data file and the
@@ -2267,18 +2253,11 @@ mod tests {
     #[tokio::test]
     async fn checkpoints_move_the_journal_into_the_data_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open_with(
-            dir.path(),
-            Options {
-                max_records_per_namespace: usize::MAX,
-                lease_ttl: None,
-                checkpoint: CheckpointPolicy {
-                    interval: Duration::from_millis(50),
-                    bytes: u64::MAX,
-                },
-            },
-        )
-        .unwrap();
+        let policy = CheckpointPolicy {
+            interval: Duration::from_millis(50),
+            bytes: u64::MAX,
+        };
+        let store = unbounded(dir.path(), None, policy);
         let key = Key::metadata("ns", "a", "1");
         store.put(&key, "a1", at(1)).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
