@@ -251,7 +251,7 @@ mod tests {
 
     use super::*;
 
-    fn owned(entries: &[OwnedEntry]) -> Vec<EntryRef<'_>> {
+    fn borrowed(entries: &[OwnedEntry]) -> Vec<EntryRef<'_>> {
         entries
             .iter()
             .map(|e| match e {
@@ -313,7 +313,7 @@ mod tests {
         let mut out = Vec::new();
         let mut ends = Vec::new();
         for frame in frames {
-            encode_frame(owned(frame), &mut out);
+            encode_frame(borrowed(frame), &mut out);
             ends.push(out.len());
         }
         (out, ends)
