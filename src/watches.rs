@@ -94,7 +94,7 @@ impl Diff {
         let mut current = Vec::new();
         let mut current_bytes = 0usize;
         for resource in self.updated {
-            let size = resource.body.value.len();
+            let size = resource.value().len();
             if !current.is_empty() && current_bytes.saturating_add(size) > max_bytes {
                 chunks.push(std::mem::take(&mut current));
                 current_bytes = 0;

@@ -223,11 +223,11 @@ fn decode(namespace: &str, type_url: &TypeUrl, resource: &pixiu_xds::Resource) -
         application: None,
         revision: None,
         value: None,
-        size_bytes: resource.body.value.len(),
+        size_bytes: resource.value().len(),
     };
     match kind_of(type_url.as_str()) {
         Some(Kind::Metadata) => {
-            if let Ok(m) = proto::Metadata::decode(resource.body.value.as_slice()) {
+            if let Ok(m) = proto::Metadata::decode(resource.value()) {
                 dumped.kind = Some(Kind::Metadata.as_str().into());
                 dumped.application = Some(m.application_name);
                 dumped.revision = Some(m.revision);
@@ -235,13 +235,13 @@ fn decode(namespace: &str, type_url: &TypeUrl, resource: &pixiu_xds::Resource) -
             }
         }
         Some(Kind::Definition) => {
-            if let Ok(d) = proto::ServiceDefinition::decode(resource.body.value.as_slice()) {
+            if let Ok(d) = proto::ServiceDefinition::decode(resource.value()) {
                 dumped.kind = Some(Kind::Definition.as_str().into());
                 dumped.value = Some(d.service_definition);
             }
         }
         Some(Kind::Mapping) => {
-            if let Ok(m) = proto::ServiceMapping::decode(resource.body.value.as_slice()) {
+            if let Ok(m) = proto::ServiceMapping::decode(resource.value()) {
                 dumped.kind = Some(Kind::Mapping.as_str().into());
                 dumped.value = Some(m.application_names.join(","));
             }

@@ -27,7 +27,7 @@ fn hub(api: &Api) -> Result<&crate::watches::WatchHub, Error> {
 /// The body of a resource the push layer wrote, decoded; `None` (and a log line) if it does
 /// not decode, which would be a bug of ours, never a reason to panic.
 fn decode<M: Message + Default>(resource: &pixiu_xds::Resource) -> Option<M> {
-    match M::decode(resource.body.value.as_slice()) {
+    match M::decode(resource.value()) {
         Ok(message) => Some(message),
         Err(error) => {
             warn!(%error, resource.name = %resource.name, "cached resource does not decode");

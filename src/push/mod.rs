@@ -314,7 +314,7 @@ mod tests {
         let metadata = TypeUrl::new(pb::METADATA_TYPE_URL);
         let snap = cache.snapshot();
         let resource = snap.get(&view, &metadata, "app/r1").unwrap();
-        let decoded = proto::Metadata::decode(resource.body.value.as_slice()).unwrap();
+        let decoded = proto::Metadata::decode(resource.value()).unwrap();
         assert_eq!(decoded.metadata_info, "old");
         assert_eq!(decoded.namespace, "ns1");
 
@@ -371,7 +371,7 @@ mod tests {
         let metadata = TypeUrl::new(pb::METADATA_TYPE_URL);
         assert_eq!(snap.resources(&view, &metadata).len(), 49);
         let r0 = snap.get(&view, &metadata, "app/r0").unwrap();
-        let decoded = proto::Metadata::decode(r0.body.value.as_slice()).unwrap();
+        let decoded = proto::Metadata::decode(r0.value()).unwrap();
         assert_eq!(decoded.metadata_info, "v2", "the later write wins");
         assert!(snap.get(&view, &metadata, "app/r1").is_none());
         shutdown.cancel();

@@ -9,36 +9,95 @@
 //! The cache knows no resource type: a resource is a name, a type URL and the bytes of an
 //! `Any`. Versions are derived from those bytes ([`Version::of_bytes`]).
 
-use std::{sync::Arc, time::Instant};
+use std::{fmt, sync::Arc, time::Instant};
 
 use envoy_types::pb::google::protobuf::Any;
 use imbl::OrdMap;
 use parking_lot::Mutex;
+use prost::Message;
 use tokio::sync::watch;
 use tokio_stream::{StreamExt, wrappers::WatchStream};
 
 use crate::types::{Partition, ResourceName, TypeUrl, Version};
 
 /// One resource as stored: its name, content-derived version and body.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// The body is kept as its `Any`'s protobuf bytes, encoded once here: every response that
+/// carries the resource copies those bytes into its frame (see [`crate::response`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Resource {
     /// The resource name within its type.
     pub name: ResourceName,
-    /// Hash of `body.value`.
+    /// Hash of the body's value.
     pub version: Version,
-    /// The resource itself, packed.
-    pub body: Any,
+    /// The `Any`, encoded.
+    packed: Box<[u8]>,
+    /// Where the `Any`'s value starts in `packed`: it is the last field, so it runs to the
+    /// end.
+    value_at: usize,
 }
 
 impl Resource {
     /// Packs `body` under `name`, computing the version from the body's bytes.
     pub fn new(name: ResourceName, body: Any) -> Self {
         let version = Version::of_bytes(&body.value);
+        let packed = body.encode_to_vec().into_boxed_slice();
+        let value_at = packed.len() - body.value.len();
         Self {
             name,
             version,
-            body,
+            packed,
+            value_at,
         }
+    }
+
+    /// The body's value: the resource's own message, encoded.
+    pub fn value(&self) -> &[u8] {
+        &self.packed[self.value_at..]
+    }
+
+    /// The body's type URL.
+    pub fn type_url(&self) -> &str {
+        // `type_url` is the first field when present: its key (one byte), then its length.
+        let mut head = &self.packed[..self.value_at];
+        if head.first() != Some(&TYPE_URL_KEY) {
+            return "";
+        }
+        head = &head[1..];
+        let Ok(len) = prost::encoding::decode_varint(&mut head) else {
+            return "";
+        };
+        head.get(..len as usize)
+            .and_then(|url| std::str::from_utf8(url).ok())
+            .unwrap_or("")
+    }
+
+    /// The body as an `Any` (a copy).
+    pub fn body(&self) -> Any {
+        Any {
+            type_url: self.type_url().to_owned(),
+            value: self.value().to_vec(),
+        }
+    }
+
+    /// The body as a protobuf-encoded `Any`.
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
+    }
+}
+
+/// Field 1, length-delimited.
+const TYPE_URL_KEY: u8 = (1 << 3) | 2;
+
+/// Shows the body's size, not its bytes.
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("type_url", &self.type_url())
+            .field("value_len", &self.value().len())
+            .finish()
     }
 }
 
@@ -315,11 +374,7 @@ fn apply_one(
         } => {
             let resource = Resource::new(name.clone(), body);
             let entry = entries.entry((partition, type_url)).or_default();
-            if entry
-                .resources
-                .get(&name)
-                .is_some_and(|r| r.version == resource.version && r.body == resource.body)
-            {
+            if entry.resources.get(&name).is_some_and(|r| **r == resource) {
                 return false;
             }
             entry.resources.insert(name, Arc::new(resource));
@@ -418,13 +473,13 @@ mod tests {
         let got: Vec<_> = snap
             .resources(&view, &t)
             .iter()
-            .map(|r| (r.name.to_string(), r.body.value.clone()))
+            .map(|r| (r.name.to_string(), r.value().to_vec()))
             .collect();
         assert_eq!(
             got,
             vec![("x".into(), b"a".to_vec()), ("y".into(), b"s".to_vec())]
         );
-        assert_eq!(snap.get(&view, &t, "x").unwrap().body.value, b"a");
+        assert_eq!(snap.get(&view, &t, "x").unwrap().value(), b"a");
     }
 
     #[test]

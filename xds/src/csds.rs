@@ -144,7 +144,7 @@ fn type_configs(
             xds_config: snapshot
                 .and_then(|s| s.get(view, type_url, name.as_str()))
                 .filter(|r| &r.version == version)
-                .map(|r| r.body.clone()),
+                .map(|r| r.body()),
             config_status: config_status as i32,
             client_status: held_status as i32,
             error_state: error_state.clone(),

@@ -45,22 +45,21 @@
 //! `initial_resource_versions` carries what matters. `resource_locators_*` (dynamic
 //! parameters) are not implemented and ignored.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::{
-    cache::{Snapshot, View},
+    cache::{Resource, Snapshot, View},
     protocol::{Limits, Nonces, ProtocolError, Quirks, read_response_nonce},
+    response::DeltaResponse,
     status::TypeStatus,
     typemap::TypeMap,
     types::{Nonce, ResourceName, TypeUrl, Version, WILDCARD},
 };
 
 /// What one Delta step produced: responses to send and notices.
-pub type Step = crate::protocol::Step<DeltaDiscoveryResponse>;
+pub type Step = crate::protocol::Step<DeltaResponse>;
 
 /// The per-type state of one Delta stream. A type is started once it is in the map.
 #[derive(Debug, Default)]
@@ -257,7 +256,7 @@ fn reconcile(
     answer_empty: bool,
     quirks: &Quirks,
     nonces: &mut Nonces,
-) -> Option<DeltaDiscoveryResponse> {
+) -> Option<DeltaResponse> {
     let subscription = &state.status.subscription;
     let held = &state.status.resources;
 
@@ -278,18 +277,13 @@ fn reconcile(
             .filter_map(|name| snapshot.get(view, type_url, name.as_str()))
             .collect()
     };
-    let changed: Vec<WireResource> = wanted
+    let changed: Vec<Arc<Resource>> = wanted
         .into_iter()
         .filter(|resource| {
             resend.contains(resource.name.as_str())
                 || held.get(&resource.name) != Some(&resource.version)
         })
-        .map(|resource| WireResource {
-            name: resource.name.to_string(),
-            version: resource.version.to_string(),
-            resource: Some(resource.body.clone()),
-            ..Default::default()
-        })
+        .cloned()
         .collect();
     if changed.is_empty() && removed.is_empty() && !answer_empty {
         return None;
@@ -303,22 +297,18 @@ fn reconcile(
         held.remove(name);
     }
     for resource in &changed {
-        held.insert(
-            ResourceName::new(&resource.name),
-            Version::new(&resource.version),
-        );
+        held.insert(resource.name.clone(), resource.version.clone());
     }
     let version = Version::of_set(held.iter());
     let nonce: Nonce = nonces.next();
     state.status.sent_version = Some(version.clone());
     state.status.sent_nonce = Some(nonce.clone());
-    Some(DeltaDiscoveryResponse {
-        system_version_info: version.to_string(),
+    Some(DeltaResponse {
+        system_version: version,
         resources: changed,
-        type_url: type_url.to_string(),
-        removed_resources: removed.iter().map(|name| name.to_string()).collect(),
-        nonce: nonce.to_string(),
-        ..Default::default()
+        type_url: type_url.clone(),
+        removed,
+        nonce,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod csds;
 pub mod delta;
 pub mod protocol;
 pub mod registry;
+pub mod response;
 pub mod server;
 pub mod sotw;
 pub mod status;
@@ -29,6 +30,7 @@ pub use csds::{CsdsServer, ShowAll, StatusFilter};
 pub use delta::DeltaStream;
 pub use protocol::{Limits, ProtocolError, Quirks};
 pub use registry::Registry;
+pub use response::{DeltaResponse, SotwResponse};
 pub use server::{
     AdsServer, AdsService, NoObserver, Pushed, ResponseStream, ServerConfig, StreamContext,
     StreamObserver, ViewResolver,

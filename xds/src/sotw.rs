@@ -21,11 +21,12 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::{
     cache::{Snapshot, View},
     protocol::{Nonces, Quirks, read_response_nonce},
+    response::SotwResponse,
     status::TypeStatus,
     subscription::Subscription,
     typemap::TypeMap,
@@ -35,7 +36,7 @@ use crate::{
 pub use crate::protocol::{Limits, ProtocolError};
 
 /// What one SotW step produced: responses to send and notices.
-pub type Step = crate::protocol::Step<DiscoveryResponse>;
+pub type Step = crate::protocol::Step<SotwResponse>;
 
 /// The per-type state of one SotW stream.
 #[derive(Debug, Default)]
@@ -224,7 +225,7 @@ fn refresh(
     state: &mut TypeState,
     quirks: &Quirks,
     nonce: impl FnOnce() -> Nonce,
-) -> Option<DiscoveryResponse> {
+) -> Option<SotwResponse> {
     let (version, resources) = compute(snapshot, view, type_url, state);
     if state.status.sent_version.as_ref() == Some(&version) {
         return None;
@@ -251,21 +252,20 @@ fn respond(
     version: Version,
     resources: BTreeMap<ResourceName, Version>,
     nonce: Nonce,
-) -> DiscoveryResponse {
+) -> SotwResponse {
     let bodies = resources
         .keys()
         .filter_map(|name| snapshot.get(view, type_url, name.as_str()))
-        .map(|r| r.body.clone())
+        .cloned()
         .collect();
     state.status.sent_version = Some(version.clone());
     state.status.sent_nonce = Some(nonce.clone());
     state.status.resources = resources;
-    DiscoveryResponse {
-        version_info: version.to_string(),
+    SotwResponse {
+        version,
         resources: bodies,
-        type_url: type_url.to_string(),
-        nonce: nonce.to_string(),
-        ..Default::default()
+        type_url: type_url.clone(),
+        nonce,
     }
 }
 

@@ -234,7 +234,7 @@ async fn start_publishes_and_refuses_a_bad_change() {
         .unwrap();
     let after = snapshot.get(&view, &ecds, CLUSTER_RESOURCE).unwrap();
     assert_ne!(after.version, before.version, "other.yaml was added");
-    let clusters = decode(&after.body).typed_config.unwrap();
+    let clusters = decode(&after.body()).typed_config.unwrap();
     let clusters = api::PixiuExtensionClusters::decode(clusters.value.as_slice()).unwrap();
     let names: Vec<_> = clusters.clusters.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(

@@ -194,7 +194,7 @@ impl World {
 
     /// The client's side of a response step.
     fn receive(&mut self, step: Step) -> Result<(), TestCaseError> {
-        for response in step.responses {
+        for response in step.responses.iter().map(DeltaResponse::decoded) {
             prop_assert!(
                 self.stream_nonces.insert(response.nonce.clone()),
                 "nonce {} repeated within a stream",
@@ -614,7 +614,7 @@ proptest! {
             .responses;
         // The trailing ACK lets the loop check the last operation's responses.
         for op in ops.into_iter().chain([WithheldOp::Ack]) {
-            for response in responses.drain(..) {
+            for response in responses.drain(..).map(|r| r.decoded()) {
                 prop_assert!(!response.resources.is_empty(), "a response without resources: {response:?}");
                 for name in &response.removed_resources {
                     held.remove(name);

@@ -24,7 +24,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use envoy_types::pb::{
-    envoy::service::discovery::v3::DeltaDiscoveryRequest, google::protobuf::Any,
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse},
+    google::protobuf::Any,
     google::rpc::Status as RpcStatus,
 };
 
@@ -269,7 +270,7 @@ impl Script {
             };
             self.out.push(line);
         }
-        for response in step.responses {
+        for response in step.responses.iter().map(DeltaResponse::decoded) {
             assert!(
                 self.seen_nonces.insert(response.nonce.clone()),
                 "nonce {} repeated within a stream",

@@ -136,7 +136,7 @@ struct Encode<T> {
     outbound: Option<Driven<T>>,
 }
 
-impl<T: prost::Message> Body for Encode<T> {
+impl<T: crate::response::Encode> Body for Encode<T> {
     type Data = Bytes;
     type Error = Status;
 
@@ -174,16 +174,14 @@ impl<T: prost::Message> Body for Encode<T> {
 }
 
 /// One gRPC length-prefixed message: the uncompressed flag, the length, the bytes.
-fn frame(message: &impl prost::Message) -> Result<Bytes, Status> {
+fn frame(message: &impl crate::response::Encode) -> Result<Bytes, Status> {
     let len = message.encoded_len();
     let prefix = u32::try_from(len)
         .map_err(|_| Status::resource_exhausted(format!("response of {len} bytes")))?;
     let mut buf = BytesMut::with_capacity(HEADER_SIZE + len);
     buf.put_u8(0);
     buf.put_u32(prefix);
-    message
-        .encode(&mut buf)
-        .map_err(|error| Status::internal(error.to_string()))?;
+    message.encode(&mut buf);
     Ok(buf.freeze())
 }
 
@@ -199,7 +197,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::{Registry, ServerConfig, StreamContext, View, ViewResolver};
+    use crate::{Registry, ServerConfig, SotwResponse, StreamContext, View, ViewResolver};
 
     struct NoPartitions;
 
@@ -221,23 +219,30 @@ mod tests {
         .into_service()
     }
 
+    fn sotw_response(version: &str, type_url: &str, nonce: &str) -> SotwResponse {
+        SotwResponse {
+            version: version.into(),
+            resources: Vec::new(),
+            type_url: type_url.into(),
+            nonce: nonce.into(),
+        }
+    }
+
     fn grpc_status(headers: &HeaderMap) -> Option<&str> {
         headers.get("grpc-status").and_then(|v| v.to_str().ok())
     }
 
     #[test]
     fn a_frame_is_the_prefix_then_the_message() {
-        let response = DiscoveryResponse {
-            version_info: "v1".to_owned(),
-            type_url: "type.test/T".to_owned(),
-            nonce: "n".to_owned(),
-            ..Default::default()
-        };
+        let response = sotw_response("v1", "type.test/T", "n");
         let data = frame(&response).unwrap();
         assert_eq!(data[0], 0, "not compressed");
         let len = u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize;
         assert_eq!(len, data.len() - HEADER_SIZE);
-        assert_eq!(DiscoveryResponse::decode(&data[5..]).unwrap(), response);
+        assert_eq!(
+            DiscoveryResponse::decode(&data[5..]).unwrap(),
+            response.to_message()
+        );
     }
 
     #[tokio::test]
@@ -292,7 +297,7 @@ mod tests {
         let mailbox = super::super::Mailbox::new();
         let out = mailbox.clone();
         let driver = async move {
-            out.put(Ok(DiscoveryResponse::default())).await;
+            out.put(Ok(sotw_response("", "", ""))).await;
             out.put(Err(Status::invalid_argument("bad nonce"))).await;
         };
         let mut body = Encode {

@@ -181,7 +181,7 @@ impl World {
     }
 
     fn receive(&mut self, step: Step) -> Result<(), TestCaseError> {
-        for response in step.responses {
+        for response in step.responses.iter().map(SotwResponse::decoded) {
             prop_assert!(
                 self.stream_nonces.insert(response.nonce.clone()),
                 "nonce {} repeated within a stream",
@@ -413,7 +413,7 @@ impl World {
             .resources(&self.view, &type_url)
             .into_iter()
             .filter(|r| self.clients[type_idx].subscription.matches(r.name.as_str()))
-            .map(|r| (r.name.to_string(), r.body.value.clone()))
+            .map(|r| (r.name.to_string(), r.value().to_vec()))
             .collect()
     }
 

@@ -1,4 +1,7 @@
-use envoy_types::pb::{google::protobuf::Any, google::rpc::Status as RpcStatus};
+use envoy_types::pb::{
+    envoy::service::discovery::v3::DiscoveryResponse, google::protobuf::Any,
+    google::rpc::Status as RpcStatus,
+};
 
 use super::*;
 use crate::cache::{CacheWriter, Update, cache};
@@ -9,6 +12,11 @@ struct Harness {
     writer: CacheWriter,
     cache: crate::cache::Cache,
     stream: SotwStream,
+}
+
+/// What the client decodes from a step's responses.
+fn decoded(step: Step) -> Vec<DiscoveryResponse> {
+    step.responses.iter().map(SotwResponse::decoded).collect()
 }
 
 impl Harness {
@@ -44,12 +52,12 @@ impl Harness {
 
     fn request(&mut self, req: DiscoveryRequest) -> Vec<DiscoveryResponse> {
         let snap = self.cache.snapshot();
-        self.stream.on_request(&req, &snap).unwrap().responses
+        decoded(self.stream.on_request(&req, &snap).unwrap())
     }
 
     fn changed(&mut self) -> Vec<DiscoveryResponse> {
         let snap = self.cache.snapshot();
-        self.stream.on_snapshot(&snap).responses
+        decoded(self.stream.on_snapshot(&snap))
     }
 
     fn status(&self) -> TypeStatus {
