@@ -26,6 +26,9 @@ pub struct Shape {
     pub warmup: Duration,
     /// How long calls are counted.
     pub duration: Duration,
+    /// Each worker's first call counter: runs of one case that must not repeat a call (new
+    /// content) start apart.
+    pub first_seq: u64,
 }
 
 /// What one unary run measured.
@@ -64,7 +67,7 @@ pub async fn run(
         let first_error = first_error.clone();
         workers.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            let mut seq = 0u64;
+            let mut seq = shape.first_seq;
             loop {
                 let began = Instant::now();
                 if began >= end {

@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Unmeasured time before each unary run.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub warmup: Option<Duration>,
+    /// Rounds of each unary case: the servers take turns, round after round, and each
+    /// server's median round is reported (default 3; 1 with `--quick`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: Option<u32>,
     /// Size of each value, in bytes.
     #[arg(long, default_value_t = 1024)]
     pub payload_bytes: usize,
@@ -105,6 +109,41 @@ pub struct BenchArgs {
     /// Idle-stream points `STREAMSxCONNECTIONS`, comma-separated (e.g. `10000x100`).
     #[arg(long, value_delimiter = ',')]
     pub streams_points: Vec<String>,
+}
+
+/// One server's side of a unary case: its call and the process whose CPU is counted.
+struct Contender {
+    server: Server,
+    op: load::Op,
+    pid: Option<String>,
+}
+
+/// The median of a case's rounds by throughput, and what the rounds share.
+#[derive(Debug)]
+struct Median {
+    result: load::UnaryResult,
+    /// Every round's throughput, in the order they ran.
+    throughputs: Vec<f64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Median {
+    /// `results` is not empty. With an even number of rounds, the upper middle one.
+    fn of(results: Vec<load::UnaryResult>) -> Self {
+        let throughputs = results.iter().map(|r| r.throughput).collect();
+        let errors = results.iter().map(|r| r.errors).sum();
+        let first_error = results.iter().find_map(|r| r.first_error.clone());
+        let mut results = results;
+        results.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+        let middle = results.len() / 2;
+        Self {
+            result: results.swap_remove(middle),
+            throughputs,
+            errors,
+            first_error,
+        }
+    }
 }
 
 /// Processes the harness starts itself.
@@ -130,6 +169,7 @@ struct Settings {
     connections: usize,
     duration: Duration,
     warmup: Duration,
+    rounds: usize,
     payload_bytes: usize,
     records: usize,
     fanout_streams: Vec<usize>,
@@ -176,6 +216,7 @@ impl BenchArgs {
             } else {
                 Duration::from_secs(1)
             }),
+            rounds: self.rounds.map_or(if q { 1 } else { 3 }, |r| r as usize),
             payload_bytes: self.payload_bytes,
             records: self.records.unwrap_or(if q { 1_000 } else { 100_000 }),
             fanout_streams: if self.fanout_streams.is_empty() {
@@ -444,43 +485,66 @@ impl Bench {
             concurrency: self.settings.concurrency,
             warmup: self.settings.warmup,
             duration: self.settings.duration,
+            first_seq: 0,
         }
     }
 
-    /// Runs one unary case and records it.
-    async fn unary(
-        &mut self,
-        scenario: &str,
-        case: &str,
-        server: Server,
-        op: load::Op,
-        pid: Option<String>,
-    ) {
-        let label = format!("{scenario} {case} {}", server_label(server));
-        let progress = bar(label, 100);
-        let ticker = progress.clone();
-        let result = load::run(self.shape(), op, pid, move |f| {
-            ticker.set_position((f * 100.0) as u64)
-        })
-        .await;
-        progress.finish_and_clear();
-        self.rows.push(Row {
-            scenario: scenario.into(),
-            case: case.into(),
-            server,
-            concurrency: self.settings.concurrency,
-            connections: self.settings.connections,
-            figures: Figures {
-                throughput: Some(result.throughput),
-                p50_us: Some(result.latency.p50_us),
-                p99_us: Some(result.latency.p99_us),
-                max_us: Some(result.latency.max_us),
-                server_cpu_us_per_op: result.server_cpu_us_per_op,
-                errors: result.errors,
-                first_error: result.first_error,
-                ..Default::default()
-            },
-        });
+    /// Runs one unary case on every contender, [`Settings::rounds`] times in turns (each
+    /// contender once, then each again, ...), so a change in the host's load during the case
+    /// falls on every server alike, and records each contender's median round by throughput
+    /// (its errors are those of all rounds).
+    async fn unary(&mut self, scenario: &str, case: &str, contenders: Vec<Contender>) {
+        let rounds = self.settings.rounds;
+        let mut results: Vec<Vec<load::UnaryResult>> = contenders
+            .iter()
+            .map(|_| Vec::with_capacity(rounds))
+            .collect();
+        for round in 1..=rounds {
+            for (contender, results) in contenders.iter().zip(&mut results) {
+                let mut label = format!("{scenario} {case} {}", server_label(contender.server));
+                if rounds > 1 {
+                    label.push_str(&format!(" (round {round}/{rounds})"));
+                }
+                let progress = bar(label, 100);
+                let ticker = progress.clone();
+                // Calls of different rounds never repeat one another.
+                let shape = load::Shape {
+                    first_seq: (round as u64 - 1) << 32,
+                    ..self.shape()
+                };
+                let result = load::run(
+                    shape,
+                    contender.op.clone(),
+                    contender.pid.clone(),
+                    move |f| ticker.set_position((f * 100.0) as u64),
+                )
+                .await;
+                progress.finish_and_clear();
+                results.push(result);
+            }
+        }
+        for (contender, results) in contenders.iter().zip(results) {
+            let median = Median::of(results);
+            let result = median.result;
+            self.rows.push(Row {
+                scenario: scenario.into(),
+                case: case.into(),
+                server: contender.server,
+                concurrency: self.settings.concurrency,
+                connections: self.settings.connections,
+                figures: Figures {
+                    throughput: Some(result.throughput),
+                    throughput_rounds: median.throughputs,
+                    p50_us: Some(result.latency.p50_us),
+                    p99_us: Some(result.latency.p99_us),
+                    max_us: Some(result.latency.max_us),
+                    server_cpu_us_per_op: result.server_cpu_us_per_op,
+                    errors: median.errors,
+                    first_error: median.first_error,
+                    ..Default::default()
+                },
+            });
+        }
     }
 
     /// Writes `records` records of the `get` data set into an embedded store in `dir`.
@@ -608,6 +672,7 @@ impl Bench {
                     0
                 }
             };
+            let mut contenders = Vec::with_capacity(3);
             for (server, clients, pid) in [
                 (Server::Ours, ours_clients.clone(), ours.pid()),
                 (Server::Echo, echo_clients.clone(), Some(echo.pid())),
@@ -629,7 +694,7 @@ impl Bench {
                     }
                     .boxed()
                 });
-                self.unary("get", case, server, op, pid).await;
+                contenders.push(Contender { server, op, pid });
             }
             if let (Some(etcd), Some(clients)) = (&etcd, &etcd_clients) {
                 let clients = clients.clone();
@@ -645,9 +710,13 @@ impl Bench {
                     }
                     .boxed()
                 });
-                self.unary("get", case, Server::Etcd, op, Some(etcd.pid()))
-                    .await;
+                contenders.push(Contender {
+                    server: Server::Etcd,
+                    op,
+                    pid: Some(etcd.pid()),
+                });
             }
+            self.unary("get", case, contenders).await;
         }
         ours.stop().await;
         echo.stop().await;
@@ -716,10 +785,13 @@ impl Bench {
             })
         };
         let case = if refresh { "identical" } else { "new" };
-        self.unary(scenario, case, Server::Ours, op, ours.pid())
-            .await;
-        ours.stop().await;
-        if self.settings.etcd && !refresh {
+        let mut contenders = vec![Contender {
+            server: Server::Ours,
+            op,
+            pid: ours.pid(),
+        }];
+        // Both servers run through the rounds; the one not measured is idle.
+        let etcd = if self.settings.etcd && !refresh {
             let etcd = self.etcd("etcd-put").await?;
             let clients = Arc::new(etcd_clients(&etcd.url(), connections).await?);
             let op: load::Op = Arc::new(move |worker, seq| {
@@ -732,8 +804,18 @@ impl Bench {
                 }
                 .boxed()
             });
-            self.unary(scenario, case, Server::Etcd, op, Some(etcd.pid()))
-                .await;
+            contenders.push(Contender {
+                server: Server::Etcd,
+                op,
+                pid: Some(etcd.pid()),
+            });
+            Some(etcd)
+        } else {
+            None
+        };
+        self.unary(scenario, case, contenders).await;
+        ours.stop().await;
+        if let Some(etcd) = etcd {
             etcd.stop().await;
         }
         Ok(())
@@ -1028,6 +1110,33 @@ mod tests {
         }
         assert_ne!(payload(64, 1), payload(64, 2));
         assert!(serde_json::from_str::<serde_json::Value>(&payload(64, 3)).is_ok());
+    }
+
+    #[test]
+    fn the_median_round_is_reported_with_every_rounds_errors() {
+        let round = |throughput: f64, errors: u64, first_error: Option<&str>| load::UnaryResult {
+            ops: 0,
+            errors,
+            first_error: first_error.map(Into::into),
+            throughput,
+            latency: stats::Latency::of(&mut []),
+            server_cpu_us_per_op: Some(throughput / 1000.0),
+        };
+        let median = Median::of(vec![
+            round(300.0, 0, None),
+            round(100.0, 2, Some("first")),
+            round(200.0, 1, Some("second")),
+        ]);
+        assert_eq!(median.result.throughput, 200.0);
+        assert_eq!(
+            median.result.server_cpu_us_per_op,
+            Some(0.2),
+            "one round's figures"
+        );
+        assert_eq!(median.throughputs, [300.0, 100.0, 200.0]);
+        assert_eq!(median.errors, 3);
+        assert_eq!(median.first_error.as_deref(), Some("first"));
+        assert_eq!(Median::of(vec![round(5.0, 0, None)]).result.throughput, 5.0);
     }
 
     #[test]

@@ -30,8 +30,11 @@ impl Server {
 /// What one server did in one scenario. Absent figures do not apply.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Figures {
-    /// Operations (or updates) per second.
+    /// Operations (or updates) per second (unary: of the median round).
     pub throughput: Option<f64>,
+    /// Unary: every round's throughput, in the order the rounds ran.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub throughput_rounds: Vec<f64>,
     /// Median latency in microseconds (fan-out: publish start to a stream's receipt).
     pub p50_us: Option<f64>,
     /// 99th percentile latency in microseconds.
@@ -322,6 +325,19 @@ fn opt(value: Option<f64>, scale: f64, digits: usize) -> String {
     value.map_or_else(|| "".into(), |v| format!("{:.*}", digits, v / scale))
 }
 
+/// The throughput, and with several rounds their range: `median (min–max)`.
+fn throughput_cell(f: &Figures) -> String {
+    let median = opt(f.throughput, 1.0, 0);
+    let lowest = f.throughput_rounds.iter().copied().reduce(f64::min);
+    let highest = f.throughput_rounds.iter().copied().reduce(f64::max);
+    match (lowest, highest) {
+        (Some(lowest), Some(highest)) if f.throughput_rounds.len() > 1 => {
+            format!("{median} ({lowest:.0}–{highest:.0})")
+        }
+        _ => median,
+    }
+}
+
 /// The report as Markdown: the measurements, the ratios and the goals.
 pub fn markdown(report: &Report) -> String {
     let mut out = String::new();
@@ -338,7 +354,7 @@ pub fn markdown(report: &Report) -> String {
             row.server.label(),
             row.concurrency,
             row.connections,
-            opt(f.throughput, 1.0, 0),
+            throughput_cell(f),
             opt(f.p50_us, 1000.0, 2),
             opt(f.p99_us, 1000.0, 2),
             opt(f.max_us, 1000.0, 2),
@@ -460,5 +476,13 @@ mod tests {
         assert!(text.contains("| get | hot | pixiu-metadata | 8 | 2 | 900 |"));
         // Nothing to compare with: every goal is unmeasured, in both columns.
         assert_eq!(text.matches("not measured").count(), 2 * report.goals.len());
+    }
+
+    #[test]
+    fn several_rounds_show_their_range_beside_the_median() {
+        let mut figures = thr(900.0, 10.0);
+        assert_eq!(throughput_cell(&figures), "900");
+        figures.throughput_rounds = vec![950.4, 900.0, 870.6];
+        assert_eq!(throughput_cell(&figures), "900 (871–950)");
     }
 }

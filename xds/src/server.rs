@@ -790,14 +790,7 @@ mod tests {
             peer: None,
         });
         let span = Span::none();
-        let sotw = run::<SotwStream>(
-            &server.inner,
-            1,
-            context,
-            requests,
-            Mailbox::new(),
-            &span,
-        );
+        let sotw = run::<SotwStream>(&server.inner, 1, context, requests, Mailbox::new(), &span);
         let size = std::mem::size_of_val(&sotw);
         assert!(size <= 2048, "the SotW stream future grew to {size} bytes");
     }
