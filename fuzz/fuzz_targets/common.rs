@@ -4,7 +4,10 @@
 
 use arbitrary::Arbitrary;
 use envoy_types::pb::google::protobuf::Any;
-use pixiu_xds::{CacheWriter, Limits, Partition, ResourceName, TypeUrl, Update, View};
+use pixiu_xds::{
+    CacheWriter, Limits, Partition, ResourceName, TypeUrl, Update, View, response::Encode,
+};
+use prost::Message;
 
 pub const TYPES: [&str; 3] = [
     "type.googleapis.com/test.One",
@@ -108,8 +111,13 @@ pub fn visible_bodies(snapshot: &pixiu_xds::Snapshot, type_url: &str) -> Vec<Vec
     NAMES[..4]
         .iter()
         .filter_map(|n| snapshot.get(&view(), &type_url, n))
-        .map(|r| r.body.value.clone())
+        .map(|r| r.value().to_vec())
         .collect()
+}
+
+/// What a client decodes from a response's bytes.
+pub fn decoded<M: Message + Default>(response: &impl Encode) -> M {
+    M::decode(&response.encode_to_vec()[..]).expect("a response decodes")
 }
 
 /// Whether a body came from the other partition.

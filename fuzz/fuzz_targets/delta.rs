@@ -14,7 +14,8 @@ use std::collections::{HashMap, HashSet};
 use arbitrary::Arbitrary;
 use common::{NonceChoice, Write};
 use envoy_types::pb::{
-    envoy::service::discovery::v3::DeltaDiscoveryRequest, google::rpc::Status as RpcStatus,
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse},
+    google::rpc::Status as RpcStatus,
 };
 use libfuzzer_sys::fuzz_target;
 use pixiu_xds::{DeltaStream, ProtocolError, TypeUrl};
@@ -97,6 +98,7 @@ fuzz_target!(|ops: Vec<Op>| {
             }
         };
         for response in &step.responses {
+            let response: DeltaDiscoveryResponse = common::decoded(response);
             assert!(seen.insert(response.nonce.clone()), "nonce repeated");
             sent.push(response.nonce.clone());
             last.insert(response.type_url.clone(), response.nonce.clone());

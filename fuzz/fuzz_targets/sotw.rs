@@ -14,7 +14,8 @@ use std::collections::{HashMap, HashSet};
 use arbitrary::Arbitrary;
 use common::{NonceChoice, Write};
 use envoy_types::pb::{
-    envoy::service::discovery::v3::DiscoveryRequest, google::rpc::Status as RpcStatus,
+    envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse},
+    google::rpc::Status as RpcStatus,
 };
 use libfuzzer_sys::fuzz_target;
 use pixiu_xds::{ProtocolError, SotwStream};
@@ -91,6 +92,7 @@ fuzz_target!(|ops: Vec<Op>| {
             }
         };
         for response in &step.responses {
+            let response: DiscoveryResponse = common::decoded(response);
             assert!(seen.insert(response.nonce.clone()), "nonce repeated");
             sent.push(response.nonce.clone());
             let bodies = common::visible_bodies(&snapshot, &response.type_url);

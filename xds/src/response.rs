@@ -27,6 +27,13 @@ pub trait Encode {
     fn encoded_len(&self) -> usize;
     /// Appends the message's protobuf encoding to `buf`, which has room for it.
     fn encode(&self, buf: &mut impl BufMut);
+
+    /// The message's protobuf encoding, what a client receives.
+    fn encode_to_vec(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.encoded_len());
+        self.encode(&mut buf);
+        buf
+    }
 }
 
 /// A State-of-the-World response: what a `DiscoveryResponse` carries, sharing the cache's
@@ -99,9 +106,7 @@ impl DeltaResponse {
 impl SotwResponse {
     /// What a client decodes from this response's bytes.
     pub(crate) fn decoded(&self) -> DiscoveryResponse {
-        let mut buf = Vec::with_capacity(self.encoded_len());
-        self.encode(&mut buf);
-        prost::Message::decode(&buf[..]).expect("a response decodes")
+        prost::Message::decode(&self.encode_to_vec()[..]).expect("a response decodes")
     }
 }
 
@@ -109,9 +114,7 @@ impl SotwResponse {
 impl DeltaResponse {
     /// What a client decodes from this response's bytes.
     pub(crate) fn decoded(&self) -> DeltaDiscoveryResponse {
-        let mut buf = Vec::with_capacity(self.encoded_len());
-        self.encode(&mut buf);
-        prost::Message::decode(&buf[..]).expect("a response decodes")
+        prost::Message::decode(&self.encode_to_vec()[..]).expect("a response decodes")
     }
 }
 
@@ -277,8 +280,7 @@ mod tests {
     }
 
     fn encoded(message: &impl Encode) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(message.encoded_len());
-        message.encode(&mut buf);
+        let buf = message.encode_to_vec();
         assert_eq!(buf.len(), message.encoded_len(), "encoded_len is exact");
         buf
     }
