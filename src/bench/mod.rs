@@ -130,11 +130,10 @@ struct Median {
 
 impl Median {
     /// `results` is not empty. With an even number of rounds, the upper middle one.
-    fn of(results: Vec<load::UnaryResult>) -> Self {
+    fn of(mut results: Vec<load::UnaryResult>) -> Self {
         let throughputs = results.iter().map(|r| r.throughput).collect();
         let errors = results.iter().map(|r| r.errors).sum();
         let first_error = results.iter().find_map(|r| r.first_error.clone());
-        let mut results = results;
         results.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
         let middle = results.len() / 2;
         Self {

@@ -8,7 +8,7 @@
 //! (fields in tag order, proto3 defaults left out), so a client decodes it as a
 //! `DiscoveryResponse` / `DeltaDiscoveryResponse`; the tests check that byte for byte.
 
-use std::{fmt, sync::Arc};
+use std::sync::Arc;
 
 use bytes::BufMut;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -37,8 +37,8 @@ pub trait Encode {
 }
 
 /// A State-of-the-World response: what a `DiscoveryResponse` carries, sharing the cache's
-/// resources.
-#[derive(Clone, PartialEq)]
+/// resources. (A resource's `Debug` shows its size, not its bytes.)
+#[derive(Debug, Clone, PartialEq)]
 pub struct SotwResponse {
     /// `version_info`: the version of the set of resources carried.
     pub version: Version,
@@ -52,7 +52,7 @@ pub struct SotwResponse {
 
 /// An Incremental response: what a `DeltaDiscoveryResponse` carries, sharing the cache's
 /// resources.
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeltaResponse {
     /// `system_version_info`: the version of everything the client holds after it.
     pub system_version: Version,
@@ -227,37 +227,6 @@ impl Encode for DeltaResponse {
         for name in &self.removed {
             put_field(tag::DELTA_REMOVED_RESOURCES, name.as_str().as_bytes(), buf);
         }
-    }
-}
-
-/// Shows what logs need, not every resource's bytes.
-impl fmt::Debug for SotwResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SotwResponse")
-            .field("version", &self.version)
-            .field(
-                "resources",
-                &self.resources.iter().map(|r| &r.name).collect::<Vec<_>>(),
-            )
-            .field("type_url", &self.type_url)
-            .field("nonce", &self.nonce)
-            .finish()
-    }
-}
-
-/// Shows what logs need, not every resource's bytes.
-impl fmt::Debug for DeltaResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeltaResponse")
-            .field("system_version", &self.system_version)
-            .field(
-                "resources",
-                &self.resources.iter().map(|r| &r.name).collect::<Vec<_>>(),
-            )
-            .field("type_url", &self.type_url)
-            .field("removed", &self.removed)
-            .field("nonce", &self.nonce)
-            .finish()
     }
 }
 

@@ -558,7 +558,8 @@ enum Input<Req> {
 
 /// Emits an event in the stream's span. The span is entered for an event that is enabled,
 /// not around every poll of the driver: with 10,000 streams woken by one change, entering
-/// and leaving a span on each poll was a twentieth of the server's CPU.
+/// and leaving it on each poll was 5.6 % of the server's samples in a profile (its removal
+/// made no difference beyond the noise in alternating runs).
 macro_rules! in_span {
     ($span:expr, $level:expr, $($event:tt)+) => {
         if tracing::enabled!($level) {
