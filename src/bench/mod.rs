@@ -7,7 +7,8 @@
 //! with its default durability. Server CPU and memory are read from `/proc/<pid>`.
 //!
 //! Scenarios: `get` (hot key, random keys out of `--records`), `publish-new`,
-//! `publish-refresh`, `fanout` (N ADS streams, one publish, delivery latency to each),
+//! `publish-refresh`, `fanout` (N ADS streams, one publish, delivery latency to each; also
+//! against the echo's bare ADS, the transport's floor),
 //! `streams` (memory per idle stream), `startup` (spawn to ready with `--records` records).
 
 use std::{
@@ -148,7 +149,7 @@ impl Median {
 /// Processes the harness starts itself.
 #[derive(Debug, Subcommand)]
 pub enum Helper {
-    /// The bare tonic unary echo server.
+    /// The bare tonic echo server (unary `Get`, and an ADS fan-out from memory).
     #[command(hide = true)]
     EchoServer {
         /// Where to listen.
@@ -357,6 +358,7 @@ fn fanout_chart(report: &Report) -> String {
     let mut series = Vec::new();
     for (server, name, colour) in [
         (Server::Ours, "pixiu-metadata", "#1f77b4"),
+        (Server::Echo, "bare tonic ADS", "#7f7f7f"),
         (Server::Etcd, "etcd watch", "#d62728"),
     ] {
         for (dashed, what, pick) in [
@@ -824,25 +826,34 @@ impl Bench {
         let points = self.settings.fanout_streams.clone();
         let largest = points.iter().copied().max().unwrap_or(0);
         for &n in &points {
-            self.fanout_one(fanout::Kind::Sotw, n).await?;
+            self.fanout_one(fanout::Kind::Sotw, Server::Ours, n).await?;
             if n == largest {
-                self.fanout_one(fanout::Kind::Delta, n).await?;
+                self.fanout_one(fanout::Kind::Delta, Server::Ours, n)
+                    .await?;
             }
+            self.fanout_one(fanout::Kind::Sotw, Server::Echo, n).await?;
             if self.settings.etcd {
-                self.fanout_one(fanout::Kind::EtcdWatch, n).await?;
+                self.fanout_one(fanout::Kind::EtcdWatch, Server::Etcd, n)
+                    .await?;
             }
         }
         Ok(())
     }
 
-    async fn fanout_one(&mut self, kind: fanout::Kind, n: usize) -> anyhow::Result<()> {
+    /// One fan-out run: `n` streams of `kind` to a fresh `server` (etcd for etcd's watches;
+    /// ours or the bare tonic echo for ADS).
+    async fn fanout_one(
+        &mut self,
+        kind: fanout::Kind,
+        server: Server,
+        n: usize,
+    ) -> anyhow::Result<()> {
         let connections = self.settings.fanout_connections.min(n).max(1);
         let updates = self.settings.fanout_updates;
         let payload_bytes = self.settings.payload_bytes;
-        let (server, case_kind) = match kind {
-            fanout::Kind::Sotw => (Server::Ours, "sotw"),
-            fanout::Kind::Delta => (Server::Ours, "delta"),
-            fanout::Kind::EtcdWatch => (Server::Etcd, "sotw"),
+        let case_kind = match kind {
+            fanout::Kind::Sotw | fanout::Kind::EtcdWatch => "sotw",
+            fanout::Kind::Delta => "delta",
         };
         let case = format!("{case_kind}-{n}x{connections}");
         let progress = bar(
@@ -858,10 +869,16 @@ impl Bench {
                     Publisher::Etcd(Box::new(client)),
                 )
             }
-            _ => {
+            Server::Echo => {
+                let log = self.tmp.path().join("echo-fanout.log");
+                let echo = servers::echo(payload_bytes, &log).await?;
+                let client = MetadataServiceClient::new(connect(&echo.url()).await?);
+                (Target::Grpc(Box::new(echo)), Publisher::Grpc(client))
+            }
+            Server::Ours => {
                 let ours = self.ours(None, "fanout").await?;
                 let client = MetadataServiceClient::new(connect(&ours.url()).await?);
-                (ours, Publisher::Ours(client))
+                (ours, Publisher::Grpc(client))
             }
         };
         publish.publish(payload(payload_bytes, 0)).await?;
@@ -1074,14 +1091,15 @@ fn server_label(server: Server) -> &'static str {
 
 /// The one publisher of a fan-out run.
 enum Publisher {
-    Ours(MetadataServiceClient<Channel>),
+    /// `MetadataService/Publish`: ours, or the echo's.
+    Grpc(MetadataServiceClient<Channel>),
     Etcd(Box<etcd_client::Client>),
 }
 
 impl Publisher {
     async fn publish(&mut self, value: String) -> anyhow::Result<()> {
         match self {
-            Publisher::Ours(client) => {
+            Publisher::Grpc(client) => {
                 client
                     .publish(proto::PublishMetadataRequest {
                         application_name: fanout::APPLICATION.into(),
