@@ -31,6 +31,10 @@ pub const APPLICATION: &str = "bench-fanout";
 pub const REVISION: &str = "r1";
 /// The etcd key every watcher watches.
 pub const ETCD_KEY: &str = "/bench/fanout";
+/// An application no stream subscribes to.
+pub const OTHER_APPLICATION: &str = "bench-fanout-other";
+/// An etcd key no watcher watches.
+pub const OTHER_ETCD_KEY: &str = "/bench/fanout-other";
 
 /// What kind of subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -256,6 +260,15 @@ pub struct UpdateResult {
 }
 
 impl Streams {
+    /// How many deliveries arrived since the last look, whatever their update.
+    pub fn drain(&mut self) -> u64 {
+        let mut n = 0;
+        while self.deliveries.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     /// Waits until every stream reports `update`, or `timeout` passes.
     pub async fn collect(&mut self, update: u64, t0: Instant, timeout: Duration) -> UpdateResult {
         let mut latencies_us = Vec::with_capacity(self.n);

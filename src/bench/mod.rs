@@ -908,6 +908,14 @@ impl Bench {
             progress.inc(1);
         }
         progress.finish_and_clear();
+        let unrelated = if kind != fanout::Kind::Delta && server != Server::Echo {
+            Some(
+                self.unrelated(&target, &mut publish, &mut streams, connections)
+                    .await?,
+            )
+        } else {
+            None
+        };
         let rss_after = target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
         let failed = streams.failed.load(std::sync::atomic::Ordering::Relaxed);
         drop(streams);
@@ -937,7 +945,54 @@ impl Bench {
                 ..Default::default()
             },
         });
+        self.rows.extend(unrelated);
         Ok(())
+    }
+
+    /// What a publish no stream subscribes to costs the server while `streams` are open: a
+    /// provider publishing its own record in a mesh of subscribed consumers. Every update
+    /// that reaches a stream counts as an error.
+    async fn unrelated(
+        &self,
+        target: &Target,
+        publish: &mut Publisher,
+        streams: &mut fanout::Streams,
+        connections: usize,
+    ) -> anyhow::Result<Row> {
+        let updates = self.settings.fanout_updates;
+        let (mut server_cpu, mut delivered) = (0.0, 0);
+        for update in 1..=updates as u64 {
+            let server0 = target.pid().and_then(|p| procfs::cpu_seconds(&p).ok());
+            publish
+                .publish_elsewhere(payload(self.settings.payload_bytes, update))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let (Some(before), Some(after)) = (
+                server0,
+                target.pid().and_then(|p| procfs::cpu_seconds(&p).ok()),
+            ) {
+                server_cpu += after - before;
+            }
+            delivered += streams.drain();
+        }
+        Ok(Row {
+            scenario: "fanout".into(),
+            case: format!("unrelated-{}x{connections}", streams.n),
+            server: if matches!(publish, Publisher::Etcd(_)) {
+                Server::Etcd
+            } else {
+                Server::Ours
+            },
+            concurrency: streams.n,
+            connections,
+            figures: Figures {
+                server_cpu_us_per_op: target.pid().map(|_| server_cpu * 1e6 / updates as f64),
+                errors: delivered,
+                first_error: (delivered > 0)
+                    .then(|| format!("{delivered} streams were sent an update of another key")),
+                ..Default::default()
+            },
+        })
     }
 
     async fn streams(&mut self) -> anyhow::Result<()> {
@@ -1110,6 +1165,26 @@ impl Publisher {
             }
             Publisher::Etcd(client) => {
                 client.put(fanout::ETCD_KEY, value, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `value` under a key no fan-out stream subscribes to, in the same namespace
+    /// (ours) or keyspace (etcd).
+    async fn publish_elsewhere(&mut self, value: String) -> anyhow::Result<()> {
+        match self {
+            Publisher::Grpc(client) => {
+                client
+                    .publish(proto::PublishMetadataRequest {
+                        application_name: fanout::OTHER_APPLICATION.into(),
+                        revision: fanout::REVISION.into(),
+                        metadata_info: value,
+                    })
+                    .await?;
+            }
+            Publisher::Etcd(client) => {
+                client.put(fanout::OTHER_ETCD_KEY, value, None).await?;
             }
         }
         Ok(())

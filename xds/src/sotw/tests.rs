@@ -283,3 +283,26 @@ fn quirks_withhold_empty_sets_and_drop_the_legacy_wildcard() {
     h.put("b", "B2");
     assert_eq!(names(&h.changed().remove(0)), vec!["B2"]);
 }
+
+#[test]
+fn a_stream_holding_the_current_set_is_sent_nothing_until_it_changes() {
+    for names_asked in [&["a", "b"][..], &[]] {
+        let mut h = Harness::new();
+        h.put("a", "A1");
+        h.put("b", "B1");
+        let r = h.request(req(names_asked, "", "")).remove(0);
+        assert!(h.request(ack(&r, names_asked)).is_empty());
+        // The same content written again: same versions, nothing to send.
+        h.put("a", "A1");
+        assert!(h.changed().is_empty(), "{names_asked:?}");
+        // Deleted and written back before the stream looked: it holds the current set.
+        h.delete("b");
+        h.put("b", "B1");
+        assert!(h.changed().is_empty(), "{names_asked:?}");
+        h.put("b", "B2");
+        let r2 = h.changed().remove(0);
+        assert_eq!(names(&r2), vec!["A1", "B2"], "{names_asked:?}");
+        h.delete("a");
+        assert_eq!(names(&h.changed().remove(0)), vec!["B2"], "{names_asked:?}");
+    }
+}
