@@ -312,6 +312,12 @@ async fn etcd_cluster_member_killed_loses_no_acknowledged_write() {
         N,
         "every publish is eventually acknowledged"
     );
+    // The store retries on another member: a dead member costs retries inside the server,
+    // hardly ever a failed publish (without those retries, about a quarter of these failed).
+    assert!(
+        n_unavailable <= 10,
+        "{n_unavailable} publishes failed while two members of three were up"
+    );
 
     // Kill another member: the cluster keeps its quorum with two of three.
     cluster.kill(1);

@@ -55,9 +55,11 @@
 //! under `<prefix>.sweeper-election` (beside the records, not under them), each with its own
 //! lease of [`SWEEPER_LEASE_TTL`]; see [`Store::leadership`] and the `election` module.
 //!
-//! Every etcd call is bounded by [`REQUEST_TIMEOUT`]; when etcd does not answer, writes fail
-//! with [`Error::Unavailable`]. A write that timed out may still have been applied; publishing
-//! again is safe (an identical value is a refresh).
+//! Every etcd call is bounded by [`REQUEST_TIMEOUT`]; within it a transient failure (a member
+//! that refuses connections, no leader) is retried, so one member down of three costs a retry,
+//! not a failed write. When etcd does not answer in time, writes fail with
+//! [`Error::Unavailable`]. A write that timed out may still have been applied; publishing again
+//! is safe (an identical value is a refresh).
 //!
 //! # Reads and watches: the mirror
 //!
@@ -128,6 +130,9 @@ const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::fro
 /// First and longest pause between attempts to re-establish the watch.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// First and longest pause between attempts of one request (see [`retrying`]).
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 
 /// Keys read per page when listing the prefix.
 const LIST_PAGE: i64 = 256;
@@ -238,7 +243,7 @@ impl EtcdStore {
         let started = Instant::now();
         let mut backoff = Backoff::default();
         let (revision, records) = loop {
-            match list_all(kv.clone(), &keys).await {
+            match list_all(kv.clone(), &keys, endpoints).await {
                 Ok(listed) => break listed,
                 Err(e) if started.elapsed() + backoff.peek() >= STARTUP_TIMEOUT => {
                     return Err(Error::Unavailable(format!(
@@ -266,6 +271,7 @@ impl EtcdStore {
         let follower = Follower {
             watch: watch_client,
             kv: kv.clone(),
+            endpoints: endpoints.to_vec(),
             keys: keys.clone(),
             shared: shared.clone(),
             stop: stop.clone(),
@@ -299,23 +305,12 @@ impl EtcdStore {
         self.inner.keys.record(key)
     }
 
-    /// Runs one etcd request, bounded by [`REQUEST_TIMEOUT`].
-    async fn call<T>(
-        &self,
-        doing: String,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(etcd_error(
-                &format!("{doing} (etcd at {:?})", self.inner.endpoints),
-                e,
-            )),
-            Err(_) => Err(Error::Unavailable(format!(
-                "{doing}: etcd at {:?} did not answer within {REQUEST_TIMEOUT:?}",
-                self.inner.endpoints
-            ))),
-        }
+    /// Runs one etcd request, retried while etcd's answer is transient; see [`retrying`].
+    async fn call<T, F>(&self, doing: String, request: impl FnMut(KvClient) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        retrying(&doing, &self.inner.endpoints, &self.inner.kv, request).await
     }
 
     /// Fails with [`Error::NamespaceFull`] when `key`'s namespace is at the cap.
@@ -328,10 +323,16 @@ impl EtcdStore {
         let response = self
             .call(
                 format!("counting the records of namespace {}", key.namespace),
-                self.inner.kv.clone().get(
-                    prefix,
-                    Some(GetOptions::new().with_prefix().with_count_only()),
-                ),
+                |mut kv| {
+                    let prefix = prefix.clone();
+                    async move {
+                        kv.get(
+                            prefix,
+                            Some(GetOptions::new().with_prefix().with_count_only()),
+                        )
+                        .await
+                    }
+                },
             )
             .await?;
         if usize::try_from(response.count()).unwrap_or(usize::MAX) >= limit {
@@ -402,7 +403,10 @@ impl Store for EtcdStore {
                 .and_then([TxnOp::put(etcd_key.as_bytes(), envelope.clone(), None)])
                 .or_else([TxnOp::get(etcd_key.as_bytes(), None)]);
             let response = self
-                .call(format!("writing {key}"), self.inner.kv.clone().txn(txn))
+                .call(format!("writing {key}"), |mut kv| {
+                    let txn = txn.clone();
+                    async move { kv.txn(txn).await }
+                })
                 .await?;
             if response.succeeded() {
                 let revision = header_revision(response.header())?;
@@ -467,7 +471,10 @@ impl Store for EtcdStore {
             .when(compares)
             .and_then([TxnOp::delete(etcd_key.as_bytes(), None)]);
         let response = self
-            .call(format!("deleting {key}"), self.inner.kv.clone().txn(txn))
+            .call(format!("deleting {key}"), |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
             .await?;
         let deleted = response.succeeded()
             && matches!(first_op(&response), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0);
@@ -635,6 +642,8 @@ impl Shared {
 struct Follower {
     watch: WatchClient,
     kv: KvClient,
+    /// For messages.
+    endpoints: Vec<String>,
     keys: Keys,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -671,7 +680,7 @@ impl Follower {
                     loop {
                         let listed = tokio::select! {
                             () = self.stop.cancelled() => return,
-                            listed = list_all(self.kv.clone(), &self.keys) => listed,
+                            listed = list_all(self.kv.clone(), &self.keys, &self.endpoints) => listed,
                         };
                         match listed {
                             Ok((revision, records)) => {
@@ -750,7 +759,11 @@ impl Follower {
 
 /// Lists every record under the prefix, in pages all read at one revision. Returns that
 /// revision and the records; errors are messages (the caller retries).
-async fn list_all(mut kv: KvClient, keys: &Keys) -> Result<(u64, Vec<Record>), String> {
+async fn list_all(
+    kv: KvClient,
+    keys: &Keys,
+    endpoints: &[String],
+) -> Result<(u64, Vec<Record>), String> {
     let end = prefix_end(keys.root.as_bytes());
     let mut from = keys.root.as_bytes().to_vec();
     let mut revision = 0;
@@ -762,15 +775,13 @@ async fn list_all(mut kv: KvClient, keys: &Keys) -> Result<(u64, Vec<Record>), S
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let response = tokio::time::timeout(REQUEST_TIMEOUT, kv.get(from.clone(), Some(options)))
-            .await
-            .map_err(|_| {
-                format!(
-                    "listing {}: no answer within {REQUEST_TIMEOUT:?}",
-                    keys.root
-                )
-            })?
-            .map_err(|e| format!("listing {}: {e}", keys.root))?;
+        let doing = format!("listing {}", keys.root);
+        let response = retrying(&doing, endpoints, &kv, |mut kv| {
+            let (from, options) = (from.clone(), options.clone());
+            async move { kv.get(from, Some(options)).await }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         if revision == 0 {
             revision = response
                 .header()
@@ -908,28 +919,92 @@ fn etcd_error(doing: &str, e: etcd_client::Error) -> Error {
 #[derive(Debug)]
 struct Backoff {
     next: Duration,
+    min: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { next: BACKOFF_MIN }
+        Self::new(BACKOFF_MIN, BACKOFF_MAX)
     }
 }
 
 impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            next: min,
+            min,
+            max,
+        }
+    }
+
     fn peek(&self) -> Duration {
         self.next
     }
 
     fn next(&mut self) -> Duration {
         let now = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         now
     }
 
     fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
+        self.next = self.min;
     }
+}
+
+/// Runs one etcd request, `request(kv)` making each attempt on a clone of `kv`, within
+/// [`REQUEST_TIMEOUT`] in all.
+///
+/// A transient answer ([`Error::Unavailable`]: the transport, no leader) is retried after
+/// [`RETRY_BACKOFF`] (doubling), at most [`attempts`] times. The client balances over every
+/// endpoint and keeps dialling a dead member, so without this one member down of three would
+/// fail about a third of the requests; the next attempt likely goes to another member. When
+/// every member is down the attempts run out within a few hundred milliseconds, so writes
+/// still fail fast. Writes are transactions comparing revisions, so an attempt repeated after
+/// its answer was lost cannot apply twice: a put finds its own value and refreshes it, a delete
+/// finds nothing left to delete.
+async fn retrying<T, F>(
+    doing: &str,
+    endpoints: &[String],
+    kv: &KvClient,
+    mut request: impl FnMut(KvClient) -> F,
+) -> Result<T>
+where
+    F: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut backoff = Backoff::new(RETRY_BACKOFF.0, RETRY_BACKOFF.1);
+    let mut left = attempts(endpoints.len());
+    loop {
+        left -= 1;
+        let error = match tokio::time::timeout_at(deadline, request(kv.clone())).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(e)) => etcd_error(&format!("{doing} (etcd at {endpoints:?})"), e),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "{doing}: etcd at {endpoints:?} did not answer within {REQUEST_TIMEOUT:?}"
+                )));
+            }
+        };
+        let pause = backoff.next();
+        if !matches!(error, Error::Unavailable(_))
+            || left == 0
+            || tokio::time::Instant::now() + pause >= deadline
+        {
+            return Err(error);
+        }
+        debug!(%error, ?pause, "retrying a transient etcd failure");
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// How many times [`retrying`] tries one request with `n_endpoints` endpoints: twice per
+/// endpoint, so a request fails only when several random picks all land on dead members.
+fn attempts(n_endpoints: usize) -> u32 {
+    u32::try_from(n_endpoints.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .clamp(2, 8)
 }
 
 #[cfg(test)]
@@ -1415,6 +1490,35 @@ mod tests {
             EtcdStore::connect(&[], DEFAULT_PREFIX, usize::MAX).await,
             Err(Error::Storage(_))
         ));
+    }
+
+    #[test]
+    fn requests_are_tried_twice_per_endpoint_within_bounds() {
+        assert_eq!(attempts(0), 2);
+        assert_eq!(attempts(1), 2);
+        assert_eq!(attempts(3), 6);
+        assert_eq!(attempts(1000), 8);
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_beside_a_live_one_fails_no_request() {
+        let etcd = Etcd::start().await;
+        // A port nothing listens on: every connection to it is refused.
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let store = EtcdStore::connect(&[dead, etcd.endpoint()], "/dead-member", 1000)
+            .await
+            .unwrap();
+        // Each request's first attempt picks either endpoint: without retries, about half of
+        // these would fail.
+        for i in 0..50 {
+            let key = Key::metadata("ns", "app", &format!("r{i}"));
+            store.put(&key, "v", at(1)).await.unwrap();
+            assert!(store.delete(&key, None).await.unwrap(), "r{i} deleted");
+        }
+        store.ready().await.unwrap();
     }
 
     #[tokio::test]
