@@ -18,7 +18,10 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio_stream::{StreamExt, wrappers::WatchStream};
 
-use crate::types::{Partition, ResourceName, TypeUrl, Version};
+use crate::{
+    interest::{Changed, Index, Interest},
+    types::{Partition, ResourceName, TypeUrl, Version},
+};
 
 /// One resource as stored: its name, content-derived version and body.
 ///
@@ -272,21 +275,28 @@ pub enum Update {
 #[derive(Debug, Clone)]
 pub struct Cache {
     rx: watch::Receiver<Arc<Snapshot>>,
+    pub(crate) interests: Arc<Mutex<Index>>,
 }
 
 /// The write handle on the cache. Writes are serialised; none holds a lock across an `await`.
 #[derive(Debug, Clone)]
 pub struct CacheWriter {
     tx: Arc<Mutex<watch::Sender<Arc<Snapshot>>>>,
+    interests: Arc<Mutex<Index>>,
 }
 
 /// Creates an empty cache, returning its reader and its writer.
 pub fn cache() -> (Cache, CacheWriter) {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let interests = Arc::new(Mutex::new(Index::default()));
     (
-        Cache { rx },
+        Cache {
+            rx,
+            interests: interests.clone(),
+        },
         CacheWriter {
             tx: Arc::new(Mutex::new(tx)),
+            interests,
         },
     )
 }
@@ -297,8 +307,14 @@ impl Cache {
         self.rx.borrow().clone()
     }
 
-    /// A receiver of snapshots, for a stream to wait on changes. The current snapshot counts
-    /// as seen.
+    /// A registration for changes of chosen resources: a stream wakes only when one of them
+    /// may have changed (see [`crate::interest`]).
+    pub fn interest(&self) -> Interest {
+        Interest::new(self.interests.clone(), self.clone())
+    }
+
+    /// A receiver of every snapshot, for a reader that follows the whole cache. The current
+    /// snapshot counts as seen.
     pub fn changes(&self) -> Changes {
         let mut rx = self.rx.clone();
         rx.mark_unchanged();
@@ -339,16 +355,18 @@ impl CacheWriter {
         let current = tx.borrow().clone();
         let mut next = Snapshot::clone(&current);
         let seq = current.seq + 1;
-        let mut changed = false;
-        for update in updates {
-            changed |= apply_one(&mut next.entries, update, seq);
-        }
-        if !changed {
+        let changed: Vec<Changed> = updates
+            .into_iter()
+            .filter_map(|update| apply_one(&mut next.entries, update, seq))
+            .collect();
+        if changed.is_empty() {
             return current.seq;
         }
         next.seq = seq;
         next.published_at = Instant::now();
         tx.send_replace(Arc::new(next));
+        // Published first: a stream woken now reads this snapshot or a newer one.
+        self.interests.lock().notify(&changed);
         seq
     }
 
@@ -356,15 +374,17 @@ impl CacheWriter {
     pub fn reader(&self) -> Cache {
         Cache {
             rx: self.tx.lock().subscribe(),
+            interests: self.interests.clone(),
         }
     }
 }
 
+/// Applies one update; what it changed, if anything.
 fn apply_one(
     entries: &mut OrdMap<(Partition, TypeUrl), TypeEntry>,
     update: Update,
     seq: u64,
-) -> bool {
+) -> Option<Changed> {
     match update {
         Update::Put {
             partition,
@@ -373,27 +393,25 @@ fn apply_one(
             body,
         } => {
             let resource = Resource::new(name.clone(), body);
-            let entry = entries.entry((partition, type_url)).or_default();
+            let entry = entries
+                .entry((partition.clone(), type_url.clone()))
+                .or_default();
             if entry.resources.get(&name).is_some_and(|r| **r == resource) {
-                return false;
+                return None;
             }
-            entry.resources.insert(name, Arc::new(resource));
+            entry.resources.insert(name.clone(), Arc::new(resource));
             entry.generation = seq;
-            true
+            Some(Changed::Resource(partition, type_url, name))
         }
         Update::Delete {
             partition,
             type_url,
             name,
         } => {
-            let Some(entry) = entries.get_mut(&(partition, type_url)) else {
-                return false;
-            };
-            if entry.resources.remove(&name).is_none() {
-                return false;
-            }
+            let entry = entries.get_mut(&(partition.clone(), type_url.clone()))?;
+            entry.resources.remove(&name)?;
             entry.generation = seq;
-            true
+            Some(Changed::Resource(partition, type_url, name))
         }
         Update::ReplaceType {
             partition,
@@ -404,13 +422,15 @@ fn apply_one(
                 .into_iter()
                 .map(|(name, body)| (name.clone(), Arc::new(Resource::new(name, body))))
                 .collect();
-            let entry = entries.entry((partition, type_url)).or_default();
+            let entry = entries
+                .entry((partition.clone(), type_url.clone()))
+                .or_default();
             if entry.resources == new {
-                return false;
+                return None;
             }
             entry.resources = new;
             entry.generation = seq;
-            true
+            Some(Changed::Type(partition, type_url))
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod cache;
 pub mod csds;
 pub mod delta;
+pub mod interest;
 pub mod protocol;
 pub mod registry;
 pub mod response;
@@ -28,6 +29,7 @@ pub mod types;
 pub use cache::{Cache, CacheWriter, Resource, Snapshot, Update, View, cache};
 pub use csds::{CsdsServer, ShowAll, StatusFilter};
 pub use delta::DeltaStream;
+pub use interest::{Interest, Wanted};
 pub use protocol::{Limits, ProtocolError, Quirks};
 pub use registry::Registry;
 pub use response::{DeltaResponse, SotwResponse};

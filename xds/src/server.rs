@@ -44,12 +44,13 @@ pub use service::AdsService;
 use crate::{
     cache::{Cache, Snapshot, View},
     delta::DeltaStream,
+    interest::Wanted,
     protocol::{Limits, ProtocolError, Quirks, Step},
     registry::{Registry, TypeStatuses},
     response::{DeltaResponse, Encode, SotwResponse},
     sotw::SotwStream,
     status::{Notice, Protocol, StreamStatus, TypeStatus},
-    types::TypeUrl,
+    types::{Partition, ResourceName, TypeUrl},
 };
 
 /// What the server knows about a stream when it asks for its [`View`].
@@ -294,6 +295,7 @@ trait Machine: Send + Sized + 'static {
     ) -> Result<Step<Self::Response>, ProtocolError>;
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Step<Self::Response>;
     fn status(&self) -> impl Iterator<Item = (&TypeUrl, &TypeStatus)>;
+    fn view(&self) -> &View;
     fn describe(response: &Self::Response) -> Sent<'_>;
 }
 
@@ -323,6 +325,10 @@ impl Machine for SotwStream {
 
     fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self {
         SotwStream::new(view, nonce_prefix, limits).with_quirks(quirks)
+    }
+
+    fn view(&self) -> &View {
+        SotwStream::view(self)
     }
 
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
@@ -362,6 +368,10 @@ impl Machine for DeltaStream {
 
     fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self {
         DeltaStream::new(view, nonce_prefix, limits).with_quirks(quirks)
+    }
+
+    fn view(&self) -> &View {
+        DeltaStream::view(self)
     }
 
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
@@ -632,8 +642,9 @@ async fn run<M: Machine>(
         },
         machine,
     );
-    // Subscribe before reading the snapshot, so no change slips between the two.
-    let mut changes = inner.cache.changes();
+    // Registered for the resources the stream subscribes to, after each request that changes
+    // them: a change to anything else does not wake the stream.
+    let mut interest = inner.cache.interest();
     // One wait for shutdown for the stream's life, not one registration with the token (under
     // its lock, shared by every stream) per select.
     let shutdown = inner.shutdown.cancelled();
@@ -645,9 +656,21 @@ async fn run<M: Machine>(
             match input {
                 Input::Request(request) => {
                     let snapshot = inner.cache.snapshot();
-                    machine
+                    let stepped = machine
                         .on_request(&request, &snapshot)
-                        .map(|step| (step, snapshot.seq(), None))
+                        .map(|step| (step, snapshot.seq(), None));
+                    if !interest.is(wanted(&*machine)) {
+                        interest.set(
+                            wanted(&*machine)
+                                .map(|(p, t, name)| {
+                                    let wanted =
+                                        name.map_or(Wanted::All, |n| Wanted::Named(n.clone()));
+                                    (p.clone(), t.clone(), wanted)
+                                })
+                                .collect(),
+                        );
+                    }
+                    stepped
                 }
                 Input::Snapshot(snapshot) => Ok((
                     machine.on_snapshot(&snapshot),
@@ -715,12 +738,31 @@ async fn run<M: Machine>(
                     return;
                 }
             },
-            snapshot = changes.next() => match snapshot {
-                Some(snapshot) => Input::Snapshot(snapshot),
-                None => return,
-            },
+            snapshot = interest.next() => Input::Snapshot(snapshot),
         };
     }
+}
+
+/// What a stream's machine subscribes to, as registrations: for each type, in each
+/// partition of its view, every resource (`None`, a wildcard) or each subscribed name.
+fn wanted<M: Machine>(
+    machine: &M,
+) -> impl Iterator<Item = (&Partition, &TypeUrl, Option<&ResourceName>)> {
+    let partitions = machine.view().partitions();
+    machine.status().flat_map(move |(type_url, status)| {
+        let subscription = &status.subscription;
+        let wildcard = subscription.is_wildcard();
+        partitions.iter().flat_map(move |partition| {
+            let all = wildcard.then_some(None);
+            let names = (!wildcard)
+                .then(|| subscription.names().iter().map(Some))
+                .into_iter()
+                .flatten();
+            all.into_iter()
+                .chain(names)
+                .map(move |name| (partition, type_url, name))
+        })
+    })
 }
 
 /// The status a stream ends with when its next request could not be read: tonic reports a
