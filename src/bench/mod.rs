@@ -1152,39 +1152,38 @@ enum Publisher {
 }
 
 impl Publisher {
+    /// Publishes `value` to the record every fan-out stream subscribes to.
     async fn publish(&mut self, value: String) -> anyhow::Result<()> {
-        match self {
-            Publisher::Grpc(client) => {
-                client
-                    .publish(proto::PublishMetadataRequest {
-                        application_name: fanout::APPLICATION.into(),
-                        revision: fanout::REVISION.into(),
-                        metadata_info: value,
-                    })
-                    .await?;
-            }
-            Publisher::Etcd(client) => {
-                client.put(fanout::ETCD_KEY, value, None).await?;
-            }
-        }
-        Ok(())
+        self.publish_to(fanout::APPLICATION, fanout::ETCD_KEY, value)
+            .await
     }
 
     /// Publishes `value` under a key no fan-out stream subscribes to, in the same namespace
     /// (ours) or keyspace (etcd).
     async fn publish_elsewhere(&mut self, value: String) -> anyhow::Result<()> {
+        self.publish_to(fanout::OTHER_APPLICATION, fanout::OTHER_ETCD_KEY, value)
+            .await
+    }
+
+    /// Publishes `value` as `application` (ours) or under `etcd_key` (etcd).
+    async fn publish_to(
+        &mut self,
+        application: &str,
+        etcd_key: &str,
+        value: String,
+    ) -> anyhow::Result<()> {
         match self {
             Publisher::Grpc(client) => {
                 client
                     .publish(proto::PublishMetadataRequest {
-                        application_name: fanout::OTHER_APPLICATION.into(),
+                        application_name: application.into(),
                         revision: fanout::REVISION.into(),
                         metadata_info: value,
                     })
                     .await?;
             }
             Publisher::Etcd(client) => {
-                client.put(fanout::OTHER_ETCD_KEY, value, None).await?;
+                client.put(etcd_key, value, None).await?;
             }
         }
         Ok(())
