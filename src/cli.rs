@@ -17,6 +17,7 @@ use crate::{
 
 mod file;
 pub mod records;
+pub mod security;
 pub mod status;
 mod watch;
 
@@ -167,7 +168,7 @@ pub struct ServeArgs {
     pub pixiu_config_dir: Option<PathBuf>,
     /// TLS, authentication and connection limits.
     #[command(flatten)]
-    pub security: Box<crate::security::cli::SecurityArgs>,
+    pub security: Box<security::SecurityArgs>,
 }
 
 impl ServeArgs {

@@ -298,7 +298,7 @@ pub async fn serve(
                     grpc,
                     tls,
                     limits.accept(),
-                    Arc::new(metrics.clone()),
+                    Arc::new(HandshakeMetrics(metrics.clone())),
                     shutdown.clone(),
                 );
                 router
@@ -363,4 +363,13 @@ fn size_limit_status<B>(mut response: http::Response<B>) -> http::Response<B> {
         );
     }
     response
+}
+
+/// The accept loop's failed handshakes, counted in the metrics.
+struct HandshakeMetrics(metrics::Metrics);
+
+impl security::tls::AcceptObserver for HandshakeMetrics {
+    fn handshake_failed(&self, reason: &'static str) {
+        self.0.tls_handshake_failed(reason);
+    }
 }

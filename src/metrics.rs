@@ -374,8 +374,10 @@ impl Metrics {
     }
 }
 
-impl crate::security::tls::AcceptObserver for Metrics {
-    fn handshake_failed(&self, reason: &'static str) {
+impl Metrics {
+    /// Counts a TLS handshake that failed or timed out, or a connection refused because too
+    /// many handshakes were in progress.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
         self.tls_handshake_failures
             .get_or_create(&ReasonLabels {
                 reason: reason.to_string(),

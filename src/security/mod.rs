@@ -12,7 +12,6 @@
 //!
 //! What this module does not do: validate names (that is `model`), or store anything.
 
-pub mod cli;
 pub mod guard;
 pub mod identity;
 pub mod policy;

@@ -310,7 +310,7 @@ impl Cache {
     /// A registration for changes of chosen resources: a stream wakes only when one of them
     /// may have changed (see [`crate::interest`]).
     pub fn interest(&self) -> Interest {
-        Interest::new(self.interests.clone(), self.clone())
+        Interest::new(self.interests.clone())
     }
 
     /// A receiver of every snapshot, for a reader that follows the whole cache. The current
@@ -582,5 +582,115 @@ mod tests {
             pending.await.is_err(),
             "no second wake-up for coalesced writes"
         );
+    }
+}
+
+/// How a change reaches the streams that want it (see [`crate::interest`]).
+#[cfg(test)]
+mod interest_tests {
+    use envoy_types::pb::google::protobuf::Any;
+
+    use super::{Update, cache};
+    use crate::interest::{Key, Wanted};
+
+    fn put(partition: &str, type_url: &str, name: &str, value: &str) -> Update {
+        Update::Put {
+            partition: partition.into(),
+            type_url: type_url.into(),
+            name: name.into(),
+            body: Any {
+                type_url: type_url.into(),
+                value: value.as_bytes().to_vec(),
+            },
+        }
+    }
+
+    fn key(partition: &str, type_url: &str, wanted: Option<&str>) -> Key {
+        (
+            partition.into(),
+            type_url.into(),
+            wanted.map_or(Wanted::All, |n| Wanted::Named(n.into())),
+        )
+    }
+
+    #[test]
+    fn only_a_change_to_a_wanted_resource_wakes() {
+        let (cache, writer) = cache();
+        let mut named = cache.interest();
+        named.set(vec![key("p", "t", Some("a"))]);
+        let mut all = cache.interest();
+        all.set(vec![key("p", "t", None)]);
+        // Registering raises the signal once, for a change it may have missed.
+        assert!(named.woken() && all.woken());
+        assert!(!named.woken() && !all.woken());
+
+        writer.apply([put("p", "t", "b", "1")]);
+        assert!(!named.woken(), "another name");
+        assert!(all.woken(), "a wildcard wants every name");
+        writer.apply([put("q", "t", "a", "1"), put("p", "u", "a", "1")]);
+        assert!(!named.woken() && !all.woken(), "another partition or type");
+        writer.apply([put("p", "t", "b", "1")]);
+        assert!(!all.woken(), "an identical put changes nothing");
+
+        // Any number of changes before the stream looks: one wake-up, the newest snapshot.
+        writer.apply([put("p", "t", "a", "1")]);
+        let seq = writer.apply([put("p", "t", "a", "2")]);
+        assert!(named.woken());
+        assert!(!named.woken());
+        assert_eq!(cache.snapshot().seq(), seq);
+
+        writer.apply([Update::Delete {
+            partition: "p".into(),
+            type_url: "t".into(),
+            name: "a".into(),
+        }]);
+        assert!(named.woken(), "a deletion");
+        writer.apply([Update::ReplaceType {
+            partition: "p".into(),
+            type_url: "t".into(),
+            resources: Vec::new(),
+        }]);
+        assert!(named.woken(), "a relist of the type wakes every name of it");
+    }
+
+    #[test]
+    fn set_replaces_what_is_wanted_and_drop_unregisters() {
+        let (cache, writer) = cache();
+        let mut interest = cache.interest();
+        interest.set(vec![key("p", "t", Some("a"))]);
+        assert!(interest.is([(&"p".into(), &"t".into(), Some(&"a".into()))]));
+        assert!(!interest.is([]));
+        interest.woken();
+        // The same registration again: nothing changes, no wake-up.
+        interest.set(vec![key("p", "t", Some("a"))]);
+        assert!(!interest.woken());
+
+        interest.set(vec![key("p", "t", Some("b"))]);
+        assert!(interest.woken());
+        writer.apply([put("p", "t", "a", "1")]);
+        assert!(!interest.woken(), "no longer wanted");
+        writer.apply([put("p", "t", "b", "1")]);
+        assert!(interest.woken());
+
+        let other = cache.interest();
+        assert_eq!(cache.interests.lock().types(), 1);
+        drop(interest);
+        drop(other);
+        assert_eq!(cache.interests.lock().types(), 0, "nothing left behind");
+    }
+
+    #[tokio::test]
+    async fn a_woken_stream_reads_the_snapshot_of_the_change() {
+        let (cache, writer) = cache();
+        let mut interest = cache.interest();
+        interest.set(vec![key("p", "t", Some("a"))]);
+        interest.changed().await;
+        let waiting = tokio::spawn(async move {
+            interest.changed().await;
+            cache.snapshot().seq()
+        });
+        tokio::task::yield_now().await;
+        let seq = writer.apply([put("p", "t", "a", "1")]);
+        assert_eq!(waiting.await.unwrap(), seq);
     }
 }

@@ -24,10 +24,7 @@ use std::{
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 
-use crate::{
-    cache::{Cache, Snapshot},
-    types::{Partition, ResourceName, TypeUrl},
-};
+use crate::types::{Partition, ResourceName, TypeUrl};
 
 /// What a stream wants of one type in one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,12 +183,11 @@ pub struct Interest {
     id: u64,
     signal: Arc<Signal>,
     index: Arc<Mutex<Index>>,
-    cache: Cache,
     registered: Vec<Key>,
 }
 
 impl Interest {
-    pub(crate) fn new(index: Arc<Mutex<Index>>, cache: Cache) -> Self {
+    pub(crate) fn new(index: Arc<Mutex<Index>>) -> Self {
         let id = {
             let mut index = index.lock();
             index.next_id += 1;
@@ -201,7 +197,6 @@ impl Interest {
             id,
             signal: Arc::default(),
             index,
-            cache,
             registered: Vec::new(),
         }
     }
@@ -242,11 +237,18 @@ impl Interest {
         self.signal.raise();
     }
 
-    /// Waits until a wanted resource may have changed, then returns the current snapshot.
-    /// Cancel-safe: a wake-up is consumed only together with the snapshot it returns.
-    pub async fn next(&mut self) -> Arc<Snapshot> {
+    /// Waits until a wanted resource may have changed; the caller then reads the cache's
+    /// current snapshot, which holds the change. Cancel-safe: a wake-up is consumed only when
+    /// this returns.
+    pub async fn changed(&mut self) {
         poll_fn(|cx| self.signal.poll(cx)).await;
-        self.cache.snapshot()
+    }
+
+    /// Whether the stream was woken since it last looked, lowering the signal.
+    #[cfg(test)]
+    pub(crate) fn woken(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.signal.poll(&mut cx).is_ready()
     }
 }
 
@@ -256,125 +258,5 @@ impl Drop for Interest {
         for key in &self.registered {
             index.remove(self.id, key);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::task::Waker;
-
-    use envoy_types::pb::google::protobuf::Any;
-
-    use super::*;
-    use crate::cache::{Update, cache};
-
-    fn put(partition: &str, type_url: &str, name: &str, value: &str) -> Update {
-        Update::Put {
-            partition: partition.into(),
-            type_url: type_url.into(),
-            name: name.into(),
-            body: Any {
-                type_url: type_url.into(),
-                value: value.as_bytes().to_vec(),
-            },
-        }
-    }
-
-    fn key(partition: &str, type_url: &str, wanted: Option<&str>) -> Key {
-        (
-            partition.into(),
-            type_url.into(),
-            wanted.map_or(Wanted::All, |n| Wanted::Named(n.into())),
-        )
-    }
-
-    /// Whether the interest was woken, lowering its signal.
-    fn woken(interest: &mut Interest) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        interest.signal.poll(&mut cx).is_ready()
-    }
-
-    #[test]
-    fn only_a_change_to_a_wanted_resource_wakes() {
-        let (cache, writer) = cache();
-        let mut named = cache.interest();
-        named.set(vec![key("p", "t", Some("a"))]);
-        let mut all = cache.interest();
-        all.set(vec![key("p", "t", None)]);
-        // Registering raises the signal once, for a change it may have missed.
-        assert!(woken(&mut named) && woken(&mut all));
-        assert!(!woken(&mut named) && !woken(&mut all));
-
-        writer.apply([put("p", "t", "b", "1")]);
-        assert!(!woken(&mut named), "another name");
-        assert!(woken(&mut all), "a wildcard wants every name");
-        writer.apply([put("q", "t", "a", "1"), put("p", "u", "a", "1")]);
-        assert!(
-            !woken(&mut named) && !woken(&mut all),
-            "another partition or type"
-        );
-        writer.apply([put("p", "t", "b", "1")]);
-        assert!(!woken(&mut all), "an identical put changes nothing");
-
-        // Any number of changes before the stream looks: one wake-up, the newest snapshot.
-        writer.apply([put("p", "t", "a", "1")]);
-        let seq = writer.apply([put("p", "t", "a", "2")]);
-        assert!(woken(&mut named));
-        assert!(!woken(&mut named));
-        assert_eq!(cache.snapshot().seq(), seq);
-
-        writer.apply([Update::Delete {
-            partition: "p".into(),
-            type_url: "t".into(),
-            name: "a".into(),
-        }]);
-        assert!(woken(&mut named), "a deletion");
-        writer.apply([Update::ReplaceType {
-            partition: "p".into(),
-            type_url: "t".into(),
-            resources: Vec::new(),
-        }]);
-        assert!(
-            woken(&mut named),
-            "a relist of the type wakes every name of it"
-        );
-    }
-
-    #[test]
-    fn set_replaces_what_is_wanted_and_drop_unregisters() {
-        let (cache, writer) = cache();
-        let mut interest = cache.interest();
-        interest.set(vec![key("p", "t", Some("a"))]);
-        assert!(interest.is([(&"p".into(), &"t".into(), Some(&"a".into()))]));
-        assert!(!interest.is([]));
-        woken(&mut interest);
-        // The same registration again: nothing changes, no wake-up.
-        interest.set(vec![key("p", "t", Some("a"))]);
-        assert!(!woken(&mut interest));
-
-        interest.set(vec![key("p", "t", Some("b"))]);
-        assert!(woken(&mut interest));
-        writer.apply([put("p", "t", "a", "1")]);
-        assert!(!woken(&mut interest), "no longer wanted");
-        writer.apply([put("p", "t", "b", "1")]);
-        assert!(woken(&mut interest));
-
-        let other = cache.interest();
-        assert_eq!(cache.interests.lock().types(), 1);
-        drop(interest);
-        drop(other);
-        assert_eq!(cache.interests.lock().types(), 0, "nothing left behind");
-    }
-
-    #[tokio::test]
-    async fn next_returns_the_snapshot_after_the_change() {
-        let (cache, writer) = cache();
-        let mut interest = cache.interest();
-        interest.set(vec![key("p", "t", Some("a"))]);
-        interest.next().await;
-        let waiting = tokio::spawn(async move { interest.next().await.seq() });
-        tokio::task::yield_now().await;
-        let seq = writer.apply([put("p", "t", "a", "1")]);
-        assert_eq!(waiting.await.unwrap(), seq);
     }
 }

@@ -738,7 +738,7 @@ async fn run<M: Machine>(
                     return;
                 }
             },
-            snapshot = interest.next() => Input::Snapshot(snapshot),
+            () = interest.changed() => Input::Snapshot(inner.cache.snapshot()),
         };
     }
 }

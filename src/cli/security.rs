@@ -5,8 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::bail;
 use clap::Args;
 
-use super::{SecurityConfig, rate::Rate, tls::TlsPaths};
-use crate::Config;
+use crate::{
+    config::Config,
+    security::{SecurityConfig, rate::Rate, tls::TlsPaths},
+};
 
 /// TLS, authentication and connection limit flags of `serve`.
 #[derive(Debug, Args, Clone)]
@@ -126,14 +128,22 @@ impl SecurityArgs {
 mod tests {
     use std::time::Duration;
 
-    use crate::cli::{Command, parse_from};
+    use clap::Parser;
 
-    fn config(args: &[&str]) -> anyhow::Result<crate::Config> {
-        let cli = parse_from(["pixiu-metadata", "serve"].iter().chain(args))?;
-        match cli.command {
-            Command::Serve(serve) => serve.config(),
-            _ => unreachable!("parsed serve"),
-        }
+    use super::*;
+
+    /// The security flags alone, as `serve` flattens them.
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        security: SecurityArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<Config> {
+        let flags = Flags::try_parse_from(["pixiu-metadata"].iter().chain(args))?;
+        let mut config = Config::default();
+        flags.security.apply(&mut config)?;
+        Ok(config)
     }
 
     #[test]
