@@ -768,6 +768,7 @@ async fn list_all(
     let mut from = keys.root.as_bytes().to_vec();
     let mut revision = 0;
     let mut records = Vec::new();
+    let doing = format!("listing {}", keys.root);
     loop {
         let mut options = GetOptions::new()
             .with_range(end.clone())
@@ -775,7 +776,6 @@ async fn list_all(
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let doing = format!("listing {}", keys.root);
         let response = retrying(&doing, endpoints, &kv, |mut kv| {
             let (from, options) = (from.clone(), options.clone());
             async move { kv.get(from, Some(options)).await }

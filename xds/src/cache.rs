@@ -275,7 +275,7 @@ pub enum Update {
 #[derive(Debug, Clone)]
 pub struct Cache {
     rx: watch::Receiver<Arc<Snapshot>>,
-    pub(crate) interests: Arc<Mutex<Index>>,
+    interests: Arc<Mutex<Index>>,
 }
 
 /// The write handle on the cache. Writes are serialised; none holds a lock across an `await`.
@@ -671,6 +671,15 @@ mod interest_tests {
         assert!(!interest.woken(), "no longer wanted");
         writer.apply([put("p", "t", "b", "1")]);
         assert!(interest.woken());
+
+        // `want` takes the borrowed form a stream's subscriptions give, and registers only a
+        // difference.
+        let (p, t, a, b) = ("p".into(), "t".into(), "a".into(), "b".into());
+        interest.want(|| [(&p, &t, Some(&b))].into_iter());
+        assert!(!interest.woken(), "already registered");
+        interest.want(|| [(&p, &t, Some(&a)), (&p, &t, None)].into_iter());
+        assert!(interest.woken());
+        assert!(interest.is([(&p, &t, Some(&a)), (&p, &t, None)]));
 
         let other = cache.interest();
         assert_eq!(cache.interests.lock().types(), 1);

@@ -217,6 +217,24 @@ impl Interest {
         }
     }
 
+    /// Registers what `wanted()` lists, borrowed from the stream's subscriptions, unless it is
+    /// registered already: the usual request (an ACK) changes nothing and copies nothing.
+    pub fn want<'a, I>(&mut self, wanted: impl Fn() -> I)
+    where
+        I: Iterator<Item = (&'a Partition, &'a TypeUrl, Option<&'a ResourceName>)>,
+    {
+        if self.is(wanted()) {
+            return;
+        }
+        let keys = wanted()
+            .map(|(partition, type_url, name)| {
+                let wanted = name.map_or(Wanted::All, |name| Wanted::Named(name.clone()));
+                (partition.clone(), type_url.clone(), wanted)
+            })
+            .collect();
+        self.set(keys);
+    }
+
     /// Replaces what this stream wants. The signal is raised once afterwards, so a change
     /// applied after the stream last looked at the cache and before this registration is
     /// not missed.

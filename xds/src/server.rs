@@ -44,7 +44,6 @@ pub use service::AdsService;
 use crate::{
     cache::{Cache, Snapshot, View},
     delta::DeltaStream,
-    interest::Wanted,
     protocol::{Limits, ProtocolError, Quirks, Step},
     registry::{Registry, TypeStatuses},
     response::{DeltaResponse, Encode, SotwResponse},
@@ -659,17 +658,7 @@ async fn run<M: Machine>(
                     let stepped = machine
                         .on_request(&request, &snapshot)
                         .map(|step| (step, snapshot.seq(), None));
-                    if !interest.is(wanted(&*machine)) {
-                        interest.set(
-                            wanted(&*machine)
-                                .map(|(p, t, name)| {
-                                    let wanted =
-                                        name.map_or(Wanted::All, |n| Wanted::Named(n.clone()));
-                                    (p.clone(), t.clone(), wanted)
-                                })
-                                .collect(),
-                        );
-                    }
+                    interest.want(|| wanted(&*machine));
                     stepped
                 }
                 Input::Snapshot(snapshot) => Ok((
