@@ -21,7 +21,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -84,19 +84,22 @@ impl LeaseIndex {
     /// answered from memory keeps the record's revision, so one of a record no longer known,
     /// or older than the revision known, is late news and changes nothing.
     fn refresh(&mut self, key: &Key, refreshed_at_ms: u64, revision: u64) {
-        let Some(&(deadline, known)) = self.by_key.get(key) else {
+        let Some(known) = self.by_key.get_mut(key) else {
             return;
         };
-        if revision < known {
+        let (deadline, known_revision) = *known;
+        if revision < known_revision {
             return;
         }
         let refreshed = refreshed_at_ms.saturating_add(self.ttl_ms);
+        *known = (refreshed.max(deadline), revision);
         if refreshed > deadline {
-            self.by_deadline.remove(&(deadline, key.clone()));
-            self.by_deadline.insert((refreshed, key.clone()));
+            // The entry's own key moves to the new deadline: one copy of the key to find it,
+            // none to insert it again.
+            if let Some((_, key)) = self.by_deadline.take(&(deadline, key.clone())) {
+                self.by_deadline.insert((refreshed, key));
+            }
         }
-        self.by_key
-            .insert(key.clone(), (refreshed.max(deadline), revision));
     }
 
     fn set(&mut self, key: &Key, refreshed_at_ms: u64, revision: u64) {
@@ -206,17 +209,41 @@ pub async fn run(
             },
             event = events.next() => match event {
                 Some(event) => {
-                    match &event {
-                        Event::Delete { key, .. } | Event::Refreshed { key, .. } => { retry_after_ms.remove(key); }
-                        Event::Put(record) => { retry_after_ms.remove(&record.key); }
-                        Event::Reset { .. } => retry_after_ms.clear(),
+                    follow(&mut index, &mut retry_after_ms, &event);
+                    // Events already waiting (a committed batch, a burst of refreshes) are
+                    // taken in the same turn: one look at the clock and one timer per
+                    // batch, not per event.
+                    for _ in 1..MAX_EVENTS_PER_TURN {
+                        match events.next().now_or_never() {
+                            Some(Some(event)) => follow(&mut index, &mut retry_after_ms, &event),
+                            Some(None) => return,
+                            None => break,
+                        }
                     }
-                    index.apply(&event);
                 }
                 None => return,
             },
         }
     }
+}
+
+/// Most store events the sweeper takes in one turn before it looks at the clock again.
+const MAX_EVENTS_PER_TURN: usize = 1024;
+
+/// Brings the index (and the delete retries) in line with one store event.
+fn follow(index: &mut LeaseIndex, retry_after_ms: &mut HashMap<Key, u64>, event: &Event) {
+    if !retry_after_ms.is_empty() {
+        match event {
+            Event::Delete { key, .. } | Event::Refreshed { key, .. } => {
+                retry_after_ms.remove(key);
+            }
+            Event::Put(record) => {
+                retry_after_ms.remove(&record.key);
+            }
+            Event::Reset { .. } => retry_after_ms.clear(),
+        }
+    }
+    index.apply(event);
 }
 
 #[cfg(test)]
