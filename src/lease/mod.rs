@@ -21,13 +21,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     model::{Key, Kind},
-    store::{Event, Store, epoch_ms},
+    store::{Event, Store, epoch_ms, take_waiting},
 };
 
 /// Longest the sweeper sleeps before looking at the clock again, so a wall-clock jump is
@@ -96,9 +96,9 @@ impl LeaseIndex {
         if refreshed > deadline {
             // The entry's own key moves to the new deadline: one copy of the key to find it,
             // none to insert it again.
-            if let Some((_, key)) = self.by_deadline.take(&(deadline, key.clone())) {
-                self.by_deadline.insert((refreshed, key));
-            }
+            let probe = (deadline, key.clone());
+            let (_, key) = self.by_deadline.take(&probe).unwrap_or(probe);
+            self.by_deadline.insert((refreshed, key));
         }
     }
 
@@ -213,12 +213,11 @@ pub async fn run(
                     // Events already waiting (a committed batch, a burst of refreshes) are
                     // taken in the same turn: one look at the clock and one timer per
                     // batch, not per event.
-                    for _ in 1..MAX_EVENTS_PER_TURN {
-                        match events.next().now_or_never() {
-                            Some(Some(event)) => follow(&mut index, &mut retry_after_ms, &event),
-                            Some(None) => return,
-                            None => break,
-                        }
+                    let open = take_waiting(&mut events, MAX_EVENTS_PER_TURN - 1, |event| {
+                        follow(&mut index, &mut retry_after_ms, &event);
+                    });
+                    if !open {
+                        return;
                     }
                 }
                 None => return,

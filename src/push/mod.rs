@@ -18,7 +18,7 @@ use envoy_types::pb::{
     envoy::config::core::v3::Node,
     google::protobuf::{Any, value::Kind as ValueKind},
 };
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use pixiu_xds::{CacheWriter, Partition, ResourceName, StreamContext, TypeUrl, Update, View};
 use prost::Message;
 use tokio::sync::watch;
@@ -29,7 +29,7 @@ use crate::{
     model::{self, Kind, NAMESPACE_HEADER},
     pb::{self, metadata as proto},
     security::{Authorizer, Operation},
-    store::{Event, Record, Store},
+    store::{Event, Record, Store, take_waiting},
 };
 
 pub use crate::model::GLOBAL_PARTITION;
@@ -127,19 +127,13 @@ pub async fn run(
         let mut is_reset = false;
         let mut batch = Vec::new();
         let mut n_events = 0;
-        let mut next = Some(first);
-        while let Some(event) = next.take() {
+        let mut take = |event: Event| {
             n_events += 1;
             is_reset |= matches!(event, Event::Reset { .. });
             batch.extend(updates(&writer, &mut mappings, event));
-            if n_events < MAX_EVENTS_PER_SNAPSHOT {
-                match events.next().now_or_never() {
-                    Some(Some(event)) => next = Some(event),
-                    Some(None) => ended = true,
-                    None => {}
-                }
-            }
-        }
+        };
+        take(first);
+        ended = !take_waiting(&mut events, MAX_EVENTS_PER_SNAPSHOT - 1, take);
         // Lease refreshes change nothing pushed: no need to look at the cache.
         if !batch.is_empty() {
             let seq = writer.apply(batch);

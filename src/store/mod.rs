@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::{FutureExt, StreamExt, stream::BoxStream};
 use tokio::sync::broadcast;
 
 pub use crate::model::{Key, Kind};
@@ -235,6 +235,24 @@ pub(crate) trait Subscribe: Send + Sync + 'static {
     /// Subscribes to events and takes the mirror's state as an [`Event::Reset`] under one
     /// lock, so no event is missed or repeated.
     fn subscribe(&self) -> (Event, broadcast::Receiver<Event>);
+}
+
+/// Hands `f` the events of a watch that are already waiting, at most `max`, without waiting
+/// for more, so a reader that follows a store takes a committed batch in one turn; `false`
+/// once the watch has ended.
+pub fn take_waiting(
+    events: &mut BoxStream<'static, Event>,
+    max: usize,
+    mut f: impl FnMut(Event),
+) -> bool {
+    for _ in 0..max {
+        match events.next().now_or_never() {
+            Some(Some(event)) => f(event),
+            Some(None) => return false,
+            None => break,
+        }
+    }
+    true
 }
 
 /// The watch of a mirror: a reset, then every event; a fresh reset whenever the watcher fell
