@@ -313,6 +313,12 @@ impl Cache {
         Interest::new(self.interests.clone())
     }
 
+    /// Wakes every stream's [`Interest`], whatever it wants (see [`crate::interest`]): how a
+    /// server tells its streams to look at its shutdown flag.
+    pub(crate) fn wake_every_interest(&self) {
+        self.interests.lock().raise_every();
+    }
+
     /// A receiver of every snapshot, for a reader that follows the whole cache. The current
     /// snapshot counts as seen.
     pub fn changes(&self) -> Changes {
@@ -686,6 +692,22 @@ mod interest_tests {
         drop(interest);
         drop(other);
         assert_eq!(cache.interests.lock().types(), 0, "nothing left behind");
+        assert_eq!(cache.interests.lock().interests(), 0, "nothing left behind");
+    }
+
+    #[test]
+    fn waking_every_interest_reaches_those_that_want_nothing() {
+        let (cache, writer) = cache();
+        let mut nothing = cache.interest();
+        let mut named = cache.interest();
+        named.set(vec![key("p", "t", Some("a"))]);
+        named.woken();
+        writer.apply([put("p", "t", "b", "1")]);
+        assert!(!nothing.woken() && !named.woken());
+
+        cache.wake_every_interest();
+        assert!(nothing.woken() && named.woken());
+        assert!(!nothing.woken() && !named.woken(), "one wake-up each");
     }
 
     #[tokio::test]

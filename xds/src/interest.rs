@@ -103,6 +103,8 @@ impl TypeListeners {
 pub(crate) struct Index {
     next_id: u64,
     by_type: HashMap<(Partition, TypeUrl), TypeListeners>,
+    /// Every live interest's signal, whatever it wants: what [`Index::raise_every`] wakes.
+    every: Listeners,
 }
 
 impl Index {
@@ -167,6 +169,19 @@ impl Index {
         }
     }
 
+    /// Raises the signal of every live interest, registered for anything or not: a server
+    /// closing its streams wakes each of them this way, so a stream's wait needs no second
+    /// source of wake-ups (and no shared lock to poll) for the server's shutdown.
+    pub(crate) fn raise_every(&self) {
+        self.every.values().for_each(|s| s.raise());
+    }
+
+    /// How many interests are alive.
+    #[cfg(test)]
+    pub(crate) fn interests(&self) -> usize {
+        self.every.len()
+    }
+
     /// How many (partition, type URL) pairs anyone listens to.
     #[cfg(test)]
     pub(crate) fn types(&self) -> usize {
@@ -188,14 +203,17 @@ pub struct Interest {
 
 impl Interest {
     pub(crate) fn new(index: Arc<Mutex<Index>>) -> Self {
+        let signal = Arc::<Signal>::default();
         let id = {
             let mut index = index.lock();
             index.next_id += 1;
-            index.next_id
+            let id = index.next_id;
+            index.every.insert(id, signal.clone());
+            id
         };
         Self {
             id,
-            signal: Arc::default(),
+            signal,
             index,
             registered: Vec::new(),
         }
@@ -276,5 +294,6 @@ impl Drop for Interest {
         for key in &self.registered {
             index.remove(self.id, key);
         }
+        index.every.remove(&self.id);
     }
 }
