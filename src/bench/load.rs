@@ -46,6 +46,9 @@ pub struct UnaryResult {
     pub latency: Latency,
     /// Server CPU microseconds per call in the measured window, when its pid was given.
     pub server_cpu_us_per_op: Option<f64>,
+    /// This process's CPU microseconds per call in the same window: the generator's share of
+    /// the cores it shares with the server.
+    pub generator_cpu_us_per_op: Option<f64>,
 }
 
 /// Runs `op` closed-loop with `shape`; `tick` is told the elapsed fraction now and then.
@@ -101,15 +104,16 @@ pub async fn run(
             tick((start.elapsed().as_secs_f64() / total.as_secs_f64()).min(1.0));
         }
     });
-    // Read the server's CPU at the edges of the measured window.
+    // Read the server's CPU and this process's at the edges of the measured window.
     let cpu_pid = server_pid.clone();
     let cpu = tokio::spawn(async move {
-        let pid = cpu_pid?;
+        let read = |pid: Option<&str>| pid.and_then(|pid| procfs::cpu_seconds(pid).ok());
         tokio::time::sleep_until(measure_from.into()).await;
-        let before = procfs::cpu_seconds(&pid).ok()?;
+        let before = (read(cpu_pid.as_deref()), read(Some("self")));
         tokio::time::sleep_until(end.into()).await;
-        let after = procfs::cpu_seconds(&pid).ok()?;
-        Some(after - before)
+        let after = (read(cpu_pid.as_deref()), read(Some("self")));
+        let spent = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
+        (spent(before.0, after.0), spent(before.1, after.1))
     });
     let mut samples = Vec::new();
     for worker in workers {
@@ -118,8 +122,9 @@ pub async fn run(
         }
     }
     ticker.abort();
-    let server_cpu = cpu.await.ok().flatten();
+    let (server_cpu, generator_cpu) = cpu.await.unwrap_or_default();
     let ops = samples.len() as u64;
+    let per_op = |cpu: Option<f64>| cpu.filter(|_| ops > 0).map(|s| s * 1e6 / ops as f64);
     let latency = Latency::of(&mut samples);
     UnaryResult {
         ops,
@@ -127,6 +132,7 @@ pub async fn run(
         first_error: first_error.lock().clone(),
         throughput: ops as f64 / shape.duration.as_secs_f64(),
         latency,
-        server_cpu_us_per_op: server_cpu.filter(|_| ops > 0).map(|s| s * 1e6 / ops as f64),
+        server_cpu_us_per_op: per_op(server_cpu),
+        generator_cpu_us_per_op: per_op(generator_cpu),
     }
 }

@@ -239,10 +239,11 @@ impl BenchArgs {
 
 /// A JSON value of `bytes` bytes (more when `bytes` is below ~30), distinct for each `seq`.
 pub fn payload(bytes: usize, seq: u64) -> String {
-    let mut value = format!("{{\"seq\":{seq},\"pad\":\"");
-    while value.len() + 2 < bytes {
-        value.push('x');
-    }
+    let head = format!("{{\"seq\":{seq},\"pad\":\"");
+    let pad = bytes.saturating_sub(head.len() + 2);
+    let mut value = String::with_capacity(head.len() + pad + 2);
+    value.push_str(&head);
+    value.extend(std::iter::repeat_n('x', pad));
     value.push_str("\"}");
     value
 }
@@ -540,6 +541,7 @@ impl Bench {
                     p99_us: Some(result.latency.p99_us),
                     max_us: Some(result.latency.max_us),
                     server_cpu_us_per_op: result.server_cpu_us_per_op,
+                    generator_cpu_us_per_op: result.generator_cpu_us_per_op,
                     errors: median.errors,
                     first_error: median.first_error,
                     ..Default::default()
@@ -1212,6 +1214,7 @@ mod tests {
             throughput,
             latency: stats::Latency::of(&mut []),
             server_cpu_us_per_op: Some(throughput / 1000.0),
+            generator_cpu_us_per_op: None,
         };
         let median = Median::of(vec![
             round(300.0, 0, None),
