@@ -690,7 +690,8 @@ async fn run<M: Machine>(
     tokio::pin!(shutdown);
     let mut input = Input::Request(first);
     loop {
-        // Also after a request: a client that keeps sending does not hold the stream open.
+        // Before every step, after a wake-up (the shutdown's own) or a request alike: a client
+        // that keeps sending does not hold the stream open.
         if inner.closing.is_closed() {
             return;
         }
@@ -771,12 +772,7 @@ async fn run<M: Machine>(
                     return;
                 }
             },
-            () = interest.changed() => {
-                if inner.closing.is_closed() {
-                    return;
-                }
-                Input::Snapshot(inner.cache.snapshot())
-            }
+            () = interest.changed() => Input::Snapshot(inner.cache.snapshot()),
         };
     }
 }
@@ -840,6 +836,23 @@ mod tests {
         fn view(&self, _: Option<&Node>, _: &StreamContext) -> Result<View, Status> {
             Ok(View::new([]))
         }
+    }
+
+    /// The sending end of a request body.
+    type BodySender = futures::channel::mpsc::Sender<
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >;
+
+    /// A request stream fed by the returned sender; it stays open while the sender lives.
+    fn open_requests() -> (BodySender, Streaming<DiscoveryRequest>) {
+        let (sender, body) = futures::channel::mpsc::channel(1);
+        let requests = Streaming::<DiscoveryRequest>::new_request(
+            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+            http_body_util::StreamBody::new(body),
+            None,
+            None,
+        );
+        (sender, requests)
     }
 
     /// A request stream that ends at once.
@@ -922,15 +935,7 @@ mod tests {
             ServerConfig::default(),
             shutdown.clone(),
         );
-        let (mut sender, body) = futures::channel::mpsc::channel::<
-            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-        >(1);
-        let requests = Streaming::<DiscoveryRequest>::new_request(
-            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
-            http_body_util::StreamBody::new(body),
-            None,
-            None,
-        );
+        let (mut sender, requests) = open_requests();
         let mut driven = server
             .open::<SotwStream>(Request::new(requests))
             .expect("admitted");
@@ -988,16 +993,7 @@ mod tests {
         )
         .with_observer(counts.clone());
         // A request body that never ends: the driver waits for the first request.
-        let (_sender, body) = futures::channel::mpsc::channel::<
-            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-        >(1);
-        let body = http_body_util::StreamBody::new(body);
-        let requests = Streaming::<DiscoveryRequest>::new_request(
-            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
-            body,
-            None,
-            None,
-        );
+        let (_sender, requests) = open_requests();
         let mut driven = server
             .open::<SotwStream>(Request::new(requests))
             .expect("admitted");
