@@ -105,13 +105,12 @@ pub async fn run(
         }
     });
     // Read the server's CPU and this process's at the edges of the measured window.
-    let cpu_pid = server_pid.clone();
     let cpu = tokio::spawn(async move {
         let read = |pid: Option<&str>| pid.and_then(|pid| procfs::cpu_seconds(pid).ok());
         tokio::time::sleep_until(measure_from.into()).await;
-        let before = (read(cpu_pid.as_deref()), read(Some("self")));
+        let before = (read(server_pid.as_deref()), read(Some("self")));
         tokio::time::sleep_until(end.into()).await;
-        let after = (read(cpu_pid.as_deref()), read(Some("self")));
+        let after = (read(server_pid.as_deref()), read(Some("self")));
         let spent = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
         (spent(before.0, after.0), spent(before.1, after.1))
     });
