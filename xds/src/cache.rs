@@ -142,6 +142,53 @@ pub struct Snapshot {
     entries: OrdMap<(Partition, TypeUrl), TypeEntry>,
 }
 
+/// A `(partition, type URL)` key of [`Snapshot`]'s entries, owned or borrowed, so a lookup
+/// borrows the stream's strings instead of cloning them into a key: every stream looks up
+/// its types several times per change, and each clone and drop is an atomic write to a
+/// reference count.
+trait EntryKey {
+    fn parts(&self) -> (&Partition, &TypeUrl);
+}
+
+impl EntryKey for (Partition, TypeUrl) {
+    fn parts(&self) -> (&Partition, &TypeUrl) {
+        (&self.0, &self.1)
+    }
+}
+
+impl EntryKey for (&Partition, &TypeUrl) {
+    fn parts(&self) -> (&Partition, &TypeUrl) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn EntryKey + 'a> for (Partition, TypeUrl) {
+    fn borrow(&self) -> &(dyn EntryKey + 'a) {
+        self
+    }
+}
+
+// Ordered as the tuple is, so the map finds a borrowed key where the owned one sorts.
+impl PartialEq for dyn EntryKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn EntryKey + '_ {}
+
+impl PartialOrd for dyn EntryKey + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn EntryKey + '_ {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
 impl Default for Snapshot {
     fn default() -> Self {
         Self {
@@ -171,7 +218,7 @@ impl Snapshot {
     pub fn generation(&self, view: &View, type_url: &TypeUrl) -> u64 {
         view.partitions
             .iter()
-            .filter_map(|p| self.entries.get(&(p.clone(), type_url.clone())))
+            .filter_map(|p| self.entry(p, type_url))
             .map(|e| e.generation)
             .max()
             .unwrap_or(0)
@@ -179,11 +226,9 @@ impl Snapshot {
 
     /// The resource `name` of `type_url` as seen through `view`.
     pub fn get(&self, view: &View, type_url: &TypeUrl, name: &str) -> Option<&Arc<Resource>> {
-        view.partitions.iter().find_map(|p| {
-            self.entries
-                .get(&(p.clone(), type_url.clone()))
-                .and_then(|e| e.resources.get(name))
-        })
+        view.partitions
+            .iter()
+            .find_map(|p| self.entry(p, type_url)?.resources.get(name))
     }
 
     /// Every resource of `type_url` visible through `view`, ordered by name.
@@ -191,7 +236,7 @@ impl Snapshot {
         let mut entries = view
             .partitions
             .iter()
-            .filter_map(|p| self.entries.get(&(p.clone(), type_url.clone())));
+            .filter_map(|p| self.entry(p, type_url));
         match (entries.next(), entries.next()) {
             (None, _) => Vec::new(),
             (Some(only), None) => only.resources.values().collect(),
@@ -211,8 +256,7 @@ impl Snapshot {
 
     /// The number of resources of `type_url` in `partition`.
     pub fn len(&self, partition: &Partition, type_url: &TypeUrl) -> usize {
-        self.entries
-            .get(&(partition.clone(), type_url.clone()))
+        self.entry(partition, type_url)
             .map_or(0, |e| e.resources.len())
     }
 
@@ -230,10 +274,13 @@ impl Snapshot {
         partition: &Partition,
         type_url: &TypeUrl,
     ) -> impl Iterator<Item = &Arc<Resource>> {
-        self.entries
-            .get(&(partition.clone(), type_url.clone()))
+        self.entry(partition, type_url)
             .into_iter()
             .flat_map(|e| e.resources.values())
+    }
+
+    fn entry(&self, partition: &Partition, type_url: &TypeUrl) -> Option<&TypeEntry> {
+        self.entries.get(&(partition, type_url) as &dyn EntryKey)
     }
 }
 
@@ -414,7 +461,7 @@ fn apply_one(
             type_url,
             name,
         } => {
-            let entry = entries.get_mut(&(partition.clone(), type_url.clone()))?;
+            let entry = entries.get_mut(&(&partition, &type_url) as &dyn EntryKey)?;
             entry.resources.remove(&name)?;
             entry.generation = seq;
             Some(Changed::Resource(partition, type_url, name))
@@ -541,6 +588,34 @@ mod tests {
             .map(|r| r.name.to_string())
             .collect();
         assert_eq!(names, vec!["z".to_string()]);
+    }
+
+    proptest::proptest! {
+        /// A lookup with a borrowed `(partition, type URL)` finds what the owned key finds:
+        /// the borrowed form orders keys exactly as the tuple does, including partitions and
+        /// type URLs that are prefixes of one another.
+        #[test]
+        fn borrowed_lookups_agree_with_owned_keys(
+            stored in proptest::collection::btree_set(("[ab]{0,3}", "[ab]{0,3}"), 0..24),
+            probes in proptest::collection::vec(("[ab]{0,3}", "[ab]{0,3}"), 0..24),
+        ) {
+            let entries: OrdMap<(Partition, TypeUrl), TypeEntry> = stored
+                .iter()
+                .enumerate()
+                .map(|(i, (p, t))| {
+                    let entry = TypeEntry { generation: i as u64 + 1, ..Default::default() };
+                    ((Partition::new(p), TypeUrl::new(t)), entry)
+                })
+                .collect();
+            let snapshot = Snapshot { seq: 1, published_at: Instant::now(), entries };
+            for (p, t) in stored.iter().chain(&probes) {
+                let key = (Partition::new(p), TypeUrl::new(t));
+                let owned = snapshot.entries.get(&key).map(|e| e.generation);
+                let borrowed = snapshot.entry(&key.0, &key.1).map(|e| e.generation);
+                proptest::prop_assert_eq!(owned, borrowed);
+                proptest::prop_assert_eq!(owned.is_some(), stored.contains(&(p.clone(), t.clone())));
+            }
+        }
     }
 
     /// A stream loop cancels its wait for changes whenever a request comes first; a change

@@ -131,22 +131,28 @@ impl DeltaStream {
         let subscribe = &request.resource_names_subscribe;
         let unsubscribe = &request.resource_names_unsubscribe;
 
-        // The next subscription, checked against the limits before anything changes.
-        let mut subscription = self
-            .types
-            .get(type_url.as_str())
-            .map(|s| s.status.subscription.clone())
-            .unwrap_or_default();
-        subscription.apply_delta(
-            subscribe,
-            unsubscribe,
-            first && self.quirks.legacy_wildcard(&type_url),
-        );
-        self.limits.check(
-            &type_url,
-            self.types.iter().map(|(t, s)| (t, &s.status.subscription)),
-            subscription.names().len(),
-        )?;
+        // The next subscription, checked against the limits before anything changes. A later
+        // request that names nothing (an ACK) keeps the current one as it is.
+        let next = if !first && subscribe.is_empty() && unsubscribe.is_empty() {
+            None
+        } else {
+            let mut subscription = self
+                .types
+                .get(type_url.as_str())
+                .map(|s| s.status.subscription.clone())
+                .unwrap_or_default();
+            subscription.apply_delta(
+                subscribe,
+                unsubscribe,
+                first && self.quirks.legacy_wildcard(&type_url),
+            );
+            self.limits.check(
+                &type_url,
+                self.types.iter().map(|(t, s)| (t, &s.status.subscription)),
+                subscription.names().len(),
+            )?;
+            Some(subscription)
+        };
         if first && request.initial_resource_versions.len() > self.limits.max_subscribed_names {
             return Err(ProtocolError::TooManySubscriptions {
                 limit: self.limits.max_subscribed_names,
@@ -164,8 +170,11 @@ impl DeltaStream {
             None,
         ));
 
-        let subscription_changed = subscription != state.status.subscription;
-        state.status.subscription = subscription;
+        let subscription_changed = next.is_some_and(|subscription| {
+            let changed = subscription != state.status.subscription;
+            state.status.subscription = subscription;
+            changed
+        });
         let held = &mut state.status.resources;
         // What the client (re)subscribes to is resent even if it should hold it already; it
         // stays in `held` so that, if it no longer exists, the client is told to remove it.

@@ -121,19 +121,30 @@ impl SotwStream {
             Some(&request.version_info),
         ));
 
-        let subscription = if request.resource_names.is_empty()
-            && first
-            && !self.quirks.legacy_wildcard(&type_url)
-        {
-            Subscription::default()
-        } else {
-            state
+        // An ACK repeats its names: nothing to build, compare or replace.
+        let subscription_changed = if !first
+            && state
                 .status
                 .subscription
-                .sotw_next(&request.resource_names, first)
+                .sotw_repeats(&request.resource_names)
+        {
+            false
+        } else {
+            let subscription = if request.resource_names.is_empty()
+                && first
+                && !self.quirks.legacy_wildcard(&type_url)
+            {
+                Subscription::default()
+            } else {
+                state
+                    .status
+                    .subscription
+                    .sotw_next(&request.resource_names, first)
+            };
+            let changed = subscription != state.status.subscription;
+            state.status.subscription = subscription;
+            changed
         };
-        let subscription_changed = subscription != state.status.subscription;
-        state.status.subscription = subscription;
 
         if !state.started {
             // First request of this type on this stream (whatever nonce it carries from an

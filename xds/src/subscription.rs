@@ -61,6 +61,19 @@ impl Subscription {
         Self::named(names)
     }
 
+    /// Whether a later State-of-the-World request listing `names` leaves this subscription
+    /// as it is, decided without building the next one: the names are this subscription's,
+    /// in its order, and it has no wildcard. An ACK usually repeats its names that way, and
+    /// a client that lists them in another order takes [`sotw_next`](Self::sotw_next).
+    pub fn sotw_repeats(&self, names: &[String]) -> bool {
+        !self.wildcard
+            && names.len() == self.names.len()
+            && names
+                .iter()
+                .zip(&self.names)
+                .all(|(name, held)| name == held.as_str())
+    }
+
     /// Applies a Delta request's subscribe and unsubscribe lists.
     ///
     /// `first` is true for the first request of this type on the stream: an empty subscribe
@@ -147,6 +160,39 @@ mod tests {
         assert!(sub.is_wildcard());
         assert!(sub.names().contains("a"));
         assert!(sub.sotw_next(&[], false).is_empty());
+    }
+
+    proptest::proptest! {
+        /// When a request repeats a subscription, the subscription it would build is that one.
+        #[test]
+        fn a_repeated_sotw_request_builds_the_same_subscription(
+            before in proptest::collection::vec("[ab*]{1,2}", 0..4),
+            first_empty in proptest::bool::ANY,
+            names in proptest::collection::vec("[ab*]{1,2}", 0..4),
+        ) {
+            let first: Vec<String> = if first_empty { Vec::new() } else { before };
+            let sub = Subscription::default().sotw_next(&first, true);
+            if sub.sotw_repeats(&names) {
+                proptest::prop_assert_eq!(sub.sotw_next(&names, false), sub.clone());
+            }
+            let held: Vec<String> = sub.names().iter().map(|n| n.to_string()).collect();
+            proptest::prop_assert_eq!(sub.sotw_repeats(&held), !sub.is_wildcard());
+        }
+
+        /// A later Delta request with nothing to subscribe or unsubscribe changes nothing, so
+        /// an ACK can skip applying it.
+        #[test]
+        fn an_empty_later_delta_request_changes_nothing(
+            subscribe in proptest::collection::vec("[ab*]{1,2}", 0..4),
+            unsubscribe in proptest::collection::vec("[ab*]{1,2}", 0..4),
+            first in proptest::bool::ANY,
+        ) {
+            let mut sub = Subscription::default();
+            sub.apply_delta(&subscribe, &unsubscribe, first);
+            let before = sub.clone();
+            sub.apply_delta(&[], &[], false);
+            proptest::prop_assert_eq!(sub, before);
+        }
     }
 
     #[test]
