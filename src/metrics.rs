@@ -3,25 +3,22 @@
 //! The handles are cheap to clone; `api/`, `lease/` and the xDS observer increment them and the
 //! admin endpoint encodes the registry.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::{Arc, OnceLock};
 
-use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::Mutex;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{family::Family, gauge::Gauge, histogram::exponential_buckets},
     registry::Registry,
 };
 
 use crate::model::Kind;
 
+pub(crate) mod sharded;
 mod store;
 
+pub use sharded::{Counter, Histogram};
 pub use store::InstrumentedStore;
 
 /// Labels of store operation histograms.
@@ -152,13 +149,48 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// The series of each type URL with series of its own, then of [`OTHER_TYPES`], in the
+/// order they were first counted (see [`Metrics::type_series`]).
+///
+/// Slots are filled once and never emptied, so a lookup reads them without a lock: with a
+/// read-write lock, every push and ACK of every stream wrote the lock's word, one cache line
+/// that both cores then passed back and forth.
+#[derive(Debug)]
+struct TypeSlots {
+    slots: Box<[OnceLock<TypeSeries>]>,
+    /// Held while a slot is being filled.
+    filling: Mutex<()>,
+}
+
+impl Default for TypeSlots {
+    fn default() -> Self {
+        Self {
+            // The labelled types and `other`.
+            slots: (0..=MAX_LABELLED_TYPES).map(|_| OnceLock::new()).collect(),
+            filling: Mutex::new(()),
+        }
+    }
+}
+
+impl TypeSlots {
+    /// The filled slots, in order.
+    fn filled(&self) -> impl Iterator<Item = &TypeSeries> {
+        self.slots.iter().map_while(OnceLock::get)
+    }
+
+    fn find(&self, type_url: &str) -> Option<&TypeSeries> {
+        self.filled()
+            .find(|series| series.labels.type_url.0.as_str() == type_url)
+    }
+}
+
 /// Every metric of the service.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
-    /// The series of each type URL with series of its own, and of [`OTHER_TYPES`] (see
-    /// [`Metrics::type_series`]): one lookup counts a push or an ACK.
-    by_type: Arc<RwLock<HashMap<pixiu_xds::TypeUrl, TypeSeries>>>,
+    /// The series of each type URL with series of its own, and of [`OTHER_TYPES`]: one
+    /// lookup counts a push or an ACK.
+    by_type: Arc<TypeSlots>,
     /// Requests by kind, method and status code.
     pub requests: Family<RequestLabels, Counter>,
     /// Publishes that overwrote a different value under the same key.
@@ -337,26 +369,27 @@ impl Metrics {
     /// The xDS series of `type_url`. Clients choose type URLs (an unknown type is answered
     /// with no resources), so only the first [`MAX_LABELLED_TYPES`] get series of their own;
     /// later ones share [`OTHER_TYPES`]'s.
-    pub fn type_series(
-        &self,
-        type_url: &pixiu_xds::TypeUrl,
-    ) -> MappedRwLockReadGuard<'_, TypeSeries> {
-        if let Ok(series) = RwLockReadGuard::try_map(self.by_type.read(), |m| m.get(type_url)) {
+    pub fn type_series(&self, type_url: &pixiu_xds::TypeUrl) -> &TypeSeries {
+        let types = &*self.by_type;
+        if let Some(series) = types.find(type_url.as_str()) {
             return series;
         }
-        let mut by_type = self.by_type.write();
-        // The map holds the labelled types and, once needed, `other`.
-        let other = pixiu_xds::TypeUrl::new(OTHER_TYPES);
-        let labelled = by_type.len() - usize::from(by_type.contains_key(&other));
-        let key = if by_type.contains_key(type_url) || labelled < MAX_LABELLED_TYPES {
+        let _filling = types.filling.lock();
+        if let Some(series) = types.find(type_url.as_str()) {
+            return series;
+        }
+        let other = types.find(OTHER_TYPES);
+        let labelled = types.filled().count() - usize::from(other.is_some());
+        if let Some(other) = other.filter(|_| labelled >= MAX_LABELLED_TYPES) {
+            return other;
+        }
+        let key = if labelled < MAX_LABELLED_TYPES {
             type_url.clone()
         } else {
-            other
+            pixiu_xds::TypeUrl::new(OTHER_TYPES)
         };
-        by_type
-            .entry(key.clone())
-            .or_insert_with_key(|key| TypeSeries::new(self, key));
-        RwLockReadGuard::map(RwLockWriteGuard::downgrade(by_type), |m| &m[&key])
+        let slot = &types.slots[labelled + usize::from(other.is_some())];
+        slot.get_or_init(|| TypeSeries::new(self, &key))
     }
 
     /// The label set of a kind.
@@ -419,6 +452,17 @@ fn push_latency_histogram() -> Histogram {
 #[derive(Debug, Clone)]
 pub struct XdsObserver(pub Metrics);
 
+impl XdsObserver {
+    /// Records the time from a cache change to the hand-over of a push of `type_url` that
+    /// carries it.
+    pub fn push_latency(&self, type_url: &pixiu_xds::TypeUrl, latency: std::time::Duration) {
+        self.0
+            .type_series(type_url)
+            .push_latency
+            .observe(latency.as_secs_f64());
+    }
+}
+
 impl pixiu_xds::StreamObserver for XdsObserver {
     fn stream_opened(&self, protocol: pixiu_xds::Protocol) {
         self.0
@@ -449,10 +493,7 @@ impl pixiu_xds::StreamObserver for XdsObserver {
 
     fn pushed(&self, push: &pixiu_xds::Pushed<'_>) {
         if let Some(changed_at) = push.changed_at {
-            self.0
-                .type_series(push.type_url)
-                .push_latency
-                .observe(changed_at.elapsed().as_secs_f64());
+            self.push_latency(push.type_url, changed_at.elapsed());
         }
     }
 
@@ -472,6 +513,32 @@ impl pixiu_xds::StreamObserver for XdsObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams on several threads that count the same new types at once get one series per
+    /// type, each counted in full.
+    #[test]
+    fn type_series_found_at_once_from_many_threads_are_one() {
+        use pixiu_xds::StreamObserver;
+        let metrics = Metrics::new();
+        let observer = XdsObserver(metrics.clone());
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for i in 0..10 {
+                        let type_url = pixiu_xds::TypeUrl::new(format!("type.example/T{i}"));
+                        observer.response_sent(&type_url, 0, 1);
+                    }
+                });
+            }
+        });
+        let text = metrics.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("pixiu_metadata_xds_pushes_total{"))
+            .collect();
+        assert_eq!(series.len(), 10, "{text}");
+        assert!(series.iter().all(|line| line.ends_with(" 8")), "{text}");
+    }
 
     /// A client cycling through made-up type URLs adds at most [`MAX_LABELLED_TYPES`] series.
     #[test]

@@ -7,10 +7,10 @@
 use std::{sync::Arc, time::SystemTime};
 
 use futures::stream::BoxStream;
-use prometheus_client::metrics::{family::Family, histogram::Histogram};
+use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
-use super::StoreLabels;
+use super::{Histogram, StoreLabels};
 use crate::store::{Event, Key, ListQuery, PutOutcome, Record, Result, Store};
 
 /// Times every operation of the store it wraps.
