@@ -19,7 +19,10 @@ use envoy_types::pb::envoy::{
 };
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -48,13 +51,62 @@ pub enum Kind {
     EtcdWatch,
 }
 
-/// A delivery: which update (1 for the first after subscribing) reached a stream, and when.
-type Delivery = (u64, Instant);
+/// Where the streams report their deliveries, without a queue: each stream writes the number
+/// of its latest update (1 for the first after subscribing) and when it arrived into a slot of
+/// its own, and counts one arrival; the arrival an update waits for last wakes the collector.
+/// A channel cost the generator a push onto a queue shared by every stream and a wake-up of
+/// the collector per delivery, on the cores the server uses too.
+#[derive(Debug)]
+struct Board {
+    base: Instant,
+    slots: Box<[Slot]>,
+    arrivals: AtomicU64,
+    /// The count of arrivals that wakes the collector.
+    wake_at: AtomicU64,
+    wake: Notify,
+}
+
+/// One stream's latest delivery, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot {
+    update: AtomicU64,
+    /// Nanoseconds from the board's `base`.
+    at_ns: AtomicU64,
+}
+
+impl Board {
+    fn new(n: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            slots: (0..n).map(|_| Slot::default()).collect(),
+            arrivals: AtomicU64::new(0),
+            wake_at: AtomicU64::new(u64::MAX),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Stream `i` received `update`, now.
+    fn deliver(&self, i: usize, update: u64) {
+        let slot = &self.slots[i];
+        let at_ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        slot.at_ns.store(at_ns, Ordering::Relaxed);
+        slot.update.store(update, Ordering::Release);
+        // Sequentially consistent with the collector's store of `wake_at` and load of
+        // `arrivals`: either this sees the target, or the collector sees this arrival.
+        let arrived = self.arrivals.fetch_add(1, Ordering::SeqCst) + 1;
+        if arrived == self.wake_at.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+}
 
 /// Open streams, each reporting its deliveries.
 #[derive(Debug)]
 pub struct Streams {
-    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    board: Arc<Board>,
+    /// Arrivals accounted for by earlier updates (or drains).
+    seen: u64,
     tasks: Vec<JoinHandle<()>>,
     /// How many streams.
     pub n: usize,
@@ -77,7 +129,7 @@ const OPEN_PARALLELISM: usize = 256;
 /// holds its first state (ADS: the first response, ACKed; etcd: the watch is created).
 pub async fn open(kind: Kind, url: &str, n: usize, connections: usize) -> anyhow::Result<Streams> {
     let connections = connections.clamp(1, n.max(1));
-    let (tx, deliveries) = mpsc::unbounded_channel();
+    let board = Arc::new(Board::new(n));
     let failed = Arc::new(AtomicU64::new(0));
     let tasks = match kind {
         Kind::Sotw | Kind::Delta => {
@@ -89,12 +141,12 @@ pub async fn open(kind: Kind, url: &str, n: usize, connections: usize) -> anyhow
             futures::stream::iter(0..n)
                 .map(|i| {
                     let channel = channels[i % connections].clone();
-                    let (tx, failed) = (tx.clone(), failed.clone());
+                    let (board, failed) = (board.clone(), failed.clone());
                     async move {
                         if kind == Kind::Sotw {
-                            sotw(channel, i, tx, failed).await
+                            sotw(channel, i, board, failed).await
                         } else {
-                            delta(channel, i, tx, failed).await
+                            delta(channel, i, board, failed).await
                         }
                     }
                 })
@@ -112,8 +164,8 @@ pub async fn open(kind: Kind, url: &str, n: usize, connections: usize) -> anyhow
             futures::stream::iter(0..n)
                 .map(|i| {
                     let client = clients[i % connections].clone();
-                    let (tx, failed) = (tx.clone(), failed.clone());
-                    async move { etcd_watch(client, tx, failed).await }
+                    let (board, failed) = (board.clone(), failed.clone());
+                    async move { etcd_watch(client, i, board, failed).await }
                 })
                 .buffer_unordered(OPEN_PARALLELISM)
                 .try_collect()
@@ -121,7 +173,8 @@ pub async fn open(kind: Kind, url: &str, n: usize, connections: usize) -> anyhow
         }
     };
     Ok(Streams {
-        deliveries,
+        board,
+        seen: 0,
         tasks,
         n,
         failed,
@@ -138,7 +191,7 @@ fn node(i: usize) -> Node {
 async fn sotw(
     channel: Channel,
     i: usize,
-    deliveries: mpsc::UnboundedSender<Delivery>,
+    board: Arc<Board>,
     failed: Arc<AtomicU64>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (requests, rx) = mpsc::channel(4);
@@ -171,7 +224,7 @@ async fn sotw(
         let mut update = 0;
         while let Ok(Some(response)) = responses.message().await {
             update += 1;
-            let _ = deliveries.send((update, Instant::now()));
+            board.deliver(i, update);
             if requests
                 .send(ack(response.version_info, response.nonce))
                 .await
@@ -187,7 +240,7 @@ async fn sotw(
 async fn delta(
     channel: Channel,
     i: usize,
-    deliveries: mpsc::UnboundedSender<Delivery>,
+    board: Arc<Board>,
     failed: Arc<AtomicU64>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (requests, rx) = mpsc::channel(4);
@@ -217,7 +270,7 @@ async fn delta(
         let mut update = 0;
         while let Ok(Some(response)) = responses.message().await {
             update += 1;
-            let _ = deliveries.send((update, Instant::now()));
+            board.deliver(i, update);
             if requests.send(ack(response.nonce)).await.is_err() {
                 break;
             }
@@ -228,7 +281,8 @@ async fn delta(
 
 async fn etcd_watch(
     client: etcd_client::Client,
-    deliveries: mpsc::UnboundedSender<Delivery>,
+    i: usize,
+    board: Arc<Board>,
     failed: Arc<AtomicU64>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let mut stream = client.watch_client().watch(ETCD_KEY, None).await?;
@@ -244,7 +298,7 @@ async fn etcd_watch(
                 continue;
             }
             update += 1;
-            let _ = deliveries.send((update, Instant::now()));
+            board.deliver(i, update);
         }
         failed.fetch_add(1, Ordering::Relaxed);
     }))
@@ -262,29 +316,91 @@ pub struct UpdateResult {
 impl Streams {
     /// How many deliveries arrived since the last look, whatever their update.
     pub fn drain(&mut self) -> u64 {
-        let mut n = 0;
-        while self.deliveries.try_recv().is_ok() {
-            n += 1;
-        }
+        let arrivals = self.board.arrivals.load(Ordering::SeqCst);
+        let n = arrivals - self.seen;
+        self.seen = arrivals;
         n
     }
 
     /// Waits until every stream reports `update`, or `timeout` passes.
     pub async fn collect(&mut self, update: u64, t0: Instant, timeout: Duration) -> UpdateResult {
-        let mut latencies_us = Vec::with_capacity(self.n);
+        let board = &self.board;
+        let target = self.seen + self.n as u64;
+        board.wake_at.store(target, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + timeout;
-        while latencies_us.len() < self.n {
-            match tokio::time::timeout_at(deadline, self.deliveries.recv()).await {
-                Ok(Some((u, at))) if u == update => latencies_us.push(
-                    u64::try_from(at.saturating_duration_since(t0).as_micros()).unwrap_or(u64::MAX),
-                ),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+        while board.arrivals.load(Ordering::SeqCst) < target {
+            if tokio::time::timeout_at(deadline, board.wake.notified())
+                .await
+                .is_err()
+            {
+                break;
             }
         }
+        self.seen = target;
+        let latencies_us: Vec<u64> = board
+            .slots
+            .iter()
+            .filter(|slot| slot.update.load(Ordering::Acquire) == update)
+            .map(|slot| {
+                let at = board.base + Duration::from_nanos(slot.at_ns.load(Ordering::Relaxed));
+                u64::try_from(at.saturating_duration_since(t0).as_micros()).unwrap_or(u64::MAX)
+            })
+            .collect();
         UpdateResult {
             missing: (self.n - latencies_us.len()) as u64,
             latencies_us,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streams(n: usize) -> Streams {
+        Streams {
+            board: Arc::new(Board::new(n)),
+            seen: 0,
+            tasks: Vec::new(),
+            n,
+            failed: Arc::default(),
+        }
+    }
+
+    /// The collector wakes when the last stream reports the update, whichever thread it
+    /// reports from, and reads every stream's time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn collects_every_streams_delivery_of_an_update() {
+        let mut streams = streams(64);
+        for update in 1..=3 {
+            let t0 = Instant::now();
+            let board = streams.board.clone();
+            let reporters: Vec<_> = (0..64)
+                .map(|i| {
+                    let board = board.clone();
+                    tokio::spawn(async move { board.deliver(i, update) })
+                })
+                .collect();
+            let result = streams.collect(update, t0, Duration::from_secs(10)).await;
+            futures::future::try_join_all(reporters).await.unwrap();
+            assert_eq!(result.missing, 0);
+            assert_eq!(result.latencies_us.len(), 64);
+            assert!(result.latencies_us.iter().all(|&us| us < 10_000_000));
+        }
+        assert_eq!(streams.drain(), 0, "nothing arrived beyond the updates");
+        streams.board.deliver(5, 4);
+        assert_eq!(streams.drain(), 1);
+    }
+
+    /// A stream that does not report the update is missing once the timeout passes, and a
+    /// stream still on an earlier update is not counted as having this one.
+    #[tokio::test]
+    async fn a_stream_that_does_not_report_is_missing() {
+        let mut streams = streams(3);
+        let t0 = Instant::now();
+        streams.board.deliver(0, 1);
+        streams.board.deliver(2, 1);
+        let result = streams.collect(1, t0, Duration::from_millis(50)).await;
+        assert_eq!((result.latencies_us.len(), result.missing), (2, 1));
     }
 }
