@@ -134,6 +134,44 @@ string_newtype!(
 /// The wildcard resource name of the xDS protocol.
 pub const WILDCARD: &str = "*";
 
+/// `args` formatted into an `Arc<str>`, through a stack buffer when it fits one.
+fn format_arc(args: fmt::Arguments<'_>) -> Arc<str> {
+    struct Stack {
+        buf: [u8; 64],
+        len: usize,
+    }
+    impl fmt::Write for Stack {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            let end = self.len + s.len();
+            self.buf
+                .get_mut(self.len..end)
+                .ok_or(fmt::Error)?
+                .copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut stack = Stack {
+        buf: [0; 64],
+        len: 0,
+    };
+    match fmt::write(&mut stack, args) {
+        // Whole `&str`s were copied in, so the bytes are UTF-8.
+        Ok(()) => {
+            Arc::from(std::str::from_utf8(&stack.buf[..stack.len]).expect("copied from strs"))
+        }
+        Err(_) => Arc::from(fmt::format(args)),
+    }
+}
+
+impl Nonce {
+    /// Formats `args` into the shared string directly: a short nonce goes through a buffer on
+    /// the stack, so the only allocation is the `Arc`'s.
+    pub(crate) fn format(args: fmt::Arguments<'_>) -> Self {
+        Self(format_arc(args))
+    }
+}
+
 impl Version {
     /// The version of some bytes: a 128-bit xxh3 hash in hex.
     ///
@@ -141,22 +179,56 @@ impl Version {
     /// same bytes (re-encoding a message is not deterministic when it has maps, so callers
     /// hash the bytes they store, never a re-encoding).
     pub fn of_bytes(bytes: &[u8]) -> Self {
-        Self::from(format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes)))
+        Self::of_hash(xxhash_rust::xxh3::xxh3_128(bytes))
     }
 
     /// The version of a set of `(name, version)` pairs, in the order given.
     ///
     /// Used for State-of-the-World `version_info`: the same resources give the same label on
-    /// every replica.
+    /// every replica. Each name and version is followed by a zero byte. A set whose bytes fit
+    /// a stack buffer (a subscription to a few resources, the usual one) is hashed in one
+    /// call; a larger one streams through the hasher. Both give the hash of the same bytes.
     pub fn of_set<'a>(items: impl IntoIterator<Item = (&'a ResourceName, &'a Version)>) -> Self {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = [0u8; 512];
+        let mut len = 0;
+        let mut streaming: Option<Box<xxhash_rust::xxh3::Xxh3>> = None;
         for (name, version) in items {
-            hasher.update(name.as_str().as_bytes());
-            hasher.update(&[0]);
-            hasher.update(version.as_str().as_bytes());
-            hasher.update(&[0]);
+            for part in [
+                name.as_str().as_bytes(),
+                &[0],
+                version.as_str().as_bytes(),
+                &[0],
+            ] {
+                if let Some(hasher) = &mut streaming {
+                    hasher.update(part);
+                } else if let Some(room) = buf.get_mut(len..len + part.len()) {
+                    room.copy_from_slice(part);
+                    len += part.len();
+                } else {
+                    let mut hasher = Box::new(xxhash_rust::xxh3::Xxh3::new());
+                    hasher.update(&buf[..len]);
+                    hasher.update(part);
+                    streaming = Some(hasher);
+                }
+            }
         }
-        Self::from(format!("{:032x}", hasher.digest128()))
+        Self::of_hash(match streaming {
+            Some(hasher) => hasher.digest128(),
+            None => xxhash_rust::xxh3::xxh3_128(&buf[..len]),
+        })
+    }
+
+    /// A hash as 32 lowercase hex digits, most significant first (as `{:032x}` writes it).
+    fn of_hash(hash: u128) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 32];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(hash.to_be_bytes()) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        Self(Arc::from(
+            std::str::from_utf8(&hex).expect("hex digits are ASCII"),
+        ))
     }
 }
 
@@ -169,6 +241,69 @@ mod tests {
         assert_eq!(Version::of_bytes(b"abc"), Version::of_bytes(b"abc"));
         assert_ne!(Version::of_bytes(b"abc"), Version::of_bytes(b"abd"));
         assert_eq!(Version::of_bytes(b"abc").as_str().len(), 32);
+    }
+
+    /// Versions derive from content and must not change between releases: replicas agree on
+    /// them, and a client that reconnects names the version it holds.
+    #[test]
+    fn versions_are_the_ones_earlier_releases_computed() {
+        assert_eq!(
+            Version::of_bytes(b"abc").as_str(),
+            "06b05ab6733a618578af5f94892f3950"
+        );
+        assert_eq!(
+            Version::of_set(std::iter::empty()).as_str(),
+            "99aa06d3014798d86001c324468d497f"
+        );
+        let a = (ResourceName::new("greeter/5f3a9c"), Version::new("00ff"));
+        let b = (ResourceName::new("b"), Version::new("v2"));
+        assert_eq!(
+            Version::of_set([(&a.0, &a.1), (&b.0, &b.1)]).as_str(),
+            "153c2c5bcb62b45994e49288de83671d"
+        );
+        // Past the stack buffer: streamed.
+        let long: Vec<(ResourceName, Version)> = (0..40)
+            .map(|i| {
+                let name = ResourceName::new(format!("app-{i}/{}", "r".repeat(i)));
+                (name, Version::of_bytes(&[i as u8]))
+            })
+            .collect();
+        assert_eq!(
+            Version::of_set(long.iter().map(|(n, v)| (n, v))).as_str(),
+            "39461be2f13a31bdebf4c9932673ace6"
+        );
+    }
+
+    proptest::proptest! {
+        /// Hashing in one call and streaming give the same version, wherever the set
+        /// crosses the stack buffer's end.
+        #[test]
+        fn one_call_and_streaming_agree(
+            items in proptest::collection::vec(("[a-z/]{0,300}", "[0-9a-f]{0,40}"), 0..6),
+        ) {
+            let items: Vec<(ResourceName, Version)> = items
+                .into_iter()
+                .map(|(n, v)| (ResourceName::new(n), Version::new(v)))
+                .collect();
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            for (name, version) in &items {
+                hasher.update(name.as_str().as_bytes());
+                hasher.update(&[0]);
+                hasher.update(version.as_str().as_bytes());
+                hasher.update(&[0]);
+            }
+            let expected = format!("{:032x}", hasher.digest128());
+            let version = Version::of_set(items.iter().map(|(n, v)| (n, v)));
+            proptest::prop_assert_eq!(version.as_str(), expected.as_str());
+        }
+
+        /// A formatted string is the same through the stack buffer or past it.
+        #[test]
+        fn formatting_into_the_arc_matches_format(prefix in "[0-9a-f]{0,100}", n in proptest::num::u64::ANY) {
+            let nonce = Nonce::format(format_args!("{prefix}-{n}"));
+            let expected = format!("{prefix}-{n}");
+            proptest::prop_assert_eq!(nonce.as_str(), expected.as_str());
+        }
     }
 
     #[test]
