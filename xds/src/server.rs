@@ -292,6 +292,8 @@ trait Machine: Send + Sized + 'static {
 
     fn start(view: View, nonce_prefix: String, limits: Limits, quirks: Quirks) -> Self;
     fn node(request: &Self::Request) -> Option<&Node>;
+    /// A request handled without a snapshot (see [`SotwStream::on_repeat`]), or `None`.
+    fn on_repeat(&mut self, request: &Self::Request) -> Option<Step<Self::Response>>;
     fn on_request(
         &mut self,
         request: &Self::Request,
@@ -339,6 +341,10 @@ impl Machine for SotwStream {
         request.node.as_ref()
     }
 
+    fn on_repeat(&mut self, request: &DiscoveryRequest) -> Option<Step<SotwResponse>> {
+        SotwStream::on_repeat(self, request)
+    }
+
     fn on_request(
         &mut self,
         request: &DiscoveryRequest,
@@ -380,6 +386,12 @@ impl Machine for DeltaStream {
 
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+
+    /// Every Delta request reads the snapshot: an ACK also compares the generation of its
+    /// type with the one the stream last looked at.
+    fn on_repeat(&mut self, _request: &DeltaDiscoveryRequest) -> Option<Step<DeltaResponse>> {
+        None
     }
 
     fn on_request(
@@ -698,14 +710,19 @@ async fn run<M: Machine>(
         let stepped = {
             let mut machine = cell.machine();
             match input {
-                Input::Request(request) => {
-                    let snapshot = inner.cache.snapshot();
-                    let stepped = machine
-                        .on_request(&request, &snapshot)
-                        .map(|step| (step, snapshot.seq(), None));
-                    interest.want(|| wanted(&*machine));
-                    stepped
-                }
+                // A repeated request (the usual ACK) reads no snapshot, so it touches none of
+                // the cache's shared counters, and changes nothing to register.
+                Input::Request(request) => match machine.on_repeat(&request) {
+                    Some(step) => Ok((step, 0, None)),
+                    None => {
+                        let snapshot = inner.cache.snapshot();
+                        let stepped = machine
+                            .on_request(&request, &snapshot)
+                            .map(|step| (step, snapshot.seq(), None));
+                        interest.want(|| wanted(&*machine));
+                        stepped
+                    }
+                },
                 Input::Snapshot(snapshot) => Ok((
                     machine.on_snapshot(&snapshot),
                     snapshot.seq(),

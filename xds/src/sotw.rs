@@ -88,12 +88,44 @@ impl SotwStream {
         self.types.iter().map(|(t, s)| (t, &s.status))
     }
 
+    /// Handles a request that needs no look at the cache, or returns `None`: a later request
+    /// of a type this stream has started that repeats its names in order (an ACK, a NACK, or
+    /// a stale nonce) changes no subscription, so it sends nothing and reads no snapshot. Any
+    /// other request goes to [`on_request`](Self::on_request), which gives the same answer
+    /// for these (it starts here).
+    pub fn on_repeat(&mut self, request: &DiscoveryRequest) -> Option<Step> {
+        let (type_url, state) = self.types.entry_mut(&request.type_url)?;
+        if !state.started
+            || !state
+                .status
+                .subscription
+                .sotw_repeats(&request.resource_names)
+        {
+            return None;
+        }
+        // No limit to check: the subscription is the one they accepted, and every change to
+        // another type's since was checked with this one counted.
+        let mut step = Step::default();
+        step.notices.extend(read_response_nonce(
+            &mut state.status,
+            type_url,
+            state.started,
+            &request.response_nonce,
+            request.error_detail.as_ref(),
+            Some(&request.version_info),
+        ));
+        Some(step)
+    }
+
     /// Handles one client request.
     pub fn on_request(
         &mut self,
         request: &DiscoveryRequest,
         snapshot: &Snapshot,
     ) -> Result<Step, ProtocolError> {
+        if let Some(step) = self.on_repeat(request) {
+            return Ok(step);
+        }
         if request.type_url.is_empty() {
             return Err(ProtocolError::MissingTypeUrl);
         }
@@ -121,30 +153,19 @@ impl SotwStream {
             Some(&request.version_info),
         ));
 
-        // An ACK repeats its names: nothing to build, compare or replace.
-        let subscription_changed = if !first
-            && state
+        let subscription = if request.resource_names.is_empty()
+            && first
+            && !self.quirks.legacy_wildcard(&type_url)
+        {
+            Subscription::default()
+        } else {
+            state
                 .status
                 .subscription
-                .sotw_repeats(&request.resource_names)
-        {
-            false
-        } else {
-            let subscription = if request.resource_names.is_empty()
-                && first
-                && !self.quirks.legacy_wildcard(&type_url)
-            {
-                Subscription::default()
-            } else {
-                state
-                    .status
-                    .subscription
-                    .sotw_next(&request.resource_names, first)
-            };
-            let changed = subscription != state.status.subscription;
-            state.status.subscription = subscription;
-            changed
+                .sotw_next(&request.resource_names, first)
         };
+        let subscription_changed = subscription != state.status.subscription;
+        state.status.subscription = subscription;
 
         if !state.started {
             // First request of this type on this stream (whatever nonce it carries from an

@@ -39,6 +39,13 @@ impl<V> TypeMap<V> {
         self.position(type_url).ok().map(|i| &self.entries[i].1)
     }
 
+    /// The stored key and value of `type_url`.
+    pub(crate) fn entry_mut(&mut self, type_url: &str) -> Option<(&TypeUrl, &mut V)> {
+        let i = self.position(type_url).ok()?;
+        let (key, value) = &mut self.entries[i];
+        Some((key, value))
+    }
+
     /// The value of `type_url`, inserted as `V::default()` when missing.
     pub(crate) fn get_or_default(&mut self, type_url: &TypeUrl) -> &mut V
     where

@@ -5,6 +5,7 @@ use envoy_types::pb::{
 
 use super::*;
 use crate::cache::{CacheWriter, Update, cache};
+use crate::status::Notice;
 
 const T: &str = "type.googleapis.com/test.Thing";
 
@@ -305,4 +306,50 @@ fn a_stream_holding_the_current_set_is_sent_nothing_until_it_changes() {
         h.delete("a");
         assert_eq!(names(&h.changed().remove(0)), vec!["B2"], "{names_asked:?}");
     }
+}
+
+/// A request that repeats the stream's names is answered without a snapshot: ACKs, NACKs and
+/// stale nonces alike; a first request, other names or another order need the snapshot.
+#[test]
+fn a_repeated_request_is_handled_without_a_snapshot() {
+    let mut h = Harness::new();
+    h.put("a", "1");
+    h.put("b", "1");
+    let first = req(&["a", "b"], "", "");
+    assert!(h.stream.on_repeat(&first).is_none(), "a first request");
+    let sent = h.request(first);
+    assert_eq!(sent.len(), 1);
+    let (version, nonce) = (sent[0].version_info.clone(), sent[0].nonce.clone());
+
+    let ack = h
+        .stream
+        .on_repeat(&req(&["a", "b"], &version, &nonce))
+        .expect("an ACK that repeats the names");
+    assert!(ack.responses.is_empty());
+    assert!(matches!(&ack.notices[..], [Notice::Ack { version: v, .. }] if v.as_str() == version));
+    assert_eq!(h.status().acked_version.unwrap().as_str(), version);
+    let stale = h
+        .stream
+        .on_repeat(&req(&["a", "b"], &version, "old"))
+        .unwrap();
+    assert!(matches!(&stale.notices[..], [Notice::StaleNonce { .. }]));
+
+    assert!(
+        h.stream
+            .on_repeat(&req(&["b", "a"], &version, &nonce))
+            .is_none(),
+        "another order"
+    );
+    assert!(
+        h.stream.on_repeat(&req(&["a"], &version, &nonce)).is_none(),
+        "fewer names"
+    );
+    let mut other_type = req(&["a", "b"], &version, &nonce);
+    other_type.type_url = "type.googleapis.com/test.Other".into();
+    assert!(
+        h.stream.on_repeat(&other_type).is_none(),
+        "a type not started"
+    );
+    // The same names in another order are the same subscription: nothing to send.
+    assert!(h.request(req(&["b", "a"], &version, &nonce)).is_empty());
 }
