@@ -68,7 +68,8 @@ impl Logged {
 
     /// The entry as the page shows it; `now` is the same moment on both clocks.
     fn entry(&self, now: (Instant, SystemTime)) -> PushEntry {
-        let at = now.1 - now.0.saturating_duration_since(self.at);
+        let age = now.0.saturating_duration_since(self.at);
+        let at = now.1.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
         PushEntry {
             at: humantime::format_rfc3339_millis(at).to_string(),
             stream_id: self.stream_id,
