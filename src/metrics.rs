@@ -378,8 +378,9 @@ impl Metrics {
         if let Some(series) = types.find(type_url.as_str()) {
             return series;
         }
+        let filled = types.filled().count();
         let other = types.find(OTHER_TYPES);
-        let labelled = types.filled().count() - usize::from(other.is_some());
+        let labelled = filled - usize::from(other.is_some());
         if let Some(other) = other.filter(|_| labelled >= MAX_LABELLED_TYPES) {
             return other;
         }
@@ -388,8 +389,8 @@ impl Metrics {
         } else {
             pixiu_xds::TypeUrl::new(OTHER_TYPES)
         };
-        let slot = &types.slots[labelled + usize::from(other.is_some())];
-        slot.get_or_init(|| TypeSeries::new(self, &key))
+        // The first empty slot.
+        types.slots[filled].get_or_init(|| TypeSeries::new(self, &key))
     }
 
     /// The label set of a kind.

@@ -156,7 +156,7 @@ impl Nonces {
 
     pub(crate) fn next(&mut self) -> Nonce {
         self.n_issued += 1;
-        Nonce::format(format_args!("{}-{}", self.prefix, self.n_issued))
+        Nonce::from(format!("{}-{}", self.prefix, self.n_issued))
     }
 }
 

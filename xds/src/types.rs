@@ -134,44 +134,6 @@ string_newtype!(
 /// The wildcard resource name of the xDS protocol.
 pub const WILDCARD: &str = "*";
 
-/// `args` formatted into an `Arc<str>`, through a stack buffer when it fits one.
-fn format_arc(args: fmt::Arguments<'_>) -> Arc<str> {
-    struct Stack {
-        buf: [u8; 64],
-        len: usize,
-    }
-    impl fmt::Write for Stack {
-        fn write_str(&mut self, s: &str) -> fmt::Result {
-            let end = self.len + s.len();
-            self.buf
-                .get_mut(self.len..end)
-                .ok_or(fmt::Error)?
-                .copy_from_slice(s.as_bytes());
-            self.len = end;
-            Ok(())
-        }
-    }
-    let mut stack = Stack {
-        buf: [0; 64],
-        len: 0,
-    };
-    match fmt::write(&mut stack, args) {
-        // Whole `&str`s were copied in, so the bytes are UTF-8.
-        Ok(()) => {
-            Arc::from(std::str::from_utf8(&stack.buf[..stack.len]).expect("copied from strs"))
-        }
-        Err(_) => Arc::from(fmt::format(args)),
-    }
-}
-
-impl Nonce {
-    /// Formats `args` into the shared string directly: a short nonce goes through a buffer on
-    /// the stack, so the only allocation is the `Arc`'s.
-    pub(crate) fn format(args: fmt::Arguments<'_>) -> Self {
-        Self(format_arc(args))
-    }
-}
-
 impl Version {
     /// The version of some bytes: a 128-bit xxh3 hash in hex.
     ///
@@ -185,37 +147,16 @@ impl Version {
     /// The version of a set of `(name, version)` pairs, in the order given.
     ///
     /// Used for State-of-the-World `version_info`: the same resources give the same label on
-    /// every replica. Each name and version is followed by a zero byte. A set whose bytes fit
-    /// a stack buffer (a subscription to a few resources, the usual one) is hashed in one
-    /// call; a larger one streams through the hasher. Both give the hash of the same bytes.
+    /// every replica.
     pub fn of_set<'a>(items: impl IntoIterator<Item = (&'a ResourceName, &'a Version)>) -> Self {
-        let mut buf = [0u8; 512];
-        let mut len = 0;
-        let mut streaming: Option<Box<xxhash_rust::xxh3::Xxh3>> = None;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         for (name, version) in items {
-            for part in [
-                name.as_str().as_bytes(),
-                &[0],
-                version.as_str().as_bytes(),
-                &[0],
-            ] {
-                if let Some(hasher) = &mut streaming {
-                    hasher.update(part);
-                } else if let Some(room) = buf.get_mut(len..len + part.len()) {
-                    room.copy_from_slice(part);
-                    len += part.len();
-                } else {
-                    let mut hasher = Box::new(xxhash_rust::xxh3::Xxh3::new());
-                    hasher.update(&buf[..len]);
-                    hasher.update(part);
-                    streaming = Some(hasher);
-                }
-            }
+            hasher.update(name.as_str().as_bytes());
+            hasher.update(&[0]);
+            hasher.update(version.as_str().as_bytes());
+            hasher.update(&[0]);
         }
-        Self::of_hash(match streaming {
-            Some(hasher) => hasher.digest128(),
-            None => xxhash_rust::xxh3::xxh3_128(&buf[..len]),
-        })
+        Self::of_hash(hasher.digest128())
     }
 
     /// A hash as 32 lowercase hex digits, most significant first (as `{:032x}` writes it).
@@ -261,7 +202,6 @@ mod tests {
             Version::of_set([(&a.0, &a.1), (&b.0, &b.1)]).as_str(),
             "153c2c5bcb62b45994e49288de83671d"
         );
-        // Past the stack buffer: streamed.
         let long: Vec<(ResourceName, Version)> = (0..40)
             .map(|i| {
                 let name = ResourceName::new(format!("app-{i}/{}", "r".repeat(i)));
@@ -275,10 +215,9 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Hashing in one call and streaming give the same version, wherever the set
-        /// crosses the stack buffer's end.
+        /// A set's version is its hash as `{:032x}` writes it, whatever the set's size.
         #[test]
-        fn one_call_and_streaming_agree(
+        fn a_sets_version_is_its_hash_in_hex(
             items in proptest::collection::vec(("[a-z/]{0,300}", "[0-9a-f]{0,40}"), 0..6),
         ) {
             let items: Vec<(ResourceName, Version)> = items
@@ -295,14 +234,6 @@ mod tests {
             let expected = format!("{:032x}", hasher.digest128());
             let version = Version::of_set(items.iter().map(|(n, v)| (n, v)));
             proptest::prop_assert_eq!(version.as_str(), expected.as_str());
-        }
-
-        /// A formatted string is the same through the stack buffer or past it.
-        #[test]
-        fn formatting_into_the_arc_matches_format(prefix in "[0-9a-f]{0,100}", n in proptest::num::u64::ANY) {
-            let nonce = Nonce::format(format_args!("{prefix}-{n}"));
-            let expected = format!("{prefix}-{n}");
-            proptest::prop_assert_eq!(nonce.as_str(), expected.as_str());
         }
     }
 
