@@ -874,12 +874,8 @@ mod tests {
 
     /// A request stream that ends at once.
     fn empty_requests() -> Streaming<DiscoveryRequest> {
-        Streaming::<DiscoveryRequest>::new_request(
-            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
-            tonic::body::Body::empty(),
-            None,
-            None,
-        )
+        // Its sender dropped: the body ends before any request.
+        open_requests().1
     }
 
     /// Every idle stream's HTTP/2 task holds the driver's whole future: what it keeps across its
