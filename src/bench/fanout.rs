@@ -9,23 +9,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use bytes::Bytes;
 use envoy_types::pb::envoy::{
     config::core::v3::Node,
     service::discovery::v3::{
-        DeltaDiscoveryRequest, DiscoveryRequest,
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     },
 };
 use futures::{StreamExt, TryStreamExt};
+use prost::Message;
 use serde::Serialize;
-use tokio::{
-    sync::{Notify, mpsc},
-    task::JoinHandle,
-};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tokio::sync::Notify;
 
+use super::h2streams::{self, Connection, Driven, Opened, Protocol, Step};
 use crate::pb;
 
 /// The application and revision every fan-out stream subscribes to.
@@ -107,78 +104,89 @@ pub struct Streams {
     board: Arc<Board>,
     /// Arrivals accounted for by earlier updates (or drains).
     seen: u64,
-    tasks: Vec<JoinHandle<()>>,
+    /// Each connection's tasks, held for their drop, which closes the streams.
+    _connections: Vec<Driven>,
     /// How many streams.
     pub n: usize,
     /// Streams that ended or failed after subscribing.
     pub failed: Arc<AtomicU64>,
 }
 
-impl Drop for Streams {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
 /// How many streams are opened at once.
 const OPEN_PARALLELISM: usize = 256;
 
 /// Opens `n` streams of `kind` to `url` over `connections` connections and waits until each
-/// holds its first state (ADS: the first response, ACKed; etcd: the watch is created).
+/// holds its first state (ADS: the first response, ACKed; etcd: the watch is created). Each
+/// connection's streams are then run by one task (see [`h2streams`]).
 pub async fn open(kind: Kind, url: &str, n: usize, connections: usize) -> anyhow::Result<Streams> {
     let connections = connections.clamp(1, n.max(1));
     let board = Arc::new(Board::new(n));
     let failed = Arc::new(AtomicU64::new(0));
+    let conns: Vec<Connection> = futures::stream::iter(0..connections)
+        .map(|_| Connection::open(url))
+        .buffered(64)
+        .try_collect()
+        .await?;
     let tasks = match kind {
-        Kind::Sotw | Kind::Delta => {
-            let channels: Vec<Channel> = futures::stream::iter(0..connections)
-                .map(|_| super::connect(url))
-                .buffered(64)
-                .try_collect()
-                .await?;
-            futures::stream::iter(0..n)
-                .map(|i| {
-                    let channel = channels[i % connections].clone();
-                    let (board, failed) = (board.clone(), failed.clone());
-                    async move {
-                        if kind == Kind::Sotw {
-                            sotw(channel, i, board, failed).await
-                        } else {
-                            delta(channel, i, board, failed).await
-                        }
-                    }
-                })
-                .buffer_unordered(OPEN_PARALLELISM)
-                .try_collect()
-                .await?
-        }
-        Kind::EtcdWatch => {
-            let clients: Vec<etcd_client::Client> = futures::stream::iter(0..connections)
-                .map(|_| etcd_client::Client::connect([url], None))
-                .buffered(64)
-                .try_collect()
-                .await
-                .context("connecting to etcd")?;
-            futures::stream::iter(0..n)
-                .map(|i| {
-                    let client = clients[i % connections].clone();
-                    let (board, failed) = (board.clone(), failed.clone());
-                    async move { etcd_watch(client, i, board, failed).await }
-                })
-                .buffer_unordered(OPEN_PARALLELISM)
-                .try_collect()
-                .await?
-        }
+        Kind::Sotw => drive(conns, n, Sotw::new, &board, &failed).await?,
+        Kind::Delta => drive(conns, n, Delta::new, &board, &failed).await?,
+        Kind::EtcdWatch => drive(conns, n, |_| EtcdWatch, &board, &failed).await?,
     };
     Ok(Streams {
         board,
         seen: 0,
-        tasks,
+        _connections: tasks,
         n,
         failed,
     })
+}
+
+/// Opens `n` streams, stream `i` speaking `protocol(i)` on connection `i % conns.len()`,
+/// then hands each connection's streams to its task.
+async fn drive<P: Protocol>(
+    conns: Vec<Connection>,
+    n: usize,
+    protocol: impl Fn(usize) -> P,
+    board: &Arc<Board>,
+    failed: &Arc<AtomicU64>,
+) -> anyhow::Result<Vec<Driven>> {
+    let (conns_ref, protocol) = (&conns, &protocol);
+    let mut opened: Vec<(usize, Opened, P)> = futures::stream::iter(0..n)
+        .map(|i| async move {
+            let mut protocol = protocol(i);
+            let (mut stream, first) = conns_ref[i % conns_ref.len()]
+                .call(P::PATH, protocol.first())
+                .await?;
+            if let Some(reply) = protocol.on_first(first)? {
+                stream.send(reply)?;
+            }
+            anyhow::Ok((i, stream, protocol))
+        })
+        .buffer_unordered(OPEN_PARALLELISM)
+        .try_collect()
+        .await?;
+    let per_connection = conns.len();
+    let mut driven = Vec::with_capacity(per_connection);
+    for (c, connection) in conns.into_iter().enumerate() {
+        let mine: Vec<_>;
+        (mine, opened) = opened
+            .into_iter()
+            .partition(|(i, ..)| i % per_connection == c);
+        // Stream `i`'s latest update, at `i / per_connection`.
+        let updates: Box<[AtomicU64]> = mine.iter().map(|_| AtomicU64::new(0)).collect();
+        let (board, failed) = (board.clone(), failed.clone());
+        driven.push(connection.drive(
+            mine,
+            move |i| {
+                let update = updates[i / per_connection].fetch_add(1, Ordering::Relaxed) + 1;
+                board.deliver(i, update);
+            },
+            move |_| {
+                failed.fetch_add(1, Ordering::Relaxed);
+            },
+        ));
+    }
+    Ok(driven)
 }
 
 fn node(i: usize) -> Node {
@@ -188,138 +196,180 @@ fn node(i: usize) -> Node {
     }
 }
 
-/// A stream's requests, boxed in their channel: a channel's blocks hold 32 of its items,
-/// and a `DiscoveryRequest` is over 500 bytes, so unboxed each stream kept some 17 KiB of
-/// slots and copied every ACK into one it had not touched for 32 ACKs.
-fn request_channel<T: Send + 'static>() -> (
-    mpsc::Sender<Box<T>>,
-    impl futures::Stream<Item = T> + Send + 'static,
-) {
-    let (requests, rx) = mpsc::channel(4);
-    (
-        requests,
-        ReceiverStream::new(rx).map(|request: Box<T>| *request),
-    )
+/// A State of the World subscriber: ACKs every response with its version and nonce.
+struct Sotw {
+    i: usize,
+    names: Vec<String>,
 }
 
-async fn sotw(
-    channel: Channel,
-    i: usize,
-    board: Arc<Board>,
-    failed: Arc<AtomicU64>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let (requests, rx) = request_channel();
-    let names = vec![format!("{APPLICATION}/{REVISION}")];
-    requests
-        .send(Box::new(DiscoveryRequest {
-            node: Some(node(i)),
+impl Sotw {
+    fn new(i: usize) -> Self {
+        Self {
+            i,
+            names: vec![format!("{APPLICATION}/{REVISION}")],
+        }
+    }
+
+    fn ack(&self, message: Bytes) -> anyhow::Result<Bytes> {
+        let response = DiscoveryResponse::decode(message)?;
+        Ok(h2streams::frame(&DiscoveryRequest {
             type_url: pb::METADATA_TYPE_URL.into(),
-            resource_names: names.clone(),
+            resource_names: self.names.clone(),
+            version_info: response.version_info,
+            response_nonce: response.nonce,
             ..Default::default()
         }))
-        .await?;
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .stream_aggregated_resources(rx)
-        .await?
-        .into_inner();
-    let first = responses
-        .message()
-        .await?
-        .context("the stream ended at once")?;
-    let ack = move |version: String, nonce: String| {
-        Box::new(DiscoveryRequest {
-            type_url: pb::METADATA_TYPE_URL.into(),
-            resource_names: names.clone(),
-            version_info: version,
-            response_nonce: nonce,
-            ..Default::default()
-        })
-    };
-    requests.send(ack(first.version_info, first.nonce)).await?;
-    Ok(tokio::spawn(async move {
-        let mut update = 0;
-        while let Ok(Some(response)) = responses.message().await {
-            update += 1;
-            board.deliver(i, update);
-            if requests
-                .send(ack(response.version_info, response.nonce))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        failed.fetch_add(1, Ordering::Relaxed);
-    }))
+    }
 }
 
-async fn delta(
-    channel: Channel,
+impl Protocol for Sotw {
+    const PATH: &'static str =
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+
+    fn first(&self) -> Bytes {
+        h2streams::frame(&DiscoveryRequest {
+            node: Some(node(self.i)),
+            type_url: pb::METADATA_TYPE_URL.into(),
+            resource_names: self.names.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn on_first(&mut self, message: Bytes) -> anyhow::Result<Option<Bytes>> {
+        self.ack(message).map(Some)
+    }
+
+    fn on_message(&mut self, message: Bytes) -> anyhow::Result<Step> {
+        Ok(Step {
+            delivered: true,
+            reply: Some(self.ack(message)?),
+        })
+    }
+}
+
+/// A Delta subscriber: ACKs every response with its nonce.
+struct Delta {
     i: usize,
-    board: Arc<Board>,
-    failed: Arc<AtomicU64>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let (requests, rx) = request_channel();
-    requests
-        .send(Box::new(DeltaDiscoveryRequest {
-            node: Some(node(i)),
+}
+
+impl Delta {
+    fn new(i: usize) -> Self {
+        Self { i }
+    }
+
+    fn ack(message: Bytes) -> anyhow::Result<Bytes> {
+        let response = DeltaDiscoveryResponse::decode(message)?;
+        Ok(h2streams::frame(&DeltaDiscoveryRequest {
+            type_url: pb::METADATA_TYPE_URL.into(),
+            response_nonce: response.nonce,
+            ..Default::default()
+        }))
+    }
+}
+
+impl Protocol for Delta {
+    const PATH: &'static str =
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+    fn first(&self) -> Bytes {
+        h2streams::frame(&DeltaDiscoveryRequest {
+            node: Some(node(self.i)),
             type_url: pb::METADATA_TYPE_URL.into(),
             resource_names_subscribe: vec![format!("{APPLICATION}/{REVISION}")],
             ..Default::default()
-        }))
-        .await?;
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .delta_aggregated_resources(rx)
-        .await?
-        .into_inner();
-    let first = responses
-        .message()
-        .await?
-        .context("the stream ended at once")?;
-    let ack = |nonce: String| {
-        Box::new(DeltaDiscoveryRequest {
-            type_url: pb::METADATA_TYPE_URL.into(),
-            response_nonce: nonce,
-            ..Default::default()
         })
-    };
-    requests.send(ack(first.nonce)).await?;
-    Ok(tokio::spawn(async move {
-        let mut update = 0;
-        while let Ok(Some(response)) = responses.message().await {
-            update += 1;
-            board.deliver(i, update);
-            if requests.send(ack(response.nonce)).await.is_err() {
-                break;
-            }
-        }
-        failed.fetch_add(1, Ordering::Relaxed);
-    }))
+    }
+
+    fn on_first(&mut self, message: Bytes) -> anyhow::Result<Option<Bytes>> {
+        Self::ack(message).map(Some)
+    }
+
+    fn on_message(&mut self, message: Bytes) -> anyhow::Result<Step> {
+        Ok(Step {
+            delivered: true,
+            reply: Some(Self::ack(message)?),
+        })
+    }
 }
 
-async fn etcd_watch(
-    client: etcd_client::Client,
-    i: usize,
-    board: Arc<Board>,
-    failed: Arc<AtomicU64>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let mut stream = client.watch_client().watch(ETCD_KEY, None).await?;
-    let created = stream.message().await?.context("the watch ended at once")?;
-    if !created.created() {
-        bail!("etcd's first watch response did not confirm the watch");
+/// An etcd watch stream with one watcher: a response with events is a delivery.
+struct EtcdWatch;
+
+impl Protocol for EtcdWatch {
+    const PATH: &'static str = "/etcdserverpb.Watch/Watch";
+
+    fn first(&self) -> Bytes {
+        h2streams::frame(&etcd::WatchRequest {
+            create_request: Some(etcd::WatchCreateRequest {
+                key: ETCD_KEY.as_bytes().to_vec(),
+            }),
+        })
     }
-    Ok(tokio::spawn(async move {
-        let mut update = 0;
-        // Keep the stream (and its request sender) alive as long as the task runs.
-        while let Ok(Some(response)) = stream.message().await {
-            if response.events().is_empty() {
-                continue;
-            }
-            update += 1;
-            board.deliver(i, update);
+
+    fn on_first(&mut self, message: Bytes) -> anyhow::Result<Option<Bytes>> {
+        if !etcd::WatchResponse::decode(message)?.created {
+            bail!("etcd's first watch response did not confirm the watch");
         }
-        failed.fetch_add(1, Ordering::Relaxed);
-    }))
+        Ok(None)
+    }
+
+    fn on_message(&mut self, message: Bytes) -> anyhow::Result<Step> {
+        let response = etcd::WatchResponse::decode(message)?;
+        if response.canceled {
+            bail!("etcd canceled the watch");
+        }
+        Ok(Step {
+            delivered: !response.events.is_empty(),
+            reply: None,
+        })
+    }
+}
+
+/// The parts of etcd's `etcdserverpb.Watch` messages a watcher uses, with etcd's field
+/// numbers (`api/etcdserverpb/rpc.proto`, `api/mvccpb/kv.proto`); the rest is skipped.
+mod etcd {
+    /// `WatchRequest`: only the `create_request` of its `request_union` (field 1).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct WatchRequest {
+        #[prost(message, optional, tag = "1")]
+        pub(super) create_request: Option<WatchCreateRequest>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct WatchCreateRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub(super) key: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct WatchResponse {
+        #[prost(bool, tag = "3")]
+        pub(super) created: bool,
+        #[prost(bool, tag = "4")]
+        pub(super) canceled: bool,
+        #[prost(message, repeated, tag = "11")]
+        pub(super) events: Vec<Event>,
+    }
+
+    /// `mvccpb.Event`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Event {
+        #[prost(int32, tag = "1")]
+        pub(super) r#type: i32,
+        #[prost(message, optional, tag = "2")]
+        pub(super) kv: Option<KeyValue>,
+    }
+
+    /// `mvccpb.KeyValue`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct KeyValue {
+        #[prost(bytes = "vec", tag = "1")]
+        pub(super) key: Vec<u8>,
+        #[prost(int64, tag = "3")]
+        pub(super) mod_revision: i64,
+        #[prost(bytes = "vec", tag = "5")]
+        pub(super) value: Vec<u8>,
+    }
 }
 
 /// What one update's delivery measured.
@@ -379,7 +429,7 @@ mod tests {
         Streams {
             board: Arc::new(Board::new(n)),
             seen: 0,
-            tasks: Vec::new(),
+            _connections: Vec::new(),
             n,
             failed: Arc::default(),
         }

@@ -32,6 +32,7 @@ use crate::{
 
 pub mod echo;
 pub mod fanout;
+pub mod h2streams;
 pub mod load;
 pub mod procfs;
 pub mod report;
