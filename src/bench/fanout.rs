@@ -151,7 +151,7 @@ async fn drive<P: Protocol>(
     failed: &Arc<AtomicU64>,
 ) -> anyhow::Result<Vec<Driven>> {
     let (conns_ref, protocol) = (&conns, &protocol);
-    let mut opened: Vec<(usize, Opened, P)> = futures::stream::iter(0..n)
+    let opened: Vec<(usize, Opened, P)> = futures::stream::iter(0..n)
         .map(|i| async move {
             let mut protocol = protocol(i);
             let (mut stream, first) = conns_ref[i % conns_ref.len()]
@@ -166,12 +166,13 @@ async fn drive<P: Protocol>(
         .try_collect()
         .await?;
     let per_connection = conns.len();
+    let mut by_connection: Vec<Vec<(usize, Opened, P)>> =
+        (0..per_connection).map(|_| Vec::new()).collect();
+    for stream in opened {
+        by_connection[stream.0 % per_connection].push(stream);
+    }
     let mut driven = Vec::with_capacity(per_connection);
-    for (c, connection) in conns.into_iter().enumerate() {
-        let mine: Vec<_>;
-        (mine, opened) = opened
-            .into_iter()
-            .partition(|(i, ..)| i % per_connection == c);
+    for (connection, mine) in conns.into_iter().zip(by_connection) {
         // Stream `i`'s latest update, at `i / per_connection`.
         let updates: Box<[AtomicU64]> = mine.iter().map(|_| AtomicU64::new(0)).collect();
         let (board, failed) = (board.clone(), failed.clone());
