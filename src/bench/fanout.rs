@@ -22,7 +22,10 @@ use prost::Message;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::h2streams::{self, Connection, Driven, Opened, Protocol, Step};
+use super::{
+    etcdpb as etcd,
+    h2streams::{self, Connection, Driven, Opened, Protocol, Step},
+};
 use crate::pb;
 
 /// The application and revision every fan-out stream subscribes to.
@@ -297,7 +300,7 @@ impl Protocol for Delta {
 struct EtcdWatch;
 
 impl Protocol for EtcdWatch {
-    const PATH: &'static str = "/etcdserverpb.Watch/Watch";
+    const PATH: &'static str = etcd::WATCH;
 
     fn first(&self) -> Bytes {
         h2streams::frame(&etcd::WatchRequest {
@@ -323,53 +326,6 @@ impl Protocol for EtcdWatch {
             delivered: !response.events.is_empty(),
             reply: None,
         })
-    }
-}
-
-/// The parts of etcd's `etcdserverpb.Watch` messages a watcher uses, with etcd's field
-/// numbers (`api/etcdserverpb/rpc.proto`, `api/mvccpb/kv.proto`); the rest is skipped.
-mod etcd {
-    /// `WatchRequest`: only the `create_request` of its `request_union` (field 1).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct WatchRequest {
-        #[prost(message, optional, tag = "1")]
-        pub(super) create_request: Option<WatchCreateRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct WatchCreateRequest {
-        #[prost(bytes = "vec", tag = "1")]
-        pub(super) key: Vec<u8>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct WatchResponse {
-        #[prost(bool, tag = "3")]
-        pub(super) created: bool,
-        #[prost(bool, tag = "4")]
-        pub(super) canceled: bool,
-        #[prost(message, repeated, tag = "11")]
-        pub(super) events: Vec<Event>,
-    }
-
-    /// `mvccpb.Event`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct Event {
-        #[prost(int32, tag = "1")]
-        pub(super) r#type: i32,
-        #[prost(message, optional, tag = "2")]
-        pub(super) kv: Option<KeyValue>,
-    }
-
-    /// `mvccpb.KeyValue`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct KeyValue {
-        #[prost(bytes = "vec", tag = "1")]
-        pub(super) key: Vec<u8>,
-        #[prost(int64, tag = "3")]
-        pub(super) mod_revision: i64,
-        #[prost(bytes = "vec", tag = "5")]
-        pub(super) value: Vec<u8>,
     }
 }
 

@@ -1,9 +1,10 @@
-//! The fan-out's subscribers as a real client would run them in one event loop: gRPC
-//! bidirectional streams spoken directly over `h2`, every stream of a connection driven by
+//! The generator's gRPC client, spoken directly over `h2`: unary calls, and the fan-out's
+//! subscribers as an event-loop client runs them, every stream of a connection driven by
 //! that connection's one task. Each message is decoded in full and answered as its protocol
-//! says (an ADS ACK); what is saved against tonic's client is its machinery per stream (a
-//! task piping a request channel into the stream, a task reading each response), which on
-//! two cores shared with the servers weighed on every server's latency alike.
+//! says (an ADS ACK); what is saved against tonic's client is its machinery per call and per
+//! stream (a buffer task in front of each connection, a task piping a request channel into
+//! each stream, a task reading each stream's responses), which on two cores shared with the
+//! servers weighed on every server alike.
 
 use std::pin::Pin;
 
@@ -11,7 +12,7 @@ use anyhow::{Context, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt, stream::SelectAll};
 use h2::{RecvStream, SendStream, client::SendRequest};
-use http::{Method, Request, Uri};
+use http::{Method, Request, Uri, uri::PathAndQuery};
 use tokio::{net::TcpStream, task::JoinHandle};
 
 /// The client's side of a gRPC stream's conversation.
@@ -103,31 +104,73 @@ impl Connection {
         Ok(Self { uri, requests, io })
     }
 
-    /// Opens a stream of the method at `path`, sends `first`, and waits for the server's
-    /// first message, which it returns with the stream.
-    pub async fn call(&self, path: &str, first: Bytes) -> anyhow::Result<(Opened, Bytes)> {
+    /// The headers of a call of the method at `path`.
+    fn request(&self, path: &'static str) -> anyhow::Result<Request<()>> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(self.uri.authority().context("no authority")?.clone())
-            .path_and_query(path)
+            .path_and_query(PathAndQuery::from_static(path))
             .build()?;
-        let request = Request::builder()
+        Ok(Request::builder()
             .method(Method::POST)
             .uri(uri)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")
-            .body(())?;
+            .body(())?)
+    }
+
+    /// Sends the headers of a call of `path` and `message`, the last if `end`; waits for the
+    /// response's headers.
+    async fn start(
+        &self,
+        path: &'static str,
+        message: Bytes,
+        end: bool,
+    ) -> anyhow::Result<(SendStream<Bytes>, RecvStream)> {
         let mut requests = self.requests.clone().ready().await?;
-        let (response, mut send) = requests.send_request(request, false)?;
-        send.send_data(first, false)?;
+        let (response, mut send) = requests.send_request(self.request(path)?, false)?;
+        send.send_data(message, end)?;
         let response = response.await?;
         if response.status() != http::StatusCode::OK {
             bail!("{path} answered HTTP {}", response.status());
         }
         if let Some(status) = response.headers().get("grpc-status") {
-            bail!("{path} ended at once with grpc-status {status:?}");
+            bail!(
+                "{path} ended at once with grpc-status {status:?}: {:?}",
+                response.headers().get("grpc-message")
+            );
         }
-        let mut recv = response.into_body();
+        Ok((send, response.into_body()))
+    }
+
+    /// A unary call of the method at `path` with `request` (a [`frame`]): the answer's
+    /// message, once the call ended with status OK.
+    pub async fn unary(&self, path: &'static str, request: Bytes) -> anyhow::Result<Bytes> {
+        let (_send, mut recv) = self.start(path, request, true).await?;
+        let (mut partial, mut messages) = (BytesMut::new(), Vec::with_capacity(1));
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            split_messages(&mut partial, chunk, &mut messages)?;
+        }
+        let trailers = recv.trailers().await?.context("the answer had no trailers")?;
+        let status = trailers.get("grpc-status").map(|s| s.as_bytes());
+        if status != Some(b"0") {
+            bail!(
+                "{path} failed with grpc-status {status:?}: {:?}",
+                trailers.get("grpc-message")
+            );
+        }
+        match (messages.pop(), messages.is_empty(), partial.is_empty()) {
+            (Some(message), true, true) => Ok(message),
+            _ => bail!("{path} answered other than one whole message"),
+        }
+    }
+
+    /// Opens a stream of the method at `path`, sends `first`, and waits for the server's
+    /// first message, which it returns with the stream.
+    pub async fn call(&self, path: &'static str, first: Bytes) -> anyhow::Result<(Opened, Bytes)> {
+        let (send, mut recv) = self.start(path, first, false).await?;
         let mut partial = BytesMut::new();
         let mut messages = Vec::new();
         while messages.is_empty() {

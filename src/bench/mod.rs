@@ -20,7 +20,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use prost::Message;
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::{Channel, Endpoint};
 
@@ -31,6 +32,7 @@ use crate::{
 };
 
 pub mod echo;
+pub mod etcdpb;
 pub mod fanout;
 pub mod h2streams;
 pub mod load;
@@ -259,27 +261,19 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connecting to {url}"))
 }
 
-async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    futures::stream::iter(0..n.max(1))
-        .map(|_| connect(url))
+/// `n` connections to `url` for the generator's unary calls (see [`h2streams`]).
+async fn connections(url: &str, n: usize) -> anyhow::Result<Arc<Vec<h2streams::Connection>>> {
+    let connections = futures::stream::iter(0..n.max(1))
+        .map(|_| h2streams::Connection::open(url))
         .buffered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect()
+        .try_collect()
+        .await?;
+    Ok(Arc::new(connections))
 }
 
-async fn etcd_clients(url: &str, n: usize) -> anyhow::Result<Vec<etcd_client::Client>> {
-    let mut clients = Vec::new();
-    for _ in 0..n.max(1) {
-        clients.push(
-            etcd_client::Client::connect([url], None)
-                .await
-                .context("connecting to etcd")?,
-        );
-    }
-    Ok(clients)
-}
+/// The paths of the seed's `MetadataService` the generator calls.
+const GET: &str = "/pixiu.pkg.metadata.MetadataService/Get";
+const PUBLISH: &str = "/pixiu.pkg.metadata.MetadataService/Publish";
 
 fn bar(label: String, len: u64) -> ProgressBar {
     let bar = ProgressBar::new(len);
@@ -649,22 +643,10 @@ impl Bench {
         } else {
             None
         };
-        let ours_clients: Arc<Vec<_>> = Arc::new(
-            channels(&ours.url(), connections)
-                .await?
-                .into_iter()
-                .map(MetadataServiceClient::new)
-                .collect(),
-        );
-        let echo_clients: Arc<Vec<_>> = Arc::new(
-            channels(&echo.url(), connections)
-                .await?
-                .into_iter()
-                .map(MetadataServiceClient::new)
-                .collect(),
-        );
+        let ours_clients = self::connections(&ours.url(), connections).await?;
+        let echo_clients = self::connections(&echo.url(), connections).await?;
         let etcd_clients = match &etcd {
-            Some(etcd) => Some(Arc::new(etcd_clients(&etcd.url(), connections).await?)),
+            Some(etcd) => Some(self::connections(&etcd.url(), connections).await?),
             None => None,
         };
         for random in [false, true] {
@@ -682,16 +664,17 @@ impl Bench {
                 (Server::Echo, echo_clients.clone(), Some(echo.pid())),
             ] {
                 let op: load::Op = Arc::new(move |worker, seq| {
-                    let mut client = clients[worker % clients.len()].clone();
-                    let revision = get_revision(pick(worker, seq));
+                    let clients = clients.clone();
+                    let request = h2streams::frame(&proto::GetMetadataRequest {
+                        application_name: GET_APPLICATION.into(),
+                        revision: get_revision(pick(worker, seq)),
+                    });
                     async move {
-                        let response = client
-                            .get(proto::GetMetadataRequest {
-                                application_name: GET_APPLICATION.into(),
-                                revision,
-                            })
-                            .await?;
-                        if response.get_ref().metadata_info.is_empty() {
+                        let answer = clients[worker % clients.len()].unary(GET, request).await?;
+                        if proto::GetMetadataResponse::decode(answer)?
+                            .metadata_info
+                            .is_empty()
+                        {
                             bail!("an empty answer");
                         }
                         Ok(())
@@ -703,11 +686,16 @@ impl Bench {
             if let (Some(etcd), Some(clients)) = (&etcd, &etcd_clients) {
                 let clients = clients.clone();
                 let op: load::Op = Arc::new(move |worker, seq| {
-                    let mut kv = clients[worker % clients.len()].kv_client();
-                    let key = format!("{ETCD_GET_PREFIX}{}", get_revision(pick(worker, seq)));
+                    let clients = clients.clone();
+                    let request = h2streams::frame(&etcdpb::RangeRequest {
+                        key: format!("{ETCD_GET_PREFIX}{}", get_revision(pick(worker, seq)))
+                            .into_bytes(),
+                    });
                     async move {
-                        let response = kv.get(key, None).await?;
-                        if response.kvs().is_empty() {
+                        let answer = clients[worker % clients.len()]
+                            .unary(etcdpb::RANGE, request)
+                            .await?;
+                        if etcdpb::RangeResponse::decode(answer)?.kvs.is_empty() {
                             bail!("a missing key");
                         }
                         Ok(())
@@ -739,25 +727,19 @@ impl Bench {
         let connections = self.settings.connections;
         let payload_bytes = self.settings.payload_bytes;
         let ours = self.ours(None, scenario).await?;
-        let clients: Arc<Vec<_>> = Arc::new(
-            channels(&ours.url(), connections)
-                .await?
-                .into_iter()
-                .map(MetadataServiceClient::new)
-                .collect(),
-        );
+        let clients = self::connections(&ours.url(), connections).await?;
         let value = Arc::new(payload(payload_bytes, 0));
+        let refresh_of = move |worker: usize| {
+            h2streams::frame(&proto::PublishMetadataRequest {
+                application_name: "bench-refresh".into(),
+                revision: format!("w{worker}"),
+                metadata_info: value.to_string(),
+            })
+        };
         if refresh {
             // Every worker re-publishes its own record: create them first.
             for worker in 0..self.settings.concurrency {
-                clients[0]
-                    .clone()
-                    .publish(proto::PublishMetadataRequest {
-                        application_name: "bench-refresh".into(),
-                        revision: format!("w{worker}"),
-                        metadata_info: value.to_string(),
-                    })
-                    .await?;
+                clients[0].unary(PUBLISH, refresh_of(worker)).await?;
             }
         }
         // Unique per run, so a `--target` that keeps state still sees new content.
@@ -767,22 +749,21 @@ impl Bench {
         let op: load::Op = {
             let clients = clients.clone();
             Arc::new(move |worker, seq| {
-                let mut client = clients[worker % clients.len()].clone();
+                let clients = clients.clone();
                 let request = if refresh {
-                    proto::PublishMetadataRequest {
-                        application_name: "bench-refresh".into(),
-                        revision: format!("w{worker}"),
-                        metadata_info: value.to_string(),
-                    }
+                    refresh_of(worker)
                 } else {
-                    proto::PublishMetadataRequest {
+                    h2streams::frame(&proto::PublishMetadataRequest {
                         application_name: "bench-new".into(),
                         revision: format!("{run}-w{worker}-{seq}"),
                         metadata_info: payload(payload_bytes, seq),
-                    }
+                    })
                 };
                 async move {
-                    client.publish(request).await?;
+                    let answer = clients[worker % clients.len()]
+                        .unary(PUBLISH, request)
+                        .await?;
+                    proto::PublishMetadataResponse::decode(answer)?;
                     Ok(())
                 }
                 .boxed()
@@ -797,13 +778,20 @@ impl Bench {
         // Both servers run through the rounds; the one not measured is idle.
         let etcd = if self.settings.etcd && !refresh {
             let etcd = self.etcd("etcd-put").await?;
-            let clients = Arc::new(etcd_clients(&etcd.url(), connections).await?);
+            let clients = self::connections(&etcd.url(), connections).await?;
             let op: load::Op = Arc::new(move |worker, seq| {
-                let mut kv = clients[worker % clients.len()].kv_client();
-                let key = format!("/bench/new/w{worker}-{seq}");
-                let value = payload(payload_bytes, seq);
+                let clients = clients.clone();
+                let request = h2streams::frame(&etcdpb::PutRequest {
+                    key: format!("/bench/new/w{worker}-{seq}").into_bytes(),
+                    value: payload(payload_bytes, seq).into_bytes(),
+                });
                 async move {
-                    kv.put(key, value, None).await?;
+                    let answer = clients[worker % clients.len()]
+                        .unary(etcdpb::PUT, request)
+                        .await?;
+                    if etcdpb::PutResponse::decode(answer)?.header.is_none() {
+                        bail!("a put answered without its revision");
+                    }
                     Ok(())
                 }
                 .boxed()
