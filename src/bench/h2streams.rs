@@ -148,12 +148,13 @@ impl Connection {
     pub async fn unary(&self, path: &'static str, request: Bytes) -> anyhow::Result<Bytes> {
         let (_send, mut recv) = self.start(path, request, true).await?;
         let (mut partial, mut messages) = (BytesMut::new(), Vec::with_capacity(1));
-        while let Some(chunk) = recv.data().await {
-            let chunk = chunk?;
-            let _ = recv.flow_control().release_capacity(chunk.len());
-            split_messages(&mut partial, chunk, &mut messages)?;
+        while let Some(chunk) = next_chunk(&mut recv).await {
+            split_messages(&mut partial, chunk?, &mut messages)?;
         }
-        let trailers = recv.trailers().await?.context("the answer had no trailers")?;
+        let trailers = recv
+            .trailers()
+            .await?
+            .context("the answer had no trailers")?;
         let status = trailers.get("grpc-status").map(|s| s.as_bytes());
         if status != Some(b"0") {
             bail!(
@@ -174,11 +175,9 @@ impl Connection {
         let mut partial = BytesMut::new();
         let mut messages = Vec::new();
         while messages.is_empty() {
-            let chunk = recv
-                .data()
+            let chunk = next_chunk(&mut recv)
                 .await
                 .context("the stream ended before its first message")??;
-            let _ = recv.flow_control().release_capacity(chunk.len());
             split_messages(&mut partial, chunk, &mut messages)?;
         }
         if messages.len() > 1 {
@@ -239,10 +238,7 @@ impl Connection {
                 }
             }
         });
-        Driven {
-            task,
-            io: self.io,
-        }
+        Driven { task, io: self.io }
     }
 }
 
@@ -261,22 +257,32 @@ impl Opened {
     }
 }
 
-/// The chunks of stream `k`'s body, the capacity they took given back; `None` once, when
-/// the stream ends or fails.
+/// The next chunk of `recv`'s body, the flow-control capacity it took given back; `None` at
+/// the body's end.
+async fn next_chunk(recv: &mut RecvStream) -> Option<Result<Bytes, h2::Error>> {
+    let chunk = recv.data().await?;
+    if let Ok(chunk) = &chunk {
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    Some(chunk)
+}
+
+/// The chunks of stream `k`'s body (see [`next_chunk`]); `None` once, when the stream ends
+/// or fails.
 fn chunks(
     k: usize,
     recv: RecvStream,
 ) -> Pin<Box<dyn Stream<Item = (usize, Option<Bytes>)> + Send>> {
-    Box::pin(futures::stream::unfold(Some(recv), move |recv| async move {
-        let mut recv = recv?;
-        match recv.data().await {
-            Some(Ok(chunk)) => {
-                let _ = recv.flow_control().release_capacity(chunk.len());
-                Some(((k, Some(chunk)), Some(recv)))
+    Box::pin(futures::stream::unfold(
+        Some(recv),
+        move |recv| async move {
+            let mut recv = recv?;
+            match next_chunk(&mut recv).await {
+                Some(Ok(chunk)) => Some(((k, Some(chunk)), Some(recv))),
+                Some(Err(_)) | None => Some(((k, None), None)),
             }
-            Some(Err(_)) | None => Some(((k, None), None)),
-        }
-    }))
+        },
+    ))
 }
 
 /// The tasks of a driven connection; dropping it stops them.
@@ -315,8 +321,7 @@ mod tests {
                 let mut partial = BytesMut::new();
                 let mut out = Vec::new();
                 for piece in [&wire[..cut], &wire[cut..second], &wire[second..]] {
-                    split_messages(&mut partial, Bytes::copy_from_slice(piece), &mut out)
-                        .unwrap();
+                    split_messages(&mut partial, Bytes::copy_from_slice(piece), &mut out).unwrap();
                 }
                 assert_eq!(out, bodies, "cuts at {cut} and {second}");
                 assert!(partial.is_empty());
@@ -324,9 +329,7 @@ mod tests {
         }
         let mut compressed = message(b"x");
         compressed[0] = 1;
-        assert!(
-            split_messages(&mut BytesMut::new(), compressed.into(), &mut Vec::new()).is_err()
-        );
+        assert!(split_messages(&mut BytesMut::new(), compressed.into(), &mut Vec::new()).is_err());
     }
 
     /// A frame is the message behind its five-byte prefix.
@@ -337,6 +340,9 @@ mod tests {
             ..Default::default()
         };
         let framed = frame(&request);
-        assert_eq!(framed[..], message(&prost::Message::encode_to_vec(&request))[..]);
+        assert_eq!(
+            framed[..],
+            message(&prost::Message::encode_to_vec(&request))[..]
+        );
     }
 }

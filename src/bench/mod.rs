@@ -21,8 +21,8 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use prost::Message;
 use indicatif::{ProgressBar, ProgressStyle};
+use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
