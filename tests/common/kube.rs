@@ -15,13 +15,12 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::{
-    net::TcpListener as StdListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::Duration,
 };
 
-use super::etcd::Etcd;
+use super::etcd::{Etcd, free_port};
 
 /// How long the API server may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,13 +65,6 @@ pub fn kube_apiserver_binary() -> PathBuf {
 /// The kubectl binary, or a failure telling how to get it.
 pub fn kubectl_binary() -> PathBuf {
     binary("PIXIU_TEST_KUBECTL", "kubectl")
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// etcd and kube-apiserver on loopback, killed on drop.
