@@ -7,6 +7,11 @@
 //! Data flow: `api` validates and writes to a [`store::Store`]; `push` follows the store's
 //! watch and writes the xDS cache; `pixiu_xds` streams the cache to subscribers.
 
+// The test helpers of `tests/common`, which the store's unit tests also include by path,
+// name this crate as the integration tests do.
+#[cfg(test)]
+extern crate self as pixiu_metadata;
+
 use std::{sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
@@ -22,6 +27,7 @@ pub mod clients;
 pub mod config;
 pub mod ecds;
 pub mod lease;
+pub mod loopback;
 pub mod metrics;
 pub mod model;
 pub mod pb;

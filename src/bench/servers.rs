@@ -126,8 +126,8 @@ pub fn etcd_binary() -> PathBuf {
 /// Starts a single-member etcd on loopback with its data in `dir` (default durability: fsync
 /// on every commit) and waits until `/health` says so.
 pub async fn etcd(dir: &Path) -> anyhow::Result<Process> {
-    let client_port = free_port()?;
-    let peer_port = free_port()?;
+    let client_port = crate::loopback::free_port()?;
+    let peer_port = crate::loopback::free_port()?;
     let client = format!("http://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
     let mut command = Command::new(etcd_binary());
@@ -170,12 +170,6 @@ pub async fn etcd(dir: &Path) -> anyhow::Result<Process> {
     wait_http(addr, "/health", "\"health\":\"true\"", started).await?;
     process.ready_after = started.elapsed();
     Ok(process)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;

@@ -1,18 +1,18 @@
 //! A real etcd on loopback for tests, and a TCP proxy that can cut connections to it.
 //!
 //! Shared by the integration tests (`mod common;`) and the store's unit tests (included by
-//! path), so it depends only on std, tokio and tempfile. The etcd binary is Debian's
-//! `etcd-server` (`/usr/bin/etcd`, or `$ETCD_BIN`); when it is missing the test fails, it is
-//! never skipped.
+//! path), so it depends only on std, tokio, tempfile and the crate's `loopback` module. The
+//! etcd binary is Debian's `etcd-server` (`/usr/bin/etcd`, or `$ETCD_BIN`); when it is
+//! missing the test fails, it is never skipped.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::{
-    net::{SocketAddr, TcpListener as StdListener},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -54,31 +54,9 @@ pub fn etcd_binary() -> PathBuf {
     }
 }
 
-/// First port handed out by [`free_port`], and how many follow it.
-const PORT_BASE: u32 = 20_000;
-const PORT_SPAN: u32 = 12_000;
-
-/// A loopback port nothing listens on, for a child process to bind.
-///
-/// Taken below the kernel's ephemeral range (32768 and up by default), so that no outgoing
-/// connection's source port can take it between this check and the child's bind, which a
-/// port handed out by binding port 0 cannot promise. A counter per process, offset by the
-/// process id, keeps two calls (or two test binaries) from picking the same port.
+/// A loopback port for a child process to bind (see `loopback::free_port`).
 pub fn free_port() -> u16 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let offset = std::process::id().wrapping_mul(7919);
-    for _ in 0..PORT_SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = PORT_BASE + offset.wrapping_add(n) % PORT_SPAN;
-        let port = u16::try_from(port).expect("ports stay below 32768");
-        if StdListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!(
-        "no free loopback port between {PORT_BASE} and {}",
-        PORT_BASE + PORT_SPAN
-    );
+    pixiu_metadata::loopback::free_port().expect("a free loopback port")
 }
 
 impl Etcd {
