@@ -84,7 +84,9 @@ pub async fn ours(data_dir: &Path, log: &Path) -> anyhow::Result<Process> {
     )
     .await?;
     let admin = process.admin.context("serve printed no admin address")?;
-    wait_http(admin, "/readyz", "200 OK", started).await?;
+    process
+        .wait_http(admin, "/readyz", "200 OK", started, log)
+        .await?;
     process.ready_after = started.elapsed();
     Ok(process)
 }
@@ -167,7 +169,10 @@ pub async fn etcd(dir: &Path) -> anyhow::Result<Process> {
         admin: None,
         ready_after: Duration::ZERO,
     };
-    wait_http(addr, "/health", "\"health\":\"true\"", started).await?;
+    let log = dir.join("etcd.log");
+    process
+        .wait_http(addr, "/health", "\"health\":\"true\"", started, &log)
+        .await?;
     process.ready_after = started.elapsed();
     Ok(process)
 }
@@ -223,21 +228,35 @@ async fn from_lines(
     })
 }
 
-/// Polls `GET path` on `addr` until the answer contains `needle`.
-async fn wait_http(
-    addr: SocketAddr,
-    path: &str,
-    needle: &str,
-    started: Instant,
-) -> anyhow::Result<()> {
-    loop {
-        if http_contains(addr, path, needle).await {
-            return Ok(());
+impl Process {
+    /// Polls `GET path` on `addr` until the answer contains `needle`; fails at once, with the
+    /// end of its `log`, if the process exits first (a port taken, a bad flag).
+    async fn wait_http(
+        &mut self,
+        addr: SocketAddr,
+        path: &str,
+        needle: &str,
+        started: Instant,
+        log: &Path,
+    ) -> anyhow::Result<()> {
+        loop {
+            if http_contains(addr, path, needle).await {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                let log_text = std::fs::read_to_string(log).unwrap_or_default();
+                let lines: Vec<&str> = log_text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                bail!(
+                    "the server exited with {status} before {addr}{path} was ready; the end of {}:\n{tail}",
+                    log.display()
+                );
+            }
+            if started.elapsed() > START_TIMEOUT {
+                bail!("{addr}{path} not ready within {START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        if started.elapsed() > START_TIMEOUT {
-            bail!("{addr}{path} not ready within {START_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
