@@ -159,11 +159,10 @@ async fn start_at(
 
 async fn converges_across_a_server_restart(variant: Variant) {
     let dir = tempfile::tempdir().unwrap();
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // The port is bound again after the restart: one outside the ephemeral range, which no
+    // client's connection can take while the server is down.
+    let port = pixiu_metadata::loopback::free_port().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let (shutdown, task) = start_at(addr, dir.path()).await;
     let config = || fast(ClientConfig::new(format!("http://{addr}")).variant(variant));
     let connect = || async {
