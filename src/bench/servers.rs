@@ -154,7 +154,8 @@ pub async fn etcd(dir: &Path) -> anyhow::Result<Process> {
         // Room for the 100,000-record data set and the publish scenarios.
         .args(["--quota-backend-bytes", "8589934592"]);
     let started = Instant::now();
-    let (child, _lines) = spawn(command, &dir.join("etcd.log")).with_context(|| {
+    let log = dir.join("etcd.log");
+    let (child, _lines) = spawn(command, &log).with_context(|| {
         format!(
             "starting {} (Debian's etcd-server; scripts/test installs it)",
             etcd_binary().display()
@@ -169,7 +170,6 @@ pub async fn etcd(dir: &Path) -> anyhow::Result<Process> {
         admin: None,
         ready_after: Duration::ZERO,
     };
-    let log = dir.join("etcd.log");
     process
         .wait_http(addr, "/health", "\"health\":\"true\"", started, &log)
         .await?;

@@ -8,7 +8,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -57,6 +57,17 @@ pub fn etcd_binary() -> PathBuf {
 /// A loopback port for a child process to bind (see `loopback::free_port`).
 pub fn free_port() -> u16 {
     pixiu_metadata::loopback::free_port().expect("a free loopback port")
+}
+
+/// The last `bytes` (or a few fewer, to start on a character) of the log file at `path`, for
+/// failure messages; empty when it cannot be read.
+pub fn log_tail(path: &Path, bytes: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let start = log.len().saturating_sub(bytes);
+    let start = (start..log.len())
+        .find(|i| log.is_char_boundary(*i))
+        .unwrap_or(log.len());
+    log[start..].to_string()
 }
 
 impl Etcd {
@@ -162,12 +173,7 @@ impl Etcd {
 
     /// The tail of etcd's log, for failure messages.
     pub fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
-        let start = log.len().saturating_sub(4000);
-        let start = (start..log.len())
-            .find(|i| log.is_char_boundary(*i))
-            .unwrap_or(log.len());
-        log[start..].to_string()
+        log_tail(&self.dir.path().join("etcd.log"), 4000)
     }
 }
 
@@ -306,13 +312,7 @@ impl EtcdCluster {
 
     /// The tail of member `idx`'s log.
     pub fn log(&self, idx: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join(format!("m{idx}.log")))
-            .unwrap_or_default();
-        let start = log.len().saturating_sub(4000);
-        let start = (start..log.len())
-            .find(|i| log.is_char_boundary(*i))
-            .unwrap_or(log.len());
-        log[start..].to_string()
+        log_tail(&self.dir.path().join(format!("m{idx}.log")), 4000)
     }
 }
 

@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use super::etcd::{Etcd, free_port};
+use super::etcd::{Etcd, free_port, log_tail};
 
 /// How long the API server may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -282,13 +282,7 @@ impl KubeApiserver {
 
     /// The tail of the API server's log, for failure messages.
     pub fn log(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.path().join("kube-apiserver.log")).unwrap_or_default();
-        let start = log.len().saturating_sub(6000);
-        let start = (start..log.len())
-            .find(|i| log.is_char_boundary(*i))
-            .unwrap_or(log.len());
-        log[start..].to_string()
+        log_tail(&self.dir.path().join("kube-apiserver.log"), 6000)
     }
 }
 
