@@ -81,6 +81,7 @@ pub async fn ours(data_dir: &Path, log: &Path) -> anyhow::Result<Process> {
         lines,
         "grpc listening on ",
         Some("admin listening on "),
+        log,
     )
     .await?;
     let admin = process.admin.context("serve printed no admin address")?;
@@ -106,7 +107,7 @@ pub async fn echo(payload_bytes: usize, log: &Path) -> anyhow::Result<Process> {
         .arg(payload_bytes.to_string());
     let started = Instant::now();
     let (child, lines) = spawn(command, log)?;
-    let mut process = from_lines(child, lines, super::echo::LISTENING, None).await?;
+    let mut process = from_lines(child, lines, super::echo::LISTENING, None, log).await?;
     process.ready_after = started.elapsed();
     Ok(process)
 }
@@ -191,12 +192,14 @@ fn spawn(mut command: Command, log: &Path) -> anyhow::Result<(Child, Lines)> {
     Ok((child, BufReader::new(stdout).lines()))
 }
 
-/// Reads the address lines a server prints on standard output.
+/// Reads the address lines a server prints on standard output; fails with the end of its
+/// `log` if it exits first.
 async fn from_lines(
     child: Child,
     mut lines: Lines,
     grpc_prefix: &str,
     admin_prefix: Option<&str>,
+    log: &Path,
 ) -> anyhow::Result<Process> {
     let pid = child.id().context("the server exited at once")?;
     let mut addr = None;
@@ -204,7 +207,11 @@ async fn from_lines(
     let read = async {
         while addr.is_none() || (admin_prefix.is_some() && admin.is_none()) {
             let Some(line) = lines.next_line().await? else {
-                bail!("the server exited before printing its address");
+                bail!(
+                    "the server exited before printing its address; the end of {}:\n{}",
+                    log.display(),
+                    log_tail(log)
+                );
             };
             if let Some(rest) = line.strip_prefix(grpc_prefix) {
                 addr = Some(rest.trim().parse::<SocketAddr>()?);
@@ -244,12 +251,10 @@ impl Process {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                let log_text = std::fs::read_to_string(log).unwrap_or_default();
-                let lines: Vec<&str> = log_text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
                 bail!(
-                    "the server exited with {status} before {addr}{path} was ready; the end of {}:\n{tail}",
-                    log.display()
+                    "the server exited with {status} before {addr}{path} was ready; the end of {}:\n{}",
+                    log.display(),
+                    log_tail(log)
                 );
             }
             if started.elapsed() > START_TIMEOUT {
@@ -258,6 +263,13 @@ impl Process {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+}
+
+/// The last lines of a server's log (its standard error), where it says why it stopped.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
 async fn http_contains(addr: SocketAddr, path: &str, needle: &str) -> bool {
@@ -273,4 +285,47 @@ async fn http_contains(addr: SocketAddr, path: &str, needle: &str) -> bool {
         tokio::time::timeout(Duration::from_secs(2), check).await,
         Ok(Some(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_exits_before_its_address_fails_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("server.log");
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'bind: address already in use' >&2; exit 3"]);
+        let (child, lines) = spawn(command, &log).unwrap();
+        let err = from_lines(child, lines, "grpc listening on ", None, &log)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exited before printing its address"), "{err}");
+        assert!(err.contains("bind: address already in use"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_address_lines_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("server.log");
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "echo 'grpc listening on 127.0.0.1:4000'; echo 'admin listening on 127.0.0.1:4001'; sleep 30",
+        ]);
+        let (child, lines) = spawn(command, &log).unwrap();
+        let process = from_lines(
+            child,
+            lines,
+            "grpc listening on ",
+            Some("admin listening on "),
+            &log,
+        )
+        .await
+        .unwrap();
+        assert_eq!(process.addr, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(process.admin, Some("127.0.0.1:4001".parse().unwrap()));
+    }
 }
