@@ -18,11 +18,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
-use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
@@ -31,6 +30,7 @@ use crate::{
     store::Store,
 };
 
+pub mod calls;
 pub mod echo;
 pub mod etcdpb;
 pub mod fanout;
@@ -42,6 +42,7 @@ pub mod servers;
 pub mod stats;
 pub mod svg;
 
+use calls::Clients;
 use report::{Figures, Report, Row, Server};
 
 /// Every scenario group, in the order they run.
@@ -79,6 +80,11 @@ pub struct BenchArgs {
     /// Skip etcd.
     #[arg(long)]
     pub no_etcd: bool,
+    /// The client of the unary calls (`get`, `publish-*`): gRPC over `h2` directly, alike for
+    /// every server, or the clients users run (tonic's for ours and the echo, `etcd-client`
+    /// for etcd). Fan-out and stream subscribers always speak over `h2`.
+    #[arg(long, value_enum, default_value_t)]
+    pub client: calls::ClientKind,
     /// Unary calls in flight at once (get, publish).
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -180,6 +186,7 @@ struct Settings {
     fanout_updates: usize,
     streams_points: Vec<(usize, usize)>,
     etcd: bool,
+    client: calls::ClientKind,
     target: Option<SocketAddr>,
 }
 
@@ -235,6 +242,7 @@ impl BenchArgs {
             fanout_updates: self.fanout_updates.unwrap_or(if q { 2 } else { 5 }),
             streams_points: points,
             etcd: !self.no_etcd,
+            client: self.client,
             target: self.target,
         })
     }
@@ -260,20 +268,6 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
         .await
         .with_context(|| format!("connecting to {url}"))
 }
-
-/// `n` connections to `url` for the generator's unary calls (see [`h2streams`]).
-async fn connections(url: &str, n: usize) -> anyhow::Result<Arc<Vec<h2streams::Connection>>> {
-    let connections = futures::stream::iter(0..n.max(1))
-        .map(|_| h2streams::Connection::open(url))
-        .buffered(16)
-        .try_collect()
-        .await?;
-    Ok(Arc::new(connections))
-}
-
-/// The paths of the seed's `MetadataService` the generator calls.
-const GET: &str = "/pixiu.pkg.metadata.MetadataService/Get";
-const PUBLISH: &str = "/pixiu.pkg.metadata.MetadataService/Publish";
 
 fn bar(label: String, len: u64) -> ProgressBar {
     let bar = ProgressBar::new(len);
@@ -643,10 +637,11 @@ impl Bench {
         } else {
             None
         };
-        let ours_clients = self::connections(&ours.url(), connections).await?;
-        let echo_clients = self::connections(&echo.url(), connections).await?;
+        let client = self.settings.client;
+        let ours_clients = Clients::metadata(client, &ours.url(), connections).await?;
+        let echo_clients = Clients::metadata(client, &echo.url(), connections).await?;
         let etcd_clients = match &etcd {
-            Some(etcd) => Some(self::connections(&etcd.url(), connections).await?),
+            Some(etcd) => Some(Clients::etcd(client, &etcd.url(), connections).await?),
             None => None,
         };
         for random in [false, true] {
@@ -665,21 +660,11 @@ impl Bench {
             ] {
                 let op: load::Op = Arc::new(move |worker, seq| {
                     let clients = clients.clone();
-                    let request = h2streams::frame(&proto::GetMetadataRequest {
+                    let request = proto::GetMetadataRequest {
                         application_name: GET_APPLICATION.into(),
                         revision: get_revision(pick(worker, seq)),
-                    });
-                    async move {
-                        let answer = clients[worker % clients.len()].unary(GET, request).await?;
-                        if proto::GetMetadataResponse::decode(answer)?
-                            .metadata_info
-                            .is_empty()
-                        {
-                            bail!("an empty answer");
-                        }
-                        Ok(())
-                    }
-                    .boxed()
+                    };
+                    async move { clients.get(worker, request).await }.boxed()
                 });
                 contenders.push(Contender { server, op, pid });
             }
@@ -687,20 +672,8 @@ impl Bench {
                 let clients = clients.clone();
                 let op: load::Op = Arc::new(move |worker, seq| {
                     let clients = clients.clone();
-                    let request = h2streams::frame(&etcdpb::RangeRequest {
-                        key: format!("{ETCD_GET_PREFIX}{}", get_revision(pick(worker, seq)))
-                            .into_bytes(),
-                    });
-                    async move {
-                        let answer = clients[worker % clients.len()]
-                            .unary(etcdpb::RANGE, request)
-                            .await?;
-                        if etcdpb::RangeResponse::decode(answer)?.kvs.is_empty() {
-                            bail!("a missing key");
-                        }
-                        Ok(())
-                    }
-                    .boxed()
+                    let key = format!("{ETCD_GET_PREFIX}{}", get_revision(pick(worker, seq)));
+                    async move { clients.range(worker, key).await }.boxed()
                 });
                 contenders.push(Contender {
                     server: Server::Etcd,
@@ -727,19 +700,18 @@ impl Bench {
         let connections = self.settings.connections;
         let payload_bytes = self.settings.payload_bytes;
         let ours = self.ours(None, scenario).await?;
-        let clients = self::connections(&ours.url(), connections).await?;
+        let client = self.settings.client;
+        let clients = Clients::metadata(client, &ours.url(), connections).await?;
         let value = Arc::new(payload(payload_bytes, 0));
-        let refresh_of = move |worker: usize| {
-            h2streams::frame(&proto::PublishMetadataRequest {
-                application_name: "bench-refresh".into(),
-                revision: format!("w{worker}"),
-                metadata_info: value.to_string(),
-            })
+        let refresh_of = move |worker: usize| proto::PublishMetadataRequest {
+            application_name: "bench-refresh".into(),
+            revision: format!("w{worker}"),
+            metadata_info: value.to_string(),
         };
         if refresh {
             // Every worker re-publishes its own record: create them first.
             for worker in 0..self.settings.concurrency {
-                clients[0].unary(PUBLISH, refresh_of(worker)).await?;
+                clients.publish(worker, refresh_of(worker)).await?;
             }
         }
         // Unique per run, so a `--target` that keeps state still sees new content.
@@ -753,20 +725,13 @@ impl Bench {
                 let request = if refresh {
                     refresh_of(worker)
                 } else {
-                    h2streams::frame(&proto::PublishMetadataRequest {
+                    proto::PublishMetadataRequest {
                         application_name: "bench-new".into(),
                         revision: format!("{run}-w{worker}-{seq}"),
                         metadata_info: payload(payload_bytes, seq),
-                    })
+                    }
                 };
-                async move {
-                    let answer = clients[worker % clients.len()]
-                        .unary(PUBLISH, request)
-                        .await?;
-                    proto::PublishMetadataResponse::decode(answer)?;
-                    Ok(())
-                }
-                .boxed()
+                async move { clients.publish(worker, request).await }.boxed()
             })
         };
         let case = if refresh { "identical" } else { "new" };
@@ -778,23 +743,12 @@ impl Bench {
         // Both servers run through the rounds; the one not measured is idle.
         let etcd = if self.settings.etcd && !refresh {
             let etcd = self.etcd("etcd-put").await?;
-            let clients = self::connections(&etcd.url(), connections).await?;
+            let clients = Clients::etcd(client, &etcd.url(), connections).await?;
             let op: load::Op = Arc::new(move |worker, seq| {
                 let clients = clients.clone();
-                let request = h2streams::frame(&etcdpb::PutRequest {
-                    key: format!("/bench/new/w{worker}-{seq}").into_bytes(),
-                    value: payload(payload_bytes, seq).into_bytes(),
-                });
-                async move {
-                    let answer = clients[worker % clients.len()]
-                        .unary(etcdpb::PUT, request)
-                        .await?;
-                    if etcdpb::PutResponse::decode(answer)?.header.is_none() {
-                        bail!("a put answered without its revision");
-                    }
-                    Ok(())
-                }
-                .boxed()
+                let key = format!("/bench/new/w{worker}-{seq}");
+                let value = payload(payload_bytes, seq);
+                async move { clients.put(worker, key, value).await }.boxed()
             });
             contenders.push(Contender {
                 server: Server::Etcd,
