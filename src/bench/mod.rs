@@ -767,34 +767,54 @@ impl Bench {
         Ok(())
     }
 
+    /// Each point of the chart: every contender (SotW to ours; Delta to ours at the largest
+    /// point; SotW to the bare ADS; etcd's watchers) on a fresh server with its streams open
+    /// at once, then the updates in turns, each contender's `k`-th update after the others'
+    /// `k-1`-th, so a change in the host's load during the point falls on every server alike.
     async fn fanout(&mut self) -> anyhow::Result<()> {
         let points = self.settings.fanout_streams.clone();
         let largest = points.iter().copied().max().unwrap_or(0);
         for &n in &points {
-            self.fanout_one(fanout::Kind::Sotw, Server::Ours, n).await?;
+            let mut contenders = vec![(fanout::Kind::Sotw, Server::Ours)];
             if n == largest {
-                self.fanout_one(fanout::Kind::Delta, Server::Ours, n)
-                    .await?;
+                contenders.push((fanout::Kind::Delta, Server::Ours));
             }
-            self.fanout_one(fanout::Kind::Sotw, Server::Echo, n).await?;
+            contenders.push((fanout::Kind::Sotw, Server::Echo));
             if self.settings.etcd {
-                self.fanout_one(fanout::Kind::EtcdWatch, Server::Etcd, n)
-                    .await?;
+                contenders.push((fanout::Kind::EtcdWatch, Server::Etcd));
+            }
+            let mut runs = Vec::with_capacity(contenders.len());
+            for (kind, server) in contenders {
+                runs.push(self.fanout_open(kind, server, n).await?);
+            }
+            let updates = self.settings.fanout_updates;
+            let progress = bar(
+                format!("fanout {n} streams: {} servers in turns", runs.len()),
+                (updates * runs.len()) as u64,
+            );
+            for update in 1..=updates as u64 {
+                for run in &mut runs {
+                    run.update(update, self.settings.payload_bytes).await?;
+                    progress.inc(1);
+                }
+            }
+            progress.finish_and_clear();
+            for run in runs {
+                self.fanout_close(run).await?;
             }
         }
         Ok(())
     }
 
-    /// One fan-out run: `n` streams of `kind` to a fresh `server` (etcd for etcd's watches;
-    /// ours or the bare tonic echo for ADS).
-    async fn fanout_one(
+    /// Starts a fresh `server` (etcd for etcd's watches; ours or the bare tonic echo for ADS)
+    /// and opens `n` streams of `kind` to it.
+    async fn fanout_open(
         &mut self,
         kind: fanout::Kind,
         server: Server,
         n: usize,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<FanoutRun> {
         let connections = self.settings.fanout_connections.min(n).max(1);
-        let updates = self.settings.fanout_updates;
         let payload_bytes = self.settings.payload_bytes;
         let case_kind = match kind {
             fanout::Kind::Sotw | fanout::Kind::EtcdWatch => "sotw",
@@ -803,7 +823,7 @@ impl Bench {
         let case = format!("{case_kind}-{n}x{connections}");
         let progress = bar(
             format!("fanout {case} {}: opening", server_label(server)),
-            updates as u64,
+            1,
         );
         let (target, mut publish): (Target, Publisher) = match server {
             Server::Etcd => {
@@ -821,66 +841,73 @@ impl Bench {
                 (Target::Grpc(Box::new(echo)), Publisher::Grpc(client))
             }
             Server::Ours => {
-                let ours = self.ours(None, "fanout").await?;
+                let ours = self.ours(None, &format!("fanout-{case_kind}")).await?;
                 let client = MetadataServiceClient::new(connect(&ours.url()).await?);
                 (ours, Publisher::Grpc(client))
             }
         };
         publish.publish(payload(payload_bytes, 0)).await?;
         let rss_before = target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
-        let mut streams = fanout::open(kind, &target.url(), n, connections).await?;
-        let mut samples = Vec::new();
-        let mut missing = 0;
-        let (mut server_cpu, mut generator_cpu) = (0.0, 0.0);
-        progress.set_message(format!("fanout {case} {}", server_label(server)));
-        for update in 1..=updates as u64 {
-            let server0 = target.pid().and_then(|p| procfs::cpu_seconds(&p).ok());
-            let generator0 = procfs::cpu_seconds("self")?;
-            let t0 = Instant::now();
-            publish.publish(payload(payload_bytes, update)).await?;
-            let result = streams.collect(update, t0, Duration::from_secs(60)).await;
-            // Let the ACKs arrive and be processed: they are part of an update's cost.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if let (Some(before), Some(after)) = (
-                server0,
-                target.pid().and_then(|p| procfs::cpu_seconds(&p).ok()),
-            ) {
-                server_cpu += after - before;
-            }
-            generator_cpu += procfs::cpu_seconds("self")? - generator0;
-            missing += result.missing;
-            samples.extend(result.latencies_us);
-            progress.inc(1);
-        }
+        let streams = fanout::open(kind, &target.url(), n, connections).await?;
         progress.finish_and_clear();
-        let unrelated = if kind != fanout::Kind::Delta && server != Server::Echo {
+        Ok(FanoutRun {
+            kind,
+            server,
+            case,
+            connections,
+            target,
+            publish,
+            streams,
+            rss_before,
+            samples: Vec::new(),
+            missing: 0,
+            updates: 0,
+            server_cpu: 0.0,
+            generator_cpu: 0.0,
+        })
+    }
+
+    /// Measures the publishes of another key while `run`'s streams are still open (ours and
+    /// etcd, SotW), stops its server and records its rows.
+    async fn fanout_close(&mut self, mut run: FanoutRun) -> anyhow::Result<()> {
+        let unrelated = if run.kind != fanout::Kind::Delta && run.server != Server::Echo {
             Some(
-                self.unrelated(&target, &mut publish, &mut streams, connections)
-                    .await?,
+                self.unrelated(
+                    &run.target,
+                    &mut run.publish,
+                    &mut run.streams,
+                    run.connections,
+                )
+                .await?,
             )
         } else {
             None
         };
-        let rss_after = target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
-        let failed = streams.failed.load(std::sync::atomic::Ordering::Relaxed);
-        drop(streams);
-        target.stop().await;
-        let latency = stats::Latency::of(&mut samples);
+        let rss_after = run.target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
+        let failed = run
+            .streams
+            .failed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let n = run.streams.n;
+        drop(run.streams);
+        run.target.stop().await;
+        let latency = stats::Latency::of(&mut run.samples);
+        let (missing, updates) = (run.missing, run.updates.max(1) as f64);
         self.rows.push(Row {
             scenario: "fanout".into(),
-            case,
-            server,
+            case: run.case,
+            server: run.server,
             concurrency: n,
-            connections,
+            connections: run.connections,
             figures: Figures {
                 throughput: None,
                 p50_us: Some(latency.p50_us),
                 p99_us: Some(latency.p99_us),
                 max_us: Some(latency.max_us),
-                server_cpu_us_per_op: rss_before.map(|_| server_cpu * 1e6 / updates as f64),
-                generator_cpu_us_per_op: Some(generator_cpu * 1e6 / updates as f64),
+                server_cpu_us_per_op: run.rss_before.map(|_| run.server_cpu * 1e6 / updates),
+                generator_cpu_us_per_op: Some(run.generator_cpu * 1e6 / updates),
                 rss_bytes: rss_after,
-                rss_per_stream_bytes: match (rss_before, rss_after) {
+                rss_per_stream_bytes: match (run.rss_before, rss_after) {
                     (Some(b), Some(a)) => Some((a as f64 - b as f64) / n as f64),
                     _ => None,
                 },
@@ -1086,6 +1113,52 @@ fn server_label(server: Server) -> &'static str {
         Server::Ours => "ours",
         Server::Etcd => "etcd",
         Server::Echo => "echo",
+    }
+}
+
+/// One contender of a fan-out point: its server, with `streams` open, and what its updates
+/// measured so far.
+struct FanoutRun {
+    kind: fanout::Kind,
+    server: Server,
+    case: String,
+    connections: usize,
+    target: Target,
+    publish: Publisher,
+    streams: fanout::Streams,
+    rss_before: Option<u64>,
+    samples: Vec<u64>,
+    missing: u64,
+    updates: u64,
+    server_cpu: f64,
+    generator_cpu: f64,
+}
+
+impl FanoutRun {
+    /// One update: a publish, its delivery to every stream, and the ACKs it causes (their
+    /// processing counts in the server's CPU of the update).
+    async fn update(&mut self, update: u64, payload_bytes: usize) -> anyhow::Result<()> {
+        let server0 = self.target.pid().and_then(|p| procfs::cpu_seconds(&p).ok());
+        let generator0 = procfs::cpu_seconds("self")?;
+        let t0 = Instant::now();
+        self.publish.publish(payload(payload_bytes, update)).await?;
+        let result = self
+            .streams
+            .collect(update, t0, Duration::from_secs(60))
+            .await;
+        // Let the ACKs arrive and be processed: they are part of an update's cost.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let (Some(before), Some(after)) = (
+            server0,
+            self.target.pid().and_then(|p| procfs::cpu_seconds(&p).ok()),
+        ) {
+            self.server_cpu += after - before;
+        }
+        self.generator_cpu += procfs::cpu_seconds("self")? - generator0;
+        self.missing += result.missing;
+        self.samples.extend(result.latencies_us);
+        self.updates += 1;
+        Ok(())
     }
 }
 
