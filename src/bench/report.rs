@@ -352,6 +352,10 @@ fn throughput_cell(f: &Figures) -> String {
 /// The report as Markdown: the measurements, the ratios and the goals.
 pub fn markdown(report: &Report) -> String {
     let mut out = String::new();
+    if let Some(line) = settings_line(&report.environment) {
+        out.push_str(&line);
+        out.push_str("\n\n");
+    }
     out.push_str(
         "| scenario | case | server | conc. | conns | ops/s | p50 ms | p99 ms | max ms | server CPU µs/op | generator CPU µs/op | RSS MiB | RSS/stream KiB | ready ms | errors |\n",
     );
@@ -403,6 +407,31 @@ pub fn markdown(report: &Report) -> String {
         out.push_str(&format!("| {} | {} | {} |\n", g.goal, g.measured, met));
     }
     out
+}
+
+/// How the run was made, in one line above the tables: what a table pasted elsewhere would
+/// otherwise lose (the build, the unary client, the load's shape).
+fn settings_line(environment: &serde_json::Value) -> Option<String> {
+    let settings = environment.get("settings")?;
+    let number = |key: &str| settings.get(key).and_then(serde_json::Value::as_u64);
+    let seconds = settings
+        .get("duration")
+        .and_then(|d| Some(d.get("secs")?.as_f64()? + d.get("nanos")?.as_f64()? / 1e9))?;
+    let rounds = match number("rounds")? {
+        1 => "1 round".to_string(),
+        n => format!("{n} rounds"),
+    };
+    Some(format!(
+        "{} build; unary cases: {} calls in flight over {} connections through the {} client, \
+         {rounds} of {seconds}s; fan-out: {} connections, {} updates per point, the servers in \
+         turns",
+        environment.get("build")?.as_str()?,
+        number("concurrency")?,
+        number("connections")?,
+        settings.get("client")?.as_str()?,
+        number("fanout_connections")?,
+        number("fanout_updates")?,
+    ))
 }
 
 #[cfg(test)]
@@ -518,6 +547,30 @@ mod tests {
         assert!(text.contains("| get | hot | pixiu-metadata | 8 | 2 | 900 |"));
         // Nothing to compare with: every goal is unmeasured, in both columns.
         assert_eq!(text.matches("not measured").count(), 2 * report.goals.len());
+    }
+
+    #[test]
+    fn the_settings_head_the_tables() {
+        let environment = serde_json::json!({
+            "build": "release",
+            "settings": {
+                "concurrency": 64, "connections": 4, "client": "stock", "rounds": 3,
+                "duration": {"secs": 10, "nanos": 0},
+                "fanout_connections": 100, "fanout_updates": 5,
+            },
+        });
+        let report = Report {
+            environment,
+            scenarios: vec![],
+            rows: vec![],
+            ratios: vec![],
+            goals: vec![],
+        };
+        assert!(markdown(&report).starts_with(
+            "release build; unary cases: 64 calls in flight over 4 connections through the \
+             stock client, 3 rounds of 10s; fan-out: 100 connections, 5 updates per point, the \
+             servers in turns\n\n|"
+        ));
     }
 
     #[test]
