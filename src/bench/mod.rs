@@ -430,6 +430,14 @@ impl Target {
             Target::External(_) => None,
         }
     }
+    /// The server's CPU time so far, when it is a process of ours to read.
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.pid().and_then(|p| procfs::cpu_seconds(&p).ok())
+    }
+    /// The server's resident memory, when it is a process of ours to read.
+    fn rss_bytes(&self) -> Option<u64> {
+        self.pid().and_then(|p| procfs::rss_bytes(&p).ok())
+    }
     async fn stop(self) {
         if let Target::Grpc(p) = self {
             p.stop().await;
@@ -847,7 +855,7 @@ impl Bench {
             }
         };
         publish.publish(payload(payload_bytes, 0)).await?;
-        let rss_before = target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
+        let rss_before = target.rss_bytes();
         let streams = fanout::open(kind, &target.url(), n, connections).await?;
         progress.finish_and_clear();
         Ok(FanoutRun {
@@ -861,7 +869,6 @@ impl Bench {
             rss_before,
             samples: Vec::new(),
             missing: 0,
-            updates: 0,
             server_cpu: 0.0,
             generator_cpu: 0.0,
         })
@@ -883,7 +890,7 @@ impl Bench {
         } else {
             None
         };
-        let rss_after = run.target.pid().and_then(|p| procfs::rss_bytes(&p).ok());
+        let rss_after = run.target.rss_bytes();
         let failed = run
             .streams
             .failed
@@ -892,7 +899,7 @@ impl Bench {
         drop(run.streams);
         run.target.stop().await;
         let latency = stats::Latency::of(&mut run.samples);
-        let (missing, updates) = (run.missing, run.updates.max(1) as f64);
+        let (missing, updates) = (run.missing, self.settings.fanout_updates.max(1) as f64);
         self.rows.push(Row {
             scenario: "fanout".into(),
             case: run.case,
@@ -934,15 +941,12 @@ impl Bench {
         let updates = self.settings.fanout_updates;
         let (mut server_cpu, mut delivered) = (0.0, 0);
         for update in 1..=updates as u64 {
-            let server0 = target.pid().and_then(|p| procfs::cpu_seconds(&p).ok());
+            let server0 = target.cpu_seconds();
             publish
                 .publish_elsewhere(payload(self.settings.payload_bytes, update))
                 .await?;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if let (Some(before), Some(after)) = (
-                server0,
-                target.pid().and_then(|p| procfs::cpu_seconds(&p).ok()),
-            ) {
+            if let (Some(before), Some(after)) = (server0, target.cpu_seconds()) {
                 server_cpu += after - before;
             }
             delivered += streams.drain();
@@ -1129,7 +1133,6 @@ struct FanoutRun {
     rss_before: Option<u64>,
     samples: Vec<u64>,
     missing: u64,
-    updates: u64,
     server_cpu: f64,
     generator_cpu: f64,
 }
@@ -1138,7 +1141,7 @@ impl FanoutRun {
     /// One update: a publish, its delivery to every stream, and the ACKs it causes (their
     /// processing counts in the server's CPU of the update).
     async fn update(&mut self, update: u64, payload_bytes: usize) -> anyhow::Result<()> {
-        let server0 = self.target.pid().and_then(|p| procfs::cpu_seconds(&p).ok());
+        let server0 = self.target.cpu_seconds();
         let generator0 = procfs::cpu_seconds("self")?;
         let t0 = Instant::now();
         self.publish.publish(payload(payload_bytes, update)).await?;
@@ -1148,16 +1151,12 @@ impl FanoutRun {
             .await;
         // Let the ACKs arrive and be processed: they are part of an update's cost.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if let (Some(before), Some(after)) = (
-            server0,
-            self.target.pid().and_then(|p| procfs::cpu_seconds(&p).ok()),
-        ) {
+        if let (Some(before), Some(after)) = (server0, self.target.cpu_seconds()) {
             self.server_cpu += after - before;
         }
         self.generator_cpu += procfs::cpu_seconds("self")? - generator0;
         self.missing += result.missing;
         self.samples.extend(result.latencies_us);
-        self.updates += 1;
         Ok(())
     }
 }
