@@ -145,10 +145,7 @@ pub async fn serve(
     let Listeners { grpc, admin } = listeners.into();
     let metrics = metrics::Metrics::new();
     // Every user of the store goes through one timed wrapper.
-    let store: Arc<dyn store::Store> = Arc::new(metrics::InstrumentedStore::new(
-        store,
-        metrics.store_operations.clone(),
-    ));
+    let store: Arc<dyn store::Store> = Arc::new(metrics::InstrumentedStore::new(store, &metrics));
     if let Some(admin_addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
         security::check_admin_exposure(admin_addr, config.security.admin_token_file.is_some())
             .map_err(Error::Security)?;

@@ -32,6 +32,13 @@ pub struct StoreLabels {
     pub result: &'static str,
 }
 
+/// Labels of series kept per store backend.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// The backend: `memory`, `embedded`, `etcd`, ...
+    pub backend: &'static str,
+}
+
 /// Buckets from 50 µs to about 3 s: a memory read to an etcd write timing out.
 fn store_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
@@ -217,6 +224,9 @@ pub struct Metrics {
     pub records: Family<NamespaceLabels, Gauge>,
     /// Seconds each store operation took, by backend, operation and result.
     pub store_operations: Family<StoreLabels, Histogram>,
+    /// Times a follower of the store's watch (the push layer, the lease sweeper) fell behind
+    /// and started over from the whole state, by backend.
+    pub store_watch_resets: Family<BackendLabels, Counter>,
     /// Requests and streams refused by authentication, authorization or rate limits.
     pub denials: Family<DenialLabels, Counter>,
     /// TLS connections that did not finish their handshake.
@@ -307,6 +317,12 @@ impl Metrics {
             "Seconds a store operation took (a put includes its durable commit), by backend, operation and result",
             store_operations.clone(),
         );
+        let store_watch_resets = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "store_watch_resets",
+            "Times a follower of the store's changes (the push layer, the lease sweeper) fell behind and started over from the whole state, by backend",
+            store_watch_resets.clone(),
+        );
         let denials = Family::<DenialLabels, Counter>::default();
         registry.register(
             "denials",
@@ -336,6 +352,7 @@ impl Metrics {
             xds_subscriptions,
             records,
             store_operations,
+            store_watch_resets,
             by_type: Arc::default(),
         }
     }

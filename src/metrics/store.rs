@@ -1,28 +1,34 @@
 //! A [`Store`] wrapper that times every operation into
-//! `pixiu_metadata_store_operation_duration_seconds`.
+//! `pixiu_metadata_store_operation_duration_seconds` and counts the resets of its watches
+//! after their first into `pixiu_metadata_store_watch_resets_total`.
 //!
 //! It sits between the services and the backend, so `store/` stays free of metrics and every
 //! backend is measured the same way.
 
 use std::{sync::Arc, time::SystemTime};
 
-use futures::stream::BoxStream;
+use futures::{StreamExt, stream::BoxStream};
 use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
-use super::{Histogram, StoreLabels};
+use super::{BackendLabels, Counter, Histogram, Metrics, StoreLabels};
 use crate::store::{Event, Key, ListQuery, PutOutcome, Record, Result, Store};
 
 /// Times every operation of the store it wraps.
 pub struct InstrumentedStore {
     inner: Arc<dyn Store>,
     histograms: Family<StoreLabels, Histogram>,
+    watch_resets: Family<BackendLabels, Counter>,
 }
 
 impl InstrumentedStore {
-    /// Wraps `inner`, recording into `histograms`.
-    pub fn new(inner: Arc<dyn Store>, histograms: Family<StoreLabels, Histogram>) -> Self {
-        Self { inner, histograms }
+    /// Wraps `inner`, recording into the store series of `metrics`.
+    pub fn new(inner: Arc<dyn Store>, metrics: &Metrics) -> Self {
+        Self {
+            inner,
+            histograms: metrics.store_operations.clone(),
+            watch_resets: metrics.store_watch_resets.clone(),
+        }
     }
 
     fn record<T>(&self, operation: &'static str, started: Instant, result: &Result<T>) {
@@ -68,7 +74,22 @@ impl Store for InstrumentedStore {
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
-        self.inner.watch()
+        let resets = self
+            .watch_resets
+            .get_or_create(&BackendLabels {
+                backend: self.inner.backend(),
+            })
+            .clone();
+        // Every watch starts with a reset; any later one means the watcher fell behind.
+        let mut started = false;
+        self.inner
+            .watch()
+            .inspect(move |event| {
+                if matches!(event, Event::Reset { .. }) && std::mem::replace(&mut started, true) {
+                    resets.inc();
+                }
+            })
+            .boxed()
     }
 
     async fn ready(&self) -> Result<()> {
@@ -87,15 +108,15 @@ impl Store for InstrumentedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{metrics::Metrics, store::memory::MemoryStore};
+    use crate::{
+        metrics::Metrics,
+        store::{WATCH_BUFFER, memory::MemoryStore},
+    };
 
     #[tokio::test]
     async fn operations_are_timed_by_backend_operation_and_result() {
         let metrics = Metrics::new();
-        let store = InstrumentedStore::new(
-            Arc::new(MemoryStore::default()),
-            metrics.store_operations.clone(),
-        );
+        let store = InstrumentedStore::new(Arc::new(MemoryStore::default()), &metrics);
         let key = Key::metadata("default", "greeter", "r1");
         store.put(&key, "v", SystemTime::now()).await.unwrap();
         assert!(store.get(&key).await.unwrap().is_some());
@@ -107,5 +128,37 @@ mod tests {
             );
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_falls_behind_counts_its_reset() {
+        let metrics = Metrics::new();
+        let store = InstrumentedStore::new(Arc::new(MemoryStore::default()), &metrics);
+        let line = "pixiu_metadata_store_watch_resets_total{backend=\"memory\"}";
+        let mut watch = store.watch();
+        assert!(matches!(watch.next().await, Some(Event::Reset { .. })));
+        let key = Key::metadata("default", "greeter", "r1");
+        store.put(&key, "v0", SystemTime::now()).await.unwrap();
+        assert!(matches!(watch.next().await, Some(Event::Put(_))));
+        assert!(
+            metrics.encode().contains(&format!("{line} 0")),
+            "the first reset is no reset"
+        );
+        // More changes than the watch buffers while its reader is away.
+        for i in 0..=WATCH_BUFFER {
+            store
+                .put(&key, &format!("v{i}"), SystemTime::now())
+                .await
+                .unwrap();
+        }
+        match watch.next().await {
+            Some(Event::Reset { records, .. }) => assert_eq!(records.len(), 1),
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains(&format!("{line} 1")),
+            "{line} 1 missing from\n{text}"
+        );
     }
 }

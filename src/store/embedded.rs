@@ -86,8 +86,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, checkpoint::Checkpoints,
-    epoch_ms, journal,
+    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER,
+    checkpoint::Checkpoints, epoch_ms, journal,
 };
 
 /// The data file's name inside the data directory.
@@ -98,9 +98,6 @@ pub const MAX_BATCH_OPS: usize = 1024;
 
 /// Once a batch holds this many bytes of values, the writer stops adding to it (64 MiB).
 pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
-
-/// Events buffered per watcher before it falls behind and is sent a fresh [`Event::Reset`].
-const WATCH_BUFFER: usize = 4096;
 
 /// The cache redb may fill with pages.
 const CACHE_BYTES: usize = 256 * 1024 * 1024;

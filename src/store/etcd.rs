@@ -97,7 +97,9 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, epoch_ms};
+use super::{
+    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+};
 
 mod election;
 
@@ -139,9 +141,6 @@ const LIST_PAGE: i64 = 256;
 
 /// Largest etcd response accepted (a page of large values; watch responses are fragmented).
 const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
-
-/// Events buffered per watcher before it falls behind and is sent a fresh [`Event::Reset`].
-const WATCH_BUFFER: usize = 4096;
 
 /// Puts retried after losing a compare to a concurrent writer before giving up.
 const MAX_PUT_ATTEMPTS: usize = 16;

@@ -7,10 +7,9 @@ use futures::{StreamExt, stream::BoxStream};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::{Error, Event, Key, ListQuery, PutOutcome, Record, Result, Store, epoch_ms};
-
-/// Events buffered per watcher before it falls behind and is sent a fresh [`Event::Reset`].
-const WATCH_BUFFER: usize = 4096;
+use super::{
+    Error, Event, Key, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+};
 
 /// An in-memory [`Store`].
 #[derive(Debug, Clone)]
@@ -157,7 +156,8 @@ impl Store for MemoryStore {
                 match rx.recv().await {
                     Ok(event) => Some((event, Some(rx))),
                     // Fell behind: start over with a fresh list.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        super::fell_behind(missed);
                         let state = store.inner.lock();
                         let rx = store.events.subscribe();
                         let reset = Event::Reset {

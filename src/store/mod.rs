@@ -237,6 +237,27 @@ pub(crate) trait Subscribe: Send + Sync + 'static {
     fn subscribe(&self) -> (Event, broadcast::Receiver<Event>);
 }
 
+/// Events a backend buffers for each watcher before the watcher falls behind and starts over
+/// from an [`Event::Reset`] of the whole state.
+///
+/// A reset costs its watcher time in proportion to the records held, and while it works the
+/// next events queue up again: with a buffer shorter than that time, a watcher that fell
+/// behind once under a steady stream of writes falls behind again after every reset and never
+/// catches up (with 4,096, the push layer and the lease sweeper of a store of a million records
+/// did so at 20,000 publishes a second, and the copies of the state halved the write
+/// throughput; docs/benchmarks.md, "A watcher that falls behind"). 65,536 events are over three
+/// seconds of such writes. The ring is allocated once per store: about 8 MiB, and at most as
+/// many values of replaced or deleted records kept alive until their slots are reused.
+pub(crate) const WATCH_BUFFER: usize = 65_536;
+
+/// Logs that a watcher fell behind by `missed` events and starts over from the whole state.
+pub(crate) fn fell_behind(missed: u64) {
+    tracing::warn!(
+        missed,
+        "a store watcher fell behind; it starts over from the whole state"
+    );
+}
+
 /// Hands `f` the events of a watch that are already waiting, at most `max`, without waiting
 /// for more, so a reader that follows a store takes a committed batch in one turn; `false`
 /// once the watch has ended.
@@ -272,7 +293,8 @@ pub(crate) fn follow<S: Subscribe>(source: Weak<S>) -> BoxStream<'static, Event>
             match rx.recv().await {
                 Ok(event) => Some((event, (source, Some(rx)))),
                 // Fell behind: start over with a fresh reset.
-                Err(broadcast::error::RecvError::Lagged(_)) => {
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    fell_behind(missed);
                     let (reset, rx) = source.upgrade()?.subscribe();
                     Some((reset, (source, Some(rx))))
                 }

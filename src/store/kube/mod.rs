@@ -65,7 +65,9 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, epoch_ms};
+use super::{
+    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+};
 
 pub mod election;
 mod mirror;
@@ -79,9 +81,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long [`KubeStore::connect`] waits for the first list of every kind.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Events buffered per watcher before it falls behind and is sent a fresh [`Event::Reset`].
-const WATCH_BUFFER: usize = 4096;
 
 /// Puts retried after a conflict before giving up.
 const MAX_PUT_ATTEMPTS: usize = 16;
