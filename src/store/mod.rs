@@ -246,8 +246,8 @@ pub(crate) trait Subscribe: Send + Sync + 'static {
 /// catches up (with 4,096, the push layer and the lease sweeper of a store of a million records
 /// did so at 20,000 publishes a second, and the copies of the state halved the write
 /// throughput; docs/benchmarks.md, "A watcher that falls behind"). 65,536 events are over three
-/// seconds of such writes. The ring is allocated once per store: about 8 MiB, and at most as
-/// many values of replaced or deleted records kept alive until their slots are reused.
+/// seconds of such writes. The ring is allocated once per store, about 8 MiB; a change stays
+/// in it only until every watcher has read it, so it holds records only while one is behind.
 pub(crate) const WATCH_BUFFER: usize = 65_536;
 
 /// Logs that a watcher fell behind by `missed` events and starts over from the whole state.
