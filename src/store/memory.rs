@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
@@ -14,9 +14,15 @@ use super::{
 /// An in-memory [`Store`].
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    inner: Arc<Mutex<State>>,
-    events: broadcast::Sender<Event>,
+    inner: Arc<Shared>,
     max_records_per_namespace: usize,
+}
+
+/// The records and their watchers' channel, which watches follow (see [`super::follow`]).
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
 }
 
 #[derive(Debug, Default)]
@@ -37,10 +43,25 @@ impl MemoryStore {
     pub fn new(max_records_per_namespace: usize) -> Self {
         let (events, _) = broadcast::channel(WATCH_BUFFER);
         Self {
-            inner: Arc::default(),
-            events,
+            inner: Arc::new(Shared {
+                state: Mutex::default(),
+                events,
+            }),
             max_records_per_namespace,
         }
+    }
+}
+
+impl super::Subscribe for Shared {
+    fn subscribe(&self) -> (Event, broadcast::Receiver<Event>) {
+        // Subscribe and list under one lock: no event is missed or repeated.
+        let state = self.state.lock();
+        let rx = self.events.subscribe();
+        let reset = Event::Reset {
+            records: state.records.values().cloned().collect(),
+            revision: state.revision,
+        };
+        (reset, rx)
     }
 }
 
@@ -51,7 +72,7 @@ fn map_key(key: &Key) -> (crate::model::Kind, String, String) {
 #[async_trait::async_trait]
 impl Store for MemoryStore {
     async fn put(&self, key: &Key, value: &str, now: SystemTime) -> Result<PutOutcome> {
-        let mut state = self.inner.lock();
+        let mut state = self.inner.state.lock();
         let refreshed_at_ms = epoch_ms(now);
         let revision = state.revision + 1;
         let map_key = map_key(key);
@@ -101,22 +122,22 @@ impl Store for MemoryStore {
         };
         state.revision = revision;
         // Sent under the lock so watchers see events in revision order.
-        let _ = self.events.send(event);
+        let _ = self.inner.events.send(event);
         Ok(outcome)
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Record>> {
-        Ok(self.inner.lock().records.get(&map_key(key)).cloned())
+        Ok(self.inner.state.lock().records.get(&map_key(key)).cloned())
     }
 
     async fn delete(&self, key: &Key, if_revision: Option<u64>) -> Result<bool> {
-        let mut state = self.inner.lock();
+        let mut state = self.inner.state.lock();
         let map_key = map_key(key);
         match state.records.get(&map_key) {
             Some(record) if if_revision.is_none_or(|r| r == record.revision) => {
                 state.records.remove(&map_key);
                 state.revision += 1;
-                let _ = self.events.send(Event::Delete {
+                let _ = self.inner.events.send(Event::Delete {
                     key: key.clone(),
                     revision: state.revision,
                 });
@@ -129,6 +150,7 @@ impl Store for MemoryStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
         Ok(self
             .inner
+            .state
             .lock()
             .records
             .values()
@@ -139,38 +161,7 @@ impl Store for MemoryStore {
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
-        let store = self.clone();
-        futures::stream::unfold(None, move |rx: Option<broadcast::Receiver<Event>>| {
-            let store = store.clone();
-            async move {
-                let Some(mut rx) = rx else {
-                    // Subscribe and list under one lock: no event is missed or repeated.
-                    let state = store.inner.lock();
-                    let rx = store.events.subscribe();
-                    let reset = Event::Reset {
-                        records: state.records.values().cloned().collect(),
-                        revision: state.revision,
-                    };
-                    return Some((reset, Some(rx)));
-                };
-                match rx.recv().await {
-                    Ok(event) => Some((event, Some(rx))),
-                    // Fell behind: start over with a fresh list.
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        super::fell_behind(missed);
-                        let state = store.inner.lock();
-                        let rx = store.events.subscribe();
-                        let reset = Event::Reset {
-                            records: state.records.values().cloned().collect(),
-                            revision: state.revision,
-                        };
-                        Some((reset, Some(rx)))
-                    }
-                    Err(broadcast::error::RecvError::Closed) => None,
-                }
-            }
-        })
-        .boxed()
+        super::follow(Arc::downgrade(&self.inner))
     }
 
     async fn ready(&self) -> Result<()> {
@@ -189,5 +180,15 @@ mod tests {
     #[tokio::test]
     async fn conformance() {
         super::super::conformance::run(|| async { MemoryStore::default() }).await;
+    }
+
+    #[tokio::test]
+    async fn watch_ends_when_the_store_is_dropped() {
+        use futures::StreamExt;
+        let store = MemoryStore::default();
+        let mut watch = store.watch();
+        assert!(matches!(watch.next().await, Some(Event::Reset { .. })));
+        drop(store);
+        assert!(watch.next().await.is_none());
     }
 }

@@ -250,14 +250,6 @@ pub(crate) trait Subscribe: Send + Sync + 'static {
 /// in it only until every watcher has read it, so it holds records only while one is behind.
 pub(crate) const WATCH_BUFFER: usize = 65_536;
 
-/// Logs that a watcher fell behind by `missed` events and starts over from the whole state.
-pub(crate) fn fell_behind(missed: u64) {
-    tracing::warn!(
-        missed,
-        "a store watcher fell behind; it starts over from the whole state"
-    );
-}
-
 /// Hands `f` the events of a watch that are already waiting, at most `max`, without waiting
 /// for more, so a reader that follows a store takes a committed batch in one turn; `false`
 /// once the watch has ended.
@@ -294,7 +286,10 @@ pub(crate) fn follow<S: Subscribe>(source: Weak<S>) -> BoxStream<'static, Event>
                 Ok(event) => Some((event, (source, Some(rx)))),
                 // Fell behind: start over with a fresh reset.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    fell_behind(missed);
+                    tracing::warn!(
+                        missed,
+                        "a store watcher fell behind; it starts over from the whole state"
+                    );
                     let (reset, rx) = source.upgrade()?.subscribe();
                     Some((reset, (source, Some(rx))))
                 }
