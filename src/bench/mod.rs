@@ -443,7 +443,16 @@ impl Target {
             p.stop().await;
         }
     }
+    /// `pixiu_metadata_store_watch_resets_total` so far, when it is a server of ours to ask.
+    async fn store_watch_resets(&self) -> Option<u64> {
+        match self {
+            Target::Grpc(p) => p.metric(STORE_WATCH_RESETS).await.map(|n| n as u64),
+            Target::External(_) => None,
+        }
+    }
 }
+
+const STORE_WATCH_RESETS: &str = "pixiu_metadata_store_watch_resets_total";
 
 const GET_APPLICATION: &str = "bench-get";
 const ETCD_GET_PREFIX: &str = "/bench/get/";
@@ -473,6 +482,22 @@ impl Bench {
         };
         let log = self.tmp.path().join(format!("{name}.log"));
         Ok(Target::Grpc(Box::new(servers::ours(&dir, &log).await?)))
+    }
+
+    /// Stops a server of ours that served `scenario`, first noting on that scenario's rows of
+    /// ours how often its store's followers started over (a follower that falls behind under
+    /// load costs throughput and is invisible in the other figures).
+    async fn stop_ours(&mut self, scenario: &str, ours: Target) {
+        let resets = ours.store_watch_resets().await;
+        for row in &mut self.rows {
+            if row.scenario == scenario
+                && row.server == Server::Ours
+                && row.figures.store_watch_resets.is_none()
+            {
+                row.figures.store_watch_resets = resets;
+            }
+        }
+        ours.stop().await;
     }
 
     async fn etcd(&self, name: &str) -> anyhow::Result<servers::Process> {
@@ -691,7 +716,7 @@ impl Bench {
             }
             self.unary("get", case, contenders).await;
         }
-        ours.stop().await;
+        self.stop_ours("get", ours).await;
         echo.stop().await;
         if let Some(etcd) = etcd {
             etcd.stop().await;
@@ -768,7 +793,7 @@ impl Bench {
             None
         };
         self.unary(scenario, case, contenders).await;
-        ours.stop().await;
+        self.stop_ours(scenario, ours).await;
         if let Some(etcd) = etcd {
             etcd.stop().await;
         }
@@ -897,6 +922,7 @@ impl Bench {
             .load(std::sync::atomic::Ordering::Relaxed);
         let n = run.streams.n;
         drop(run.streams);
+        let store_watch_resets = run.target.store_watch_resets().await;
         run.target.stop().await;
         let latency = stats::Latency::of(&mut run.samples);
         let (missing, updates) = (run.missing, self.settings.fanout_updates.max(1) as f64);
@@ -918,6 +944,7 @@ impl Bench {
                     (Some(b), Some(a)) => Some((a as f64 - b as f64) / n as f64),
                     _ => None,
                 },
+                store_watch_resets,
                 errors: missing + failed,
                 first_error: (missing + failed > 0)
                     .then(|| format!("{missing} deliveries missing, {failed} streams ended")),

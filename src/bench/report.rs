@@ -51,6 +51,11 @@ pub struct Figures {
     pub rss_per_stream_bytes: Option<f64>,
     /// Milliseconds from spawning the server until it was ready.
     pub ready_ms: Option<f64>,
+    /// Ours: how often its store's followers (the push layer, the lease sweeper) fell behind
+    /// the store's changes and started over from the whole state while the server ran, from
+    /// its `/metrics`; read when the server stops, so every case it served shares the figure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_watch_resets: Option<u64>,
     /// Failed operations, or streams that missed an update.
     pub errors: u64,
     /// The first failure, if any.
@@ -381,6 +386,22 @@ pub fn markdown(report: &Report) -> String {
             f.errors,
         ));
     }
+    let resets: Vec<String> = report
+        .rows
+        .iter()
+        .filter(|row| row.figures.store_watch_resets.is_some_and(|n| n > 0))
+        .map(|row| {
+            let n = row.figures.store_watch_resets.unwrap_or_default();
+            format!("{} {} ({n})", row.scenario, row.case)
+        })
+        .collect();
+    if !resets.is_empty() {
+        out.push_str(&format!(
+            "\nThe store's followers fell behind and started over from the whole state in: {}. \
+             Those figures include the cost of relisting.\n",
+            resets.join(", ")
+        ));
+    }
     out.push_str("\n| scenario | case | vs | figure | ours / peer | better when |\n|---|---|---|---|--:|---|\n");
     for r in &report.ratios {
         out.push_str(&format!(
@@ -547,6 +568,31 @@ mod tests {
         assert!(text.contains("| get | hot | pixiu-metadata | 8 | 2 | 900 |"));
         // Nothing to compare with: every goal is unmeasured, in both columns.
         assert_eq!(text.matches("not measured").count(), 2 * report.goals.len());
+    }
+
+    #[test]
+    fn followers_that_started_over_are_named_below_the_rows() {
+        let with_resets = |n| Figures {
+            store_watch_resets: Some(n),
+            ..thr(900.0, 10.0)
+        };
+        let report = |rows: Vec<Row>| Report {
+            environment: serde_json::json!({}),
+            scenarios: vec![],
+            goals: vec![],
+            ratios: vec![],
+            rows,
+        };
+        let quiet = report(vec![row("get", "hot", Server::Ours, with_resets(0))]);
+        assert!(!markdown(&quiet).contains("started over"));
+        let lagged = report(vec![
+            row("publish-new", "new", Server::Ours, with_resets(3)),
+            row("get", "hot", Server::Ours, with_resets(0)),
+        ]);
+        assert!(
+            markdown(&lagged)
+                .contains("started over from the whole state in: publish-new new (3).")
+        );
     }
 
     #[test]

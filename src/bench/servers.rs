@@ -43,6 +43,12 @@ impl Process {
         format!("http://{}", self.addr)
     }
 
+    /// The sum of `name`'s samples on its admin port's `/metrics`, when it has an admin port
+    /// that answers and the metric has samples.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric_sum(&http_get(self.admin?, "/metrics").await?, name)
+    }
+
     /// Stops it as an operator would (SIGTERM, so the next start is not a crash recovery),
     /// killing it if it has not exited within 10 s.
     pub async fn stop(mut self) {
@@ -273,18 +279,42 @@ fn log_tail(log: &Path) -> String {
 }
 
 async fn http_contains(addr: SocketAddr, path: &str, needle: &str) -> bool {
-    let check = async {
+    http_get(addr, path)
+        .await
+        .is_some_and(|body| body.contains(needle))
+}
+
+/// The whole answer (status line, headers and body) to `GET path`, or `None` when the server
+/// does not answer within 2 s.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let get = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.ok()?;
-        Some(body.contains(needle))
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.ok()?;
+        Some(answer)
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), check).await,
-        Ok(Some(true))
-    )
+    tokio::time::timeout(Duration::from_secs(2), get)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The sum of a metric's samples over all its label sets in a Prometheus text exposition, or
+/// `None` when it has none.
+fn metric_sum(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.rsplit_once('}')?.1,
+                None => rest.starts_with(' ').then_some(rest)?,
+            };
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .reduce(|a, b| a + b)
 }
 
 #[cfg(test)]
@@ -304,6 +334,26 @@ mod tests {
             .to_string();
         assert!(err.contains("exited before printing its address"), "{err}");
         assert!(err.contains("bind: address already in use"), "{err}");
+    }
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets() {
+        let exposition = "\
+# HELP pixiu_metadata_store_watch_resets Store watches that started over.
+# TYPE pixiu_metadata_store_watch_resets counter
+pixiu_metadata_store_watch_resets_total{backend=\"embedded\"} 2
+pixiu_metadata_store_watch_resets_total{backend=\"etcd\",note=\"a } in a label\"} 3
+pixiu_metadata_store_watch_resets_total_other 40
+pixiu_metadata_unlabelled 7 1700000000000
+";
+        let resets = metric_sum(exposition, "pixiu_metadata_store_watch_resets_total");
+        assert_eq!(resets, Some(5.0));
+        assert_eq!(
+            metric_sum(exposition, "pixiu_metadata_unlabelled"),
+            Some(7.0)
+        );
+        assert_eq!(metric_sum(exposition, "pixiu_metadata_store_watch"), None);
+        assert_eq!(metric_sum(exposition, "absent"), None);
     }
 
     #[tokio::test]
