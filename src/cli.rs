@@ -417,6 +417,16 @@ impl ClientArgs {
     }
 }
 
+/// Writes a raw value as `get` prints it: the value, then a newline unless it ends with one, so
+/// a file published with `--file` reads back byte for byte.
+fn write_raw(out: &mut impl std::io::Write, value: &str) -> std::io::Result<()> {
+    out.write_all(value.as_bytes())?;
+    if !value.ends_with('\n') {
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
 /// Runs a client command, writing its output to `out`.
 pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     use proto::{
@@ -472,7 +482,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 .map_err(status_error)?;
             let value = response.into_inner().metadata_info;
             match output {
-                None => writeln!(out, "{value}")?,
+                None => write_raw(out, &value)?,
                 Some(output) => {
                     let name = format!("{application}/{revision}");
                     let record = records::got(
@@ -560,7 +570,7 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 .map_err(status_error)?;
             let value = response.into_inner().service_definition;
             match output {
-                None => writeln!(out, "{value}")?,
+                None => write_raw(out, &value)?,
                 Some(output) => {
                     let record = records::got(client.namespace.as_deref(), identifier, None, value);
                     records::print(&[record], output, out)?;

@@ -127,7 +127,10 @@ async fn publish_and_get_metadata_and_definitions() {
     let out = cli_ok(&[
         "metadata", "get", "--server", &url, "-a", "app", "-r", "rev2",
     ]);
-    assert_eq!(out, format!("{multiline}\n"));
+    assert_eq!(
+        out, multiline,
+        "a value that ends with a newline reads back byte for byte"
+    );
 
     // --file PATH.
     let dir = tempfile::tempdir().unwrap();

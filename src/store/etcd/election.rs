@@ -2,9 +2,9 @@
 //!
 //! Built on etcd's own election API (`v3election`): each replica grants a lease of
 //! [`LEASE_TTL`], keeps it alive every third of it, and campaigns under
-//! `<prefix>/election/sweeper` with that lease. etcd makes the oldest live campaign the
-//! leader; when the leader's lease ends (the replica stopped, crashed or lost etcd for a whole
-//! TTL) the next one takes over. A stopping replica revokes its lease, so the hand-over is
+//! `<prefix>.sweeper-election` (beside the records, not under them) with that lease. etcd
+//! makes the oldest live campaign the leader; when the leader's lease ends (the replica
+//! stopped, crashed or lost etcd for a whole TTL) the next one takes over. A stopping replica revokes its lease, so the hand-over is
 //! immediate.
 //!
 //! Correctness does not rest on the election: sweeper deletes compare `mod_revision`, so two
