@@ -3,14 +3,17 @@
 //! Flags parse into [`Config`](crate::Config) here and nowhere else; every `serve` flag can
 //! also be set with a `PIXIU_METADATA_*` environment variable.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use tonic::{Request, transport::Channel};
+use tonic::{
+    Request,
+    transport::{Certificate, ClientTlsConfig, Identity},
+};
 
 use crate::{
-    api::NAMESPACE_HEADER,
+    client::{BearerToken, ClientConfig, Error as ClientError, Transport, connect_transport},
     config::{Backend, Config},
     pb::metadata as proto,
 };
@@ -206,7 +209,7 @@ impl ServeArgs {
 /// Flags shared by client commands.
 #[derive(Debug, Args, Clone)]
 pub struct ClientArgs {
-    /// The server's gRPC address.
+    /// The server's gRPC address (`https://` for a server with `--tls-cert`).
     #[arg(
         long,
         env = "PIXIU_METADATA_SERVER",
@@ -216,6 +219,21 @@ pub struct ClientArgs {
     /// Namespace to publish to and read from (the server's default when absent).
     #[arg(long, short = 'n', env = "PIXIU_METADATA_NAMESPACE")]
     pub namespace: Option<String>,
+    /// PEM CA bundle the server's certificate must chain to; needed for an `https://` server.
+    #[arg(long, env = "PIXIU_METADATA_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM certificate chain of this client, for a server that requires one (`--client-ca`).
+    #[arg(long, env = "PIXIU_METADATA_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "PIXIU_METADATA_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must hold, when it is not --server's host.
+    #[arg(long, env = "PIXIU_METADATA_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// File holding a bearer token of the server's `--token-file`, sent on every call.
+    #[arg(long, env = "PIXIU_METADATA_CLIENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// A value given inline or read from a file (`-` for standard input).
@@ -389,31 +407,73 @@ pub enum DefinitionCommand {
 }
 
 impl ClientArgs {
-    async fn channel(&self) -> anyhow::Result<Channel> {
-        Channel::from_shared(self.server.clone())
-            .with_context(|| format!("bad --server {:?}", self.server))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach {}; is `pixiu-metadata serve` running there?",
-                    self.server
-                )
-            })
+    /// The client configuration these flags describe, with the files they name read.
+    fn config(&self) -> anyhow::Result<ClientConfig> {
+        let mut config = ClientConfig::new(&self.server);
+        if let Some(namespace) = &self.namespace {
+            config = config.namespace(namespace);
+        }
+        if let Some(tls) = self.tls()? {
+            config = config.tls(tls);
+        }
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?;
+            let token = BearerToken::new(token);
+            if token.secret().is_empty() {
+                bail!("--token-file {} is empty", path.display());
+            }
+            config = config.token(token);
+        }
+        Ok(config)
     }
 
-    fn request<T>(&self, message: T) -> anyhow::Result<Request<T>> {
-        let mut request = Request::new(message);
-        if let Some(namespace) = &self.namespace {
-            request.metadata_mut().insert(
-                NAMESPACE_HEADER,
-                namespace
-                    .parse()
-                    .context("namespace is not a valid header value")?,
-            );
+    /// TLS settings for an `https://` server; `None` for plaintext.
+    fn tls(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let https = self.server.starts_with("https://");
+        let asked = self.ca_cert.is_some() || self.cert.is_some() || self.tls_server_name.is_some();
+        if !https {
+            if asked {
+                bail!(
+                    "--ca-cert, --cert and --tls-server-name need an https:// --server, not {:?}",
+                    self.server
+                );
+            }
+            return Ok(None);
         }
-        Ok(request)
+        let Some(ca_cert) = &self.ca_cert else {
+            bail!(
+                "an https:// --server needs --ca-cert: the PEM CA bundle its certificate chains to"
+            );
+        };
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("--ca-cert", ca_cert)?));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(
+                read("--cert", cert)?,
+                read("--key", key)?,
+            ));
+        }
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.domain_name(name);
+        }
+        Ok(Some(tls))
+    }
+
+    async fn channel(&self) -> anyhow::Result<Transport> {
+        match connect_transport(&self.config()?).await {
+            Ok(transport) => Ok(transport),
+            Err(error @ (ClientError::Connect { .. } | ClientError::ConnectTimeout { .. })) => {
+                Err(anyhow::Error::new(error).context(format!(
+                    "cannot reach {}; is `pixiu-metadata serve` running there?",
+                    self.server
+                )))
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 }
 
@@ -444,11 +504,11 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
             revision,
             value,
         }) => {
-            let request = client.request(proto::PublishMetadataRequest {
+            let request = Request::new(proto::PublishMetadataRequest {
                 application_name: application.clone(),
                 revision: revision.clone(),
                 metadata_info: value.read()?,
-            })?;
+            });
             MetadataServiceClient::new(client.channel().await?)
                 .publish(request)
                 .await
@@ -472,10 +532,10 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
             revision,
             output,
         }) => {
-            let request = client.request(proto::GetMetadataRequest {
+            let request = Request::new(proto::GetMetadataRequest {
                 application_name: application.clone(),
                 revision: revision.clone(),
-            })?;
+            });
             let response = MetadataServiceClient::new(client.channel().await?)
                 .get(request)
                 .await
@@ -546,10 +606,10 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
             identifier,
             value,
         }) => {
-            let request = client.request(proto::PublishServiceDefinitionRequest {
+            let request = Request::new(proto::PublishServiceDefinitionRequest {
                 identifier: identifier.clone(),
                 service_definition: value.read()?,
-            })?;
+            });
             ServiceDefinitionServiceClient::new(client.channel().await?)
                 .publish(request)
                 .await
@@ -561,9 +621,9 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
             identifier,
             output,
         }) => {
-            let request = client.request(proto::GetServiceDefinitionRequest {
+            let request = Request::new(proto::GetServiceDefinitionRequest {
                 identifier: identifier.clone(),
-            })?;
+            });
             let response = ServiceDefinitionServiceClient::new(client.channel().await?)
                 .get(request)
                 .await

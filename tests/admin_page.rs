@@ -99,7 +99,7 @@ async fn the_page_shows_applications_definitions_and_clients() {
     // The ACK is processed asynchronously; wait until the admin API reports it.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let status = pixiu_metadata::cli::status::fetch(&server.admin_url())
+        let status = pixiu_metadata::cli::status::fetch(&server.admin_url(), None)
             .await
             .unwrap();
         if status

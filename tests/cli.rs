@@ -7,10 +7,14 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::TestServer;
+use common::{TestServer, pki};
+use pixiu_metadata::{
+    config::{Backend, Config},
+    security::tls::TlsPaths,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pixiu-metadata");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,25 +26,35 @@ fn command(args: &[&str]) -> Command {
         .args(args)
         .env_remove("PIXIU_METADATA_SERVER")
         .env_remove("PIXIU_METADATA_NAMESPACE")
+        .env_remove("PIXIU_METADATA_CA_CERT")
+        .env_remove("PIXIU_METADATA_CERT")
+        .env_remove("PIXIU_METADATA_KEY")
+        .env_remove("PIXIU_METADATA_TLS_SERVER_NAME")
+        .env_remove("PIXIU_METADATA_CLIENT_TOKEN_FILE")
+        .env_remove("PIXIU_METADATA_ADMIN_TOKEN_FILE")
         .env("RUST_LOG", "warn");
     command
 }
 
-/// Waits for `child`, killing it and failing the test after [`TIMEOUT`].
-fn wait(mut child: Child, shown: &str) -> Output {
-    let deadline = Instant::now() + TIMEOUT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().unwrap();
+/// Waits for `child` while reading its output (so a large output cannot fill the pipe and
+/// stall it), killing it and failing the test after [`TIMEOUT`].
+fn wait(child: Child, shown: &str) -> Output {
+    let pid = child.id();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output().unwrap()));
+    match finished.recv_timeout(TIMEOUT) {
+        Ok(output) => output,
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let output = finished.recv().unwrap();
             panic!(
                 "{shown} did not finish within {TIMEOUT:?}\n{}",
                 show(&output)
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().unwrap()
 }
 
 fn show(output: &Output) -> String {
@@ -54,8 +68,8 @@ fn show(output: &Output) -> String {
 
 /// Runs the binary with `args` (and `stdin`, if any) to completion.
 ///
-/// Output is small, so the pipes cannot fill up while we wait. Blocks the thread: the tests
-/// run on a multi-threaded runtime so the in-process server keeps serving.
+/// Blocks the thread: the tests run on a multi-threaded runtime so the in-process server keeps
+/// serving.
 fn cli_with_stdin(args: &[&str], stdin: Option<&str>) -> Output {
     let shown = format!("pixiu-metadata {}", args.join(" "));
     let mut child = command(args)
@@ -173,6 +187,148 @@ async fn publish_and_get_metadata_and_definitions() {
     assert_eq!(out, "in team-a\n");
     let output = cli(&["metadata", "get", "--server", &url, "-a", "app", "-r", "ns"]);
     assert!(!output.status.success(), "{}", show(&output));
+    server.stop().await;
+}
+
+/// Runs the binary and returns its standard error, failing if it succeeded.
+fn cli_err(args: &[&str]) -> String {
+    let output = cli(args);
+    assert!(
+        !output.status.success(),
+        "pixiu-metadata {} should have failed\n{}",
+        args.join(" "),
+        show(&output)
+    );
+    String::from_utf8(output.stderr).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_speak_tls_and_authenticate() {
+    // A server with TLS that identifies clients by certificate (mTLS) or bearer token, and an
+    // admin port that wants a token.
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let server_ca = pki::Ca::new("server CA");
+    let client_ca = pki::Ca::new("client CA");
+    pki::write_server_files(dir.path(), &server_ca.server(), &client_ca);
+    std::fs::write(path("server-ca.crt"), server_ca.pem()).unwrap();
+    std::fs::write(
+        path("tokens.toml"),
+        "[[token]]\nname = \"deployer\"\nnamespace = \"team-b\"\ntoken = \"deployer-secret\"\n",
+    )
+    .unwrap();
+    std::fs::write(path("deployer.token"), "deployer-secret\n").unwrap();
+    std::fs::write(path("wrong.token"), "not-a-token\n").unwrap();
+    std::fs::write(path("admin.token"), "admin-secret\n").unwrap();
+    let workload = client_ca.workload("team-a", "greeter");
+    std::fs::write(path("client.crt"), &workload.cert).unwrap();
+    std::fs::write(path("client.key"), &workload.key).unwrap();
+    let mut config = Config::default();
+    config.store.backend = Backend::Memory;
+    config.security.tls = Some(TlsPaths {
+        cert: path("server.crt"),
+        key: path("server.key"),
+        client_ca: Some(path("ca.crt")),
+    });
+    config.security.token_file = Some(path("tokens.toml"));
+    config.security.admin_token_file = Some(path("admin.token"));
+    let server = TestServer::start(config).await;
+    let url = format!("https://{}", server.addr);
+    let file = |name: &str| path(name).to_str().unwrap().to_string();
+    let (ca, token, wrong, cert, key) = (
+        file("server-ca.crt"),
+        file("deployer.token"),
+        file("wrong.token"),
+        file("client.crt"),
+        file("client.key"),
+    );
+    // Every command below runs against the TLS port, trusting the server's CA.
+    let tls = |args: &[&str]| -> Output {
+        let tls = [
+            "--server",
+            &url,
+            "--ca-cert",
+            &ca,
+            "--tls-server-name",
+            "localhost",
+        ];
+        cli(&[args, &tls[..]].concat())
+    };
+    let ok = |args: &[&str]| {
+        let output = tls(args);
+        assert!(output.status.success(), "{}", show(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let refused = |args: &[&str]| {
+        let output = tls(args);
+        assert!(!output.status.success(), "{}", show(&output));
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let get = ["metadata", "get", "-a", "app", "-r", "r1"];
+    let by_token = ["--token-file", token.as_str()];
+    let by_cert = ["--cert", cert.as_str(), "--key", key.as_str()];
+
+    // A token acts in its own namespace: publish, get, list and watch all carry it.
+    let publish = ["metadata", "publish", "-a", "app", "-r", "r1"];
+    let out = ok(&[&publish[..], &["--value", "by token"], &by_token].concat());
+    assert_eq!(out, "published app/r1\n");
+    assert_eq!(ok(&[&get[..], &by_token].concat()), "by token\n");
+    let list = ok(&[&["metadata", "list", "-o", "json"][..], &by_token].concat());
+    assert!(list.contains("\"namespace\": \"team-b\""), "{list}");
+    let watch = ok(&[
+        &["metadata", "watch", "app/r1", "--count", "1"][..],
+        &by_token,
+    ]
+    .concat());
+    assert!(watch.contains("\"by token\""), "{watch}");
+
+    // A client certificate acts in its SPIFFE ID's namespace, where team-b's record is not.
+    let err = refused(&[&get[..], &by_cert].concat());
+    assert!(err.contains("NotFound"), "{err}");
+    ok(&[&publish[..], &["--value", "by cert"], &by_cert].concat());
+    assert_eq!(ok(&[&get[..], &by_cert].concat()), "by cert\n");
+
+    // Without credentials, with a wrong token, or without the server's CA: refused.
+    let err = refused(&get);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    let err = refused(&[&get[..], &["--token-file", &wrong]].concat());
+    assert!(err.contains("Unauthenticated"), "{err}");
+    assert!(
+        !err.contains("not-a-token"),
+        "the token is never printed: {err}"
+    );
+    let err = cli_err(&["metadata", "get", "-a", "app", "-r", "r1", "--server", &url]);
+    assert!(err.contains("--ca-cert"), "{err}");
+    let plain = server.url();
+    let err = cli_err(&[
+        "metadata",
+        "get",
+        "-a",
+        "app",
+        "-r",
+        "r1",
+        "--server",
+        &plain,
+        "--ca-cert",
+        &ca,
+    ]);
+    assert!(err.contains("https://"), "{err}");
+
+    // The admin port: status with its token, refused without.
+    let admin = server.admin_url();
+    let admin_token = file("admin.token");
+    let status = cli_ok(&[
+        "status",
+        "--admin",
+        &admin,
+        "--admin-token-file",
+        &admin_token,
+        "-o",
+        "json",
+    ]);
+    assert!(status.trim_start().starts_with('['), "{status}");
+    let err = cli_err(&["status", "--admin", &admin]);
+    assert!(err.contains("401"), "{err}");
     server.stop().await;
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::Serialize;
+use tonic::Request;
 
 use super::{ClientArgs, Output, status_error};
 use crate::pb::metadata::{
@@ -171,18 +172,14 @@ pub async fn list_metadata(
     let grpc = MetadataServiceClient::new(client.channel().await?);
     pages(limit, |page_token, page_size| {
         let mut grpc = grpc.clone();
-        let request = client.request(proto::ListMetadataRequest {
+        let request = Request::new(proto::ListMetadataRequest {
             application_name: application.clone().unwrap_or_default(),
             page_size,
             page_token,
             names_only,
         });
         async move {
-            let page = grpc
-                .list(request?)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let page = grpc.list(request).await.map_err(status_error)?.into_inner();
             let records = page.records.into_iter();
             Ok((
                 records
@@ -205,18 +202,14 @@ pub async fn list_definitions(
     let grpc = ServiceDefinitionServiceClient::new(client.channel().await?);
     pages(limit, |page_token, page_size| {
         let mut grpc = grpc.clone();
-        let request = client.request(proto::ListServiceDefinitionsRequest {
+        let request = Request::new(proto::ListServiceDefinitionsRequest {
             identifier_prefix: prefix.clone().unwrap_or_default(),
             page_size,
             page_token,
             names_only,
         });
         async move {
-            let page = grpc
-                .list(request?)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let page = grpc.list(request).await.map_err(status_error)?.into_inner();
             let records = page.records.into_iter();
             Ok((
                 records
@@ -254,10 +247,10 @@ pub async fn delete_metadata(
     application: String,
     revision: String,
 ) -> anyhow::Result<()> {
-    let request = client.request(proto::DeleteMetadataRequest {
+    let request = Request::new(proto::DeleteMetadataRequest {
         application_name: application,
         revision,
-    })?;
+    });
     MetadataServiceClient::new(client.channel().await?)
         .delete(request)
         .await
@@ -268,7 +261,7 @@ pub async fn delete_metadata(
 
 /// Deletes one definition.
 pub async fn delete_definition(client: &ClientArgs, identifier: String) -> anyhow::Result<()> {
-    let request = client.request(proto::DeleteServiceDefinitionRequest { identifier })?;
+    let request = Request::new(proto::DeleteServiceDefinitionRequest { identifier });
     ServiceDefinitionServiceClient::new(client.channel().await?)
         .delete(request)
         .await

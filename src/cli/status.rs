@@ -34,6 +34,9 @@ pub struct StatusArgs {
         default_value = "http://127.0.0.1:15014"
     )]
     pub admin: String,
+    /// File holding the admin port's bearer token (the server's `--admin-token-file`).
+    #[arg(long, env = "PIXIU_METADATA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
@@ -105,7 +108,11 @@ pub fn rows(status: &SyncStatus) -> Vec<Row> {
 
 /// Runs `status`.
 pub async fn run(args: StatusArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
-    let status = fetch(&args.admin).await?;
+    let token = match &args.admin_token_file {
+        Some(path) => Some(crate::security::admin_token(path)?),
+        None => None,
+    };
+    let status = fetch(&args.admin, token.as_deref()).await?;
     let rows = rows(&status);
     match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
@@ -177,8 +184,8 @@ fn write_table(rows: &[Row], out: &mut impl std::io::Write) -> anyhow::Result<()
     Ok(())
 }
 
-/// Reads `/debug/syncz` from the admin port at `admin`.
-pub async fn fetch(admin: &str) -> anyhow::Result<SyncStatus> {
+/// Reads `/debug/syncz` from the admin port at `admin`, with `token` as bearer token.
+pub async fn fetch(admin: &str, token: Option<&str>) -> anyhow::Result<SyncStatus> {
     let url = format!("{}/debug/syncz", admin.trim_end_matches('/'));
     let uri: http::Uri = url.parse().with_context(|| {
         format!("bad --admin {admin:?}: give an http:// URL like http://127.0.0.1:15014")
@@ -193,7 +200,15 @@ pub async fn fetch(admin: &str) -> anyhow::Result<SyncStatus> {
              does --admin match its --admin-addr?"
         )
     };
-    let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+    let mut request = http::Request::get(uri);
+    if let Some(token) = token {
+        let mut value = http::HeaderValue::try_from(format!("Bearer {token}"))
+            .context("the admin token holds characters a header cannot carry")?;
+        value.set_sensitive(true);
+        request = request.header(http::header::AUTHORIZATION, value);
+    }
+    let request = request.body(Empty::<Bytes>::new())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
         .await
         .map_err(|_| anyhow::anyhow!("no answer within 5s"))
         .with_context(unreachable)?

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 
 use super::ClientArgs;
-use crate::client::{Client, ClientConfig, Resource, Update};
+use crate::client::{Client, Resource, Update};
 
 /// Subscribes to `names` (all when empty) and prints updates until `count` were printed.
 pub(super) async fn run<T: Resource>(
@@ -17,11 +17,9 @@ pub(super) async fn run<T: Resource>(
     value_of: impl Fn(&T) -> String,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
-    let mut config = ClientConfig::new(&args.server)
+    let config = args
+        .config()?
         .node_id(format!("pixiu-metadata-cli-{}", std::process::id()));
-    if let Some(namespace) = &args.namespace {
-        config = config.namespace(namespace);
-    }
     let client = Client::connect(config).await?;
     let mut updates = client.subscribe::<T>(names);
     let mut held = BTreeMap::new();

@@ -27,11 +27,15 @@
 //!   what it holds, so a reconnect reports neither duplicates nor gaps. A resource that does
 //!   not decode is NACKed (see [`protocol`]).
 //!
-//! What it does not do: TLS (plaintext HTTP/2 only), authentication, or caching of `get`s.
+//! - TLS and mTLS with [`ClientConfig::tls`]; a bearer token with [`ClientConfig::token`],
+//!   sent on every call and stream (see [`Credentials`]).
+//!
+//! What it does not do: caching of `get`s.
 
 pub mod backoff;
 pub mod protocol;
 mod subscribe;
+mod transport;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -43,12 +47,13 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tonic::{Request, transport::Channel};
+use tonic::Request;
 use tracing::{debug, warn};
 
 pub use backoff::Backoff;
 pub use protocol::{Subscription, Update};
 pub use subscribe::Variant;
+pub use transport::{BearerToken, Credentials, Transport, connect_transport};
 
 use crate::pb::{
     dubbo_networking::ServiceMappingXdsResponse,
@@ -112,6 +117,11 @@ pub enum Error {
         /// What was given.
         namespace: String,
     },
+    /// The bearer token cannot be sent as a header.
+    #[error(
+        "the bearer token is empty or holds characters a header cannot carry (visible ASCII only)"
+    )]
+    Token,
     /// The first connection failed.
     #[error("connecting to {endpoint}")]
     Connect {
@@ -157,6 +167,8 @@ pub struct ClientConfig {
     /// TLS (rustls): the server's CA, and a client certificate for mTLS; `None` speaks
     /// plaintext. Use an `https://` endpoint with it.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The bearer token sent on every call and stream, for a server with `--token-file`.
+    pub token: Option<BearerToken>,
 }
 
 impl ClientConfig {
@@ -173,6 +185,7 @@ impl ClientConfig {
             max_message_bytes: 8 * 1024 * 1024,
             update_buffer: 64,
             tls: None,
+            token: None,
         }
     }
 
@@ -225,6 +238,13 @@ impl ClientConfig {
         self
     }
 
+    /// Sends `token` as `authorization: Bearer <token>` on every call and stream.
+    #[must_use]
+    pub fn token(mut self, token: BearerToken) -> Self {
+        self.token = Some(token);
+        self
+    }
+
     /// How often publishes are refreshed.
     pub fn refresh_interval(&self) -> Duration {
         self.refresh_interval
@@ -271,7 +291,7 @@ enum Registration {
 /// subscriptions stop when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
+    channel: Transport,
     config: Arc<ClientConfig>,
     registrations: Arc<Mutex<BTreeMap<Registration, String>>>,
     shutdown: CancellationToken,
@@ -281,34 +301,7 @@ pub struct Client {
 impl Client {
     /// Connects to `config.endpoint` and starts the lease refresher.
     pub async fn connect(config: ClientConfig) -> Result<Self, Error> {
-        if let Some(namespace) = &config.namespace
-            && tonic::metadata::MetadataValue::try_from(namespace.as_str()).is_err()
-        {
-            return Err(Error::Namespace {
-                namespace: namespace.clone(),
-            });
-        }
-        let mut endpoint =
-            Channel::from_shared(config.endpoint.clone()).map_err(|_| Error::Endpoint {
-                endpoint: config.endpoint.clone(),
-            })?;
-        if let Some(tls) = &config.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|source| Error::Connect {
-                    endpoint: config.endpoint.clone(),
-                    source,
-                })?;
-        }
-        let channel = tokio::time::timeout(subscribe::CONNECT_TIMEOUT, endpoint.connect())
-            .await
-            .map_err(|_| Error::ConnectTimeout {
-                endpoint: config.endpoint.clone(),
-            })?
-            .map_err(|source| Error::Connect {
-                endpoint: config.endpoint.clone(),
-                source,
-            })?;
+        let channel = transport::connect_transport(&config).await?;
         let shutdown = CancellationToken::new();
         let client = Self {
             channel,
@@ -331,8 +324,9 @@ impl Client {
         &self.config
     }
 
-    /// The underlying channel, for calls this client does not wrap.
-    pub fn channel(&self) -> Channel {
+    /// The underlying connection, for calls this client does not wrap; it adds the client's
+    /// token and namespace to them too.
+    pub fn channel(&self) -> Transport {
         self.channel.clone()
     }
 
@@ -391,13 +385,10 @@ impl Client {
 
     /// The raw metadata of `(application, revision)`.
     pub async fn get_metadata(&self, application: &str, revision: &str) -> Result<String, Error> {
-        let request = with_namespace(
-            &self.config,
-            GetMetadataRequest {
-                application_name: application.into(),
-                revision: revision.into(),
-            },
-        );
+        let request = Request::new(GetMetadataRequest {
+            application_name: application.into(),
+            revision: revision.into(),
+        });
         Ok(metadata_client(&self.channel, &self.config)
             .get(request)
             .await?
@@ -407,12 +398,9 @@ impl Client {
 
     /// The raw definition `identifier`.
     pub async fn get_definition(&self, identifier: &str) -> Result<String, Error> {
-        let request = with_namespace(
-            &self.config,
-            GetServiceDefinitionRequest {
-                identifier: identifier.into(),
-            },
-        );
+        let request = Request::new(GetServiceDefinitionRequest {
+            identifier: identifier.into(),
+        });
         Ok(definition_client(&self.channel, &self.config)
             .get(request)
             .await?
@@ -422,12 +410,9 @@ impl Client {
 
     /// The applications that provide `interface`.
     pub async fn get_mapping(&self, interface: &str) -> Result<Vec<String>, Error> {
-        let request = with_namespace(
-            &self.config,
-            GetServiceMappingRequest {
-                interface: interface.into(),
-            },
-        );
+        let request = Request::new(GetServiceMappingRequest {
+            interface: interface.into(),
+        });
         Ok(ServiceMappingServiceClient::new(self.channel.clone())
             .get(request)
             .await?
@@ -458,35 +443,23 @@ impl Client {
     }
 }
 
-fn with_namespace<T>(config: &ClientConfig, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(namespace) = &config.namespace
-        && let Ok(value) = namespace.parse()
-    {
-        request
-            .metadata_mut()
-            .insert(crate::api::NAMESPACE_HEADER, value);
-    }
-    request
-}
-
-fn metadata_client(channel: &Channel, config: &ClientConfig) -> MetadataServiceClient<Channel> {
+fn metadata_client(channel: &Transport, config: &ClientConfig) -> MetadataServiceClient<Transport> {
     MetadataServiceClient::new(channel.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes)
 }
 
 fn definition_client(
-    channel: &Channel,
+    channel: &Transport,
     config: &ClientConfig,
-) -> ServiceDefinitionServiceClient<Channel> {
+) -> ServiceDefinitionServiceClient<Transport> {
     ServiceDefinitionServiceClient::new(channel.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes)
 }
 
 async fn send(
-    channel: &Channel,
+    channel: &Transport,
     config: &ClientConfig,
     registration: &Registration,
     value: &str,
@@ -496,37 +469,28 @@ async fn send(
             application,
             revision,
         } => {
-            let request = with_namespace(
-                config,
-                PublishMetadataRequest {
-                    application_name: application.clone(),
-                    revision: revision.clone(),
-                    metadata_info: value.to_string(),
-                },
-            );
+            let request = Request::new(PublishMetadataRequest {
+                application_name: application.clone(),
+                revision: revision.clone(),
+                metadata_info: value.to_string(),
+            });
             metadata_client(channel, config).publish(request).await?;
         }
         Registration::Definition { identifier } => {
-            let request = with_namespace(
-                config,
-                PublishServiceDefinitionRequest {
-                    identifier: identifier.clone(),
-                    service_definition: value.to_string(),
-                },
-            );
+            let request = Request::new(PublishServiceDefinitionRequest {
+                identifier: identifier.clone(),
+                service_definition: value.to_string(),
+            });
             definition_client(channel, config).publish(request).await?;
         }
         Registration::Mapping {
             interface,
             application,
         } => {
-            let request = with_namespace(
-                config,
-                RegisterServiceMappingRequest {
-                    interface: interface.clone(),
-                    application_name: application.clone(),
-                },
-            );
+            let request = Request::new(RegisterServiceMappingRequest {
+                interface: interface.clone(),
+                application_name: application.clone(),
+            });
             ServiceMappingServiceClient::new(channel.clone())
                 .register(request)
                 .await?;
@@ -537,7 +501,7 @@ async fn send(
 
 /// Re-publishes every registration each refresh interval until `shutdown`.
 async fn refresh(
-    channel: Channel,
+    channel: Transport,
     config: Arc<ClientConfig>,
     registrations: Arc<Mutex<BTreeMap<Registration, String>>>,
     shutdown: CancellationToken,

@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 use tracing::{debug, warn};
 
 use super::{
@@ -34,7 +34,7 @@ enum Ended {
 }
 
 pub(super) struct Driver<T> {
-    pub(super) channel: Channel,
+    pub(super) channel: super::Transport,
     pub(super) subscription: Subscription<T>,
     pub(super) variant: Variant,
     pub(super) backoff: Backoff,
@@ -79,7 +79,7 @@ impl<T: Resource> Driver<T> {
         }
     }
 
-    fn client(&self) -> AggregatedDiscoveryServiceClient<Channel> {
+    fn client(&self) -> AggregatedDiscoveryServiceClient<super::Transport> {
         AggregatedDiscoveryServiceClient::new(self.channel.clone())
             .max_decoding_message_size(self.max_message_bytes)
     }
