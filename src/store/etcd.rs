@@ -72,12 +72,22 @@
 //! prefix again, replaces the mirror and sends watchers an [`Event::Reset`]; the xDS cache
 //! dedups identical content, so only the difference is pushed.
 //!
+//! etcd's history can also be replaced under a running store: a member that lost its data
+//! directory, a cluster restored from an older snapshot. Resuming the watch would then wait for
+//! revisions the new history has not reached, or apply its changes onto records it never had.
+//! So before resuming, the store reads the prefix at the revision the mirror holds (the count
+//! of keys and the last one written, one sorted range read) and lists again when they differ
+//! or etcd cannot read that revision; and any answer older than the mirror (a write no newer)
+//! marks the mirror stale and makes the watch task list again at once.
+//!
 //! Read-your-writes: a put or delete returns only once the mirror has reached the write's
 //! revision (bounded by [`REQUEST_TIMEOUT`]; if the watch is broken at that moment the write
 //! still succeeded and the mirror catches up when the watch resumes).
 //!
 //! `ready()` fails with the reason while the watch is not established (etcd unreachable or
-//! without a leader); it recovers by itself.
+//! without a leader), and from a request that found etcd unavailable until one succeeds (a
+//! hung etcd keeps the watch's connection open until its keep-alive times out); it recovers
+//! by itself.
 
 use std::{
     collections::BTreeMap,
@@ -88,14 +98,14 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, KvClient, Txn,
-    TxnOp, TxnOpResponse, TxnResponse, WatchClient, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, KvClient,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchClient, WatchOptions,
 };
 use futures::stream::BoxStream;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
@@ -182,6 +192,12 @@ struct Shared {
     revision: watch::Sender<u64>,
     /// Since when and why the watch is not following etcd; `None` while it is.
     down: Mutex<Option<(Instant, String)>>,
+    /// Wakes the watch task when a request found etcd's history older than the mirror's.
+    relist: tokio::sync::Notify,
+    /// Since when and why requests fail with etcd unavailable, while the watch may not have
+    /// noticed yet (a hung etcd keeps the stream open until its keep-alive times out); `None`
+    /// once a request succeeds.
+    failing: Mutex<Option<(Instant, String)>>,
 }
 
 type MapKey = (Kind, String, String);
@@ -190,6 +206,10 @@ type MapKey = (Kind, String, String);
 struct Mirror {
     revision: u64,
     records: BTreeMap<MapKey, Record>,
+    /// etcd answered with a revision the mirror had already passed: its history was replaced
+    /// (a wiped data directory, a restored snapshot). Watch events are ignored until the
+    /// prefix has been listed again.
+    stale: bool,
 }
 
 fn map_key(key: &Key) -> MapKey {
@@ -263,6 +283,8 @@ impl EtcdStore {
             events,
             revision: watch::Sender::new(0),
             down: Mutex::new(None),
+            relist: tokio::sync::Notify::new(),
+            failing: Mutex::new(None),
         });
         let n_records = records.len();
         shared.replace(records, revision);
@@ -309,7 +331,19 @@ impl EtcdStore {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        retrying(&doing, &self.inner.endpoints, &self.inner.kv, request).await
+        let result = retrying(&doing, &self.inner.endpoints, &self.inner.kv, request).await;
+        let mut failing = self.inner.shared.failing.lock();
+        match &result {
+            Ok(_) => *failing = None,
+            Err(Error::Unavailable(reason)) => {
+                let since = failing
+                    .as_ref()
+                    .map_or_else(Instant::now, |(since, _)| *since);
+                *failing = Some((since, reason.clone()));
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     /// Fails with [`Error::NamespaceFull`] when `key`'s namespace is at the cap.
@@ -361,6 +395,17 @@ fn first_op(response: &TxnResponse) -> Option<TxnOpResponse> {
     response.op_responses().into_iter().next()
 }
 
+/// Whether an answer of revision `answered`, to a request sent when the mirror had seen
+/// revision `seen`, shows that etcd's history was replaced: an answer older than what was
+/// seen, or a write no newer than it (a write makes a revision newer than any before it).
+fn history_replaced(seen: u64, answered: u64, wrote: bool) -> bool {
+    if wrote {
+        answered <= seen
+    } else {
+        answered < seen
+    }
+}
+
 fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<u64> {
     header
         .map(|h| h.revision())
@@ -374,19 +419,16 @@ impl Store for EtcdStore {
         let etcd_key = self.inner.keys.record(key);
         let envelope = encode_value(value, epoch_ms(now));
         // What we believe is stored: (mod_revision, value). The transaction checks it.
-        let mut current: Option<(i64, Arc<str>)> = self
-            .inner
-            .shared
-            .mirror
-            .lock()
-            .records
-            .get(&map_key(key))
-            .map(|r| {
+        let (mut current, seen): (Option<(i64, Arc<str>)>, u64) = {
+            let mirror = self.inner.shared.mirror.lock();
+            let current = mirror.records.get(&map_key(key)).map(|r| {
                 (
                     i64::try_from(r.revision).unwrap_or(i64::MAX),
                     r.value.clone(),
                 )
             });
+            (current, mirror.revision)
+        };
         for _ in 0..MAX_PUT_ATTEMPTS {
             let compare = match &current {
                 None => {
@@ -407,8 +449,11 @@ impl Store for EtcdStore {
                     async move { kv.txn(txn).await }
                 })
                 .await?;
+            let revision = header_revision(response.header())?;
+            self.inner
+                .shared
+                .check_history(seen, revision, response.succeeded());
             if response.succeeded() {
-                let revision = header_revision(response.header())?;
                 let outcome = match current {
                     None => PutOutcome::Created { revision },
                     Some((_, previous)) if *previous == *value => {
@@ -454,6 +499,7 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &Key, if_revision: Option<u64>) -> Result<bool> {
         let etcd_key = self.inner.keys.record(key);
+        let seen = self.inner.shared.mirror.lock().revision;
         let compares = match if_revision {
             // No etcd revision is that large: nothing can match.
             Some(revision) => match i64::try_from(revision) {
@@ -477,8 +523,10 @@ impl Store for EtcdStore {
             .await?;
         let deleted = response.succeeded()
             && matches!(first_op(&response), Some(TxnOpResponse::Delete(d)) if d.deleted() > 0);
+        let revision = header_revision(response.header())?;
+        self.inner.shared.check_history(seen, revision, deleted);
         if deleted {
-            self.caught_up(header_revision(response.header())?).await;
+            self.caught_up(revision).await;
         }
         Ok(deleted)
     }
@@ -510,14 +558,35 @@ impl Store for EtcdStore {
     }
 
     async fn ready(&self) -> Result<()> {
-        match &*self.inner.shared.down.lock() {
-            None => Ok(()),
-            Some((since, reason)) => Err(Error::Unavailable(format!(
-                "not following etcd at {:?} for {:.1?}: {reason}",
-                self.inner.endpoints,
+        let endpoints = &self.inner.endpoints;
+        if let Some((since, reason)) = &*self.inner.shared.down.lock() {
+            return Err(Error::Unavailable(format!(
+                "not following etcd at {endpoints:?} for {:.1?}: {reason}",
                 since.elapsed()
-            ))),
+            )));
         }
+        let failing = self.inner.shared.failing.lock().clone();
+        if let Some((since, reason)) = failing {
+            // Recovered once a request succeeds: try a cheap one now rather than wait for the
+            // next write.
+            let root = self.inner.keys.root.clone();
+            let probe = self
+                .call("checking etcd".into(), |mut kv| {
+                    let root = root.clone();
+                    async move {
+                        let options = GetOptions::new().with_count_only().with_limit(1);
+                        kv.get(root, Some(options)).await
+                    }
+                })
+                .await;
+            if probe.is_err() {
+                return Err(Error::Unavailable(format!(
+                    "requests to etcd at {endpoints:?} failing for {:.1?}: {reason}",
+                    since.elapsed()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn backend(&self) -> &'static str {
@@ -542,6 +611,38 @@ impl super::Subscribe for Shared {
 }
 
 impl Shared {
+    /// Checks an etcd answer against the mirror: `answered` is the revision of the answer to
+    /// a request sent when the mirror was at `seen`, `wrote` whether the request wrote.
+    ///
+    /// Within one history etcd's revision never goes back, and a write makes a revision newer
+    /// than any before it. An answer older than `seen` (or a write not newer) means etcd's
+    /// history was replaced under the mirror: a wiped data directory, a restored snapshot.
+    /// The watch would resume at a revision the new history has not reached, or has reached
+    /// with other changes, so the mirror is marked stale (reads of one's own write wait for
+    /// the relist) and the watch task lists the prefix again.
+    fn check_history(&self, seen: u64, answered: u64, wrote: bool) {
+        if !history_replaced(seen, answered, wrote) {
+            return;
+        }
+        let mut mirror = self.mirror.lock();
+        if mirror.stale {
+            return;
+        }
+        error!(
+            mirror_revision = seen,
+            etcd_revision = answered,
+            "etcd answered with a revision older than one already seen: its history was \
+             replaced (a wiped data directory or a restored snapshot); listing it again"
+        );
+        mirror.stale = true;
+        self.revision.send_replace(0);
+        drop(mirror);
+        self.set_down(format!(
+            "etcd's revision went back from {seen} to {answered}; listing again"
+        ));
+        self.relist.notify_one();
+    }
+
     /// Replaces the mirror with a fresh list taken at `revision` and tells watchers.
     fn replace(&self, records: Vec<Record>, revision: u64) {
         let mut mirror = self.mirror.lock();
@@ -550,6 +651,7 @@ impl Shared {
             .map(|r| (map_key(&r.key), r.clone()))
             .collect();
         mirror.revision = revision;
+        mirror.stale = false;
         let _ = self.events.send(Event::Reset { records, revision });
         self.revision.send_replace(revision);
     }
@@ -557,6 +659,10 @@ impl Shared {
     /// Applies watched etcd events in order; returns the revision of the last one.
     fn apply(&self, keys: &Keys, events: &[etcd_client::Event]) -> Option<u64> {
         let mut mirror = self.mirror.lock();
+        if mirror.stale {
+            // Events of a replaced history; the watch task lists again.
+            return None;
+        }
         let mut last = None;
         for event in events {
             let Some(kv) = event.kv() else { continue };
@@ -652,30 +758,35 @@ struct Follower {
 enum Ended {
     /// The stream failed or etcd cancelled it; resume from the next revision.
     Failed(String),
-    /// The next revision was compacted away: list again.
-    Compacted(i64),
+    /// The mirror no longer matches etcd's history at the next revision (compacted away, or
+    /// the history was replaced): list the prefix again.
+    Relist(String),
 }
 
 impl Follower {
     async fn run(self, mut next: i64) {
         let mut backoff = Backoff::default();
+        // Whether the next watch resumes after a failure, and must first check that etcd
+        // still has the history the mirror follows.
+        let mut resuming = false;
         loop {
             let ended = tokio::select! {
                 () = self.stop.cancelled() => return,
-                ended = self.follow(&mut next, &mut backoff) => ended,
+                () = self.shared.relist.notified() => {
+                    Ended::Relist("a request found etcd's history replaced".into())
+                }
+                ended = self.follow(&mut next, &mut backoff, resuming) => ended,
             };
             match ended {
                 Ended::Failed(reason) => {
                     self.shared.set_down(reason);
+                    resuming = true;
                     if self.pause(&mut backoff).await {
                         return;
                     }
                 }
-                Ended::Compacted(compact_revision) => {
-                    info!(
-                        next,
-                        compact_revision, "etcd compacted past the watch; listing again"
-                    );
+                Ended::Relist(reason) => {
+                    info!(next, %reason, "listing the prefix again");
                     loop {
                         let listed = tokio::select! {
                             () = self.stop.cancelled() => return,
@@ -685,6 +796,7 @@ impl Follower {
                             Ok((revision, records)) => {
                                 self.shared.replace(records, revision);
                                 next = i64::try_from(revision).unwrap_or(i64::MAX) + 1;
+                                resuming = false;
                                 break;
                             }
                             Err(reason) => {
@@ -700,6 +812,67 @@ impl Follower {
         }
     }
 
+    /// Before a watch resumes at `next`: whether etcd still holds the history the mirror
+    /// follows. The mirror holds the prefix as of revision `next - 1`, so etcd must be able to
+    /// read that revision (not compacted away, nor beyond a newer, shorter history) and hold
+    /// there as many keys under the prefix, the last written being the mirror's last written
+    /// record at the same revision. One range read, sorted by etcd, answers both. A key under
+    /// the prefix that holds no record makes them differ too, and costs a list on resuming.
+    async fn check(&self, next: i64) -> Option<Ended> {
+        let at = next - 1;
+        let options = GetOptions::new()
+            .with_range(prefix_end(self.keys.root.as_bytes()))
+            .with_sort(SortTarget::Mod, SortOrder::Descend)
+            .with_limit(1)
+            .with_keys_only()
+            .with_revision(at);
+        let root = self.keys.root.clone();
+        let read = retrying(
+            "checking etcd's history",
+            &self.endpoints,
+            &self.kv,
+            |mut kv| {
+                let (root, options) = (root.clone(), options.clone());
+                async move { kv.get(root, Some(options)).await }
+            },
+        )
+        .await;
+        let response = match read {
+            Ok(response) => response,
+            // A revision compacted away, or one etcd has not reached.
+            Err(Error::Storage(reason)) => {
+                return Some(Ended::Relist(format!(
+                    "etcd cannot read revision {at}: {reason}"
+                )));
+            }
+            Err(e) => return Some(Ended::Failed(e.to_string())),
+        };
+        let etcd = (
+            usize::try_from(response.count()).unwrap_or(usize::MAX),
+            response.kvs().first().map(|kv| {
+                (
+                    kv.key().to_vec(),
+                    u64::try_from(kv.mod_revision()).unwrap_or(0),
+                )
+            }),
+        );
+        let ours = {
+            let mirror = self.shared.mirror.lock();
+            let last = mirror.records.values().max_by_key(|r| r.revision);
+            (
+                mirror.records.len(),
+                last.map(|r| (self.keys.record(&r.key).into_bytes(), r.revision)),
+            )
+        };
+        (etcd != ours).then(|| {
+            Ended::Relist(format!(
+                "etcd holds {} keys under the prefix at revision {at}, the mirror {} records, \
+                 or another one was written last",
+                etcd.0, ours.0
+            ))
+        })
+    }
+
     /// Sleeps for the next backoff step; true when the store was dropped meanwhile.
     async fn pause(&self, backoff: &mut Backoff) -> bool {
         tokio::select! {
@@ -708,8 +881,12 @@ impl Follower {
         }
     }
 
-    /// Watches the prefix from `next`, applying events, until the watch ends.
-    async fn follow(&self, next: &mut i64, backoff: &mut Backoff) -> Ended {
+    /// Watches the prefix from `next`, applying events, until the watch ends; when
+    /// `resuming`, first [checks](Self::check) that etcd still has the mirror's history.
+    async fn follow(&self, next: &mut i64, backoff: &mut Backoff, resuming: bool) -> Ended {
+        if resuming && let Some(ended) = self.check(*next).await {
+            return ended;
+        }
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(*next)
@@ -738,7 +915,10 @@ impl Follower {
             };
             if response.canceled() {
                 if response.compact_revision() > 0 {
-                    return Ended::Compacted(response.compact_revision());
+                    return Ended::Relist(format!(
+                        "etcd compacted past the watch (to revision {})",
+                        response.compact_revision()
+                    ));
                 }
                 return Ended::Failed(format!(
                     "etcd cancelled the watch: {}",
@@ -1461,6 +1641,121 @@ mod tests {
         // And it follows again from there.
         direct.put(&k1, "v3", at(6)).await.unwrap();
         assert!(matches!(next(&mut watch).await, Event::Put(r) if r.key == k1));
+    }
+
+    #[tokio::test]
+    async fn a_hung_etcd_makes_the_store_unready_once_a_request_fails() {
+        let etcd = Etcd::start().await;
+        let store = connect(&etcd.endpoint(), "/hung").await;
+        let key = Key::metadata("ns", "app", "1");
+        store.put(&key, "v1", at(1)).await.unwrap();
+        store.ready().await.unwrap();
+
+        // The watch's connection stays open to a stopped process until its keep-alive times
+        // out; the first failed request is enough to report it.
+        etcd.freeze(true);
+        let failed = store.put(&key, "v2", at(2)).await;
+        assert!(matches!(failed, Err(Error::Unavailable(_))), "{failed:?}");
+        let unready = store.ready().await;
+        assert!(
+            matches!(&unready, Err(Error::Unavailable(reason)) if reason.contains("failing")),
+            "{unready:?}"
+        );
+        assert_eq!(&*store.get(&key).await.unwrap().unwrap().value, "v1");
+
+        // Ready again as soon as etcd answers, before any write.
+        etcd.freeze(false);
+        eventually(Duration::from_secs(10), "ready() recovers", || async {
+            store.ready().await.is_ok()
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_revision_that_goes_back_is_a_replaced_history() {
+        // Reads answer at least the newest revision seen; writes make a newer one.
+        assert!(!history_replaced(20, 20, false));
+        assert!(!history_replaced(20, 25, false));
+        assert!(history_replaced(20, 19, false));
+        assert!(!history_replaced(20, 21, true));
+        assert!(history_replaced(20, 20, true));
+        assert!(history_replaced(20, 3, true));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_history_is_listed_again() {
+        let mut etcd = Etcd::start().await;
+        let proxy = Proxy::start(etcd.client_addr()).await;
+        let store = connect(&proxy.endpoint(), "/replaced").await;
+        let old: Vec<Key> = (0..20)
+            .map(|i| Key::metadata("ns", "old", &i.to_string()))
+            .collect();
+        for key in &old {
+            store.put(key, "old", at(1)).await.unwrap();
+        }
+        let mut watch = store.watch();
+        assert!(
+            matches!(next(&mut watch).await, Event::Reset { records, .. } if records.len() == 20)
+        );
+
+        // etcd loses its disk while the store is cut off, and another replica writes as many
+        // keys into the new history as the store holds, past the store's revision: the same
+        // count at the revision the watch would resume from, other keys.
+        proxy.cut();
+        eventually(
+            Duration::from_secs(5),
+            "ready() reports the lost watch",
+            || async { store.ready().await.is_err() },
+        )
+        .await;
+        etcd.wipe_and_restart().await;
+        let other = connect(&etcd.endpoint(), "/replaced").await;
+        let new: Vec<Key> = (0..25)
+            .map(|i| Key::metadata("ns", "new", &i.to_string()))
+            .collect();
+        for key in &new {
+            other.put(key, "new", at(2)).await.unwrap();
+        }
+        proxy.restore();
+        match next(&mut watch).await {
+            Event::Reset { records, .. } => {
+                let mut got: Vec<Key> = records.into_iter().map(|r| r.key).collect();
+                got.sort();
+                let mut want = new.clone();
+                want.sort();
+                assert_eq!(got, want, "the store follows the new history");
+            }
+            other => panic!("expected a reset to the new history, got {other:?}"),
+        }
+        assert!(store.get(&old[0]).await.unwrap().is_none());
+
+        // etcd loses its disk again and comes back empty: the store's own next write finds a
+        // revision older than its mirror's, and still reads it back.
+        etcd.wipe_and_restart().await;
+        let fresh = Key::metadata("ns", "fresh", "1");
+        eventually(Duration::from_secs(15), "writes succeed again", || async {
+            store.put(&fresh, "fresh", at(3)).await.is_ok()
+        })
+        .await;
+        assert_eq!(&*store.get(&fresh).await.unwrap().unwrap().value, "fresh");
+        eventually(
+            Duration::from_secs(15),
+            "the lost records are gone",
+            || async { store.get(&new[0]).await.unwrap().is_none() },
+        )
+        .await;
+        eventually(Duration::from_secs(15), "ready() recovers", || async {
+            store.ready().await.is_ok()
+        })
+        .await;
+        assert_eq!(
+            store
+                .list(&ListQuery::all(Kind::Metadata))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]

@@ -106,6 +106,25 @@ impl Etcd {
         self.spawn().await;
     }
 
+    /// Sends etcd SIGSTOP (`stop`) or SIGCONT: a hung member, whose connections stay open.
+    pub fn freeze(&self, stop: bool) {
+        let pid = self.child.as_ref().expect("etcd is running").id();
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Starts etcd again on the same ports with an empty data directory, as after losing
+    /// its disk: a new history, from revision 1.
+    pub async fn wipe_and_restart(&mut self) {
+        self.kill();
+        std::fs::remove_dir_all(self.dir.path().join("data")).expect("removing etcd's data");
+        self.spawn().await;
+    }
+
     async fn spawn(&mut self) {
         assert!(self.child.is_none(), "etcd is already running");
         let client = self.endpoint();
