@@ -180,7 +180,7 @@ pub struct Options {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    data: Arc<DataFile>,
     index: Arc<RwLock<Index>>,
     checkpoints: Option<Checkpoints>,
     /// The data file, for messages.
@@ -280,6 +280,12 @@ impl EmbeddedStore {
 
     /// [`EmbeddedStore::open`] with every option.
     pub fn open_with(path: &Path, options: Options) -> Result<Self> {
+        Self::open_data_with(path, options, open_database)
+    }
+
+    /// [`Self::open_with`], opening the data file with `open` (here and whenever the
+    /// checkpointer opens it again).
+    fn open_data_with(path: &Path, options: Options, open: OpenData) -> Result<Self> {
         let Options {
             max_records_per_namespace,
             lease_ttl,
@@ -289,7 +295,7 @@ impl EmbeddedStore {
             Error::Storage(format!("creating data directory {}: {e}", path.display()))
         })?;
         let file = path.join(FILE_NAME);
-        let db = open_database(&file)?;
+        let db = open(&file)?;
         init(&db, &file)?;
         let (records, revision, generation) = recover(&db, &file, path)?;
         let checkpoints = lease_ttl.map(Checkpoints::new);
@@ -313,9 +319,13 @@ impl EmbeddedStore {
             index.records.insert(r.key, entry);
         }
         let index = Arc::new(RwLock::new(index));
-        let db = Arc::new(db);
+        let data = Arc::new(DataFile {
+            path: file.clone(),
+            db: RwLock::new(Some(db)),
+            open,
+        });
         let journal = Journal::create(path, generation)?;
-        let checkpointer = Checkpointer::spawn(db.clone(), file.clone(), path.to_path_buf())?;
+        let checkpointer = Checkpointer::spawn(data.clone(), path.to_path_buf())?;
 
         let (ops, rx) = mpsc::channel();
         let (events, _) = broadcast::channel(WATCH_BUFFER);
@@ -343,7 +353,7 @@ impl EmbeddedStore {
         tracing::info!(file = %file.display(), "embedded store open");
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
+                data,
                 index,
                 checkpoints,
                 file,
@@ -407,6 +417,13 @@ fn open_database(file: &Path) -> Result<Database> {
             "{} is open in another process",
             file.display()
         ))),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
+            Err(Error::Storage(format!(
+                "opening {}: {e} (check that the data directory is writable by this user and \
+                 its file system is mounted read-write and has room)",
+                file.display()
+            )))
+        }
         Ok(Err(e)) => Err(Error::Storage(format!(
             "opening {}: {e} (the file is damaged or not a pixiu-metadata data file; restore it \
              from a backup or move it away to start empty)",
@@ -417,6 +434,50 @@ fn open_database(file: &Path) -> Result<Database> {
              from a backup or move it away to start empty",
             file.display()
         ))),
+    }
+}
+
+/// How the data file is opened: [`open_database`], or a faulty one in tests.
+type OpenData = fn(&Path) -> Result<Database>;
+
+/// The redb data file, shared by the checkpointer (which writes it) and readiness checks.
+///
+/// After a failed write (a full disk) redb refuses every later transaction of the same
+/// [`Database`] ("previous I/O error"), so the checkpointer closes the file and opens it
+/// again before it retries; meanwhile the file reads as unavailable.
+struct DataFile {
+    path: PathBuf,
+    db: RwLock<Option<Database>>,
+    open: OpenData,
+}
+
+impl DataFile {
+    /// Runs `f` on the open database.
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        match &*self.db.read() {
+            Some(db) => f(db),
+            None => Err(Error::Unavailable(format!(
+                "{} is being opened again after a failed write",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// Closes the database and opens it again; on failure it stays closed until the next
+    /// attempt.
+    fn reopen(&self) {
+        let mut db = self.db.write();
+        // Closed first: redb holds a lock on the file while open.
+        *db = None;
+        match (self.open)(&self.path) {
+            Ok(opened) => {
+                *db = Some(opened);
+                tracing::info!(file = %self.path.display(), "data file opened again");
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot open the data file again; retrying");
+            }
+        }
     }
 }
 
@@ -642,10 +703,12 @@ impl Inner {
             )));
         }
         let err = self.err("reading");
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
-        state.get(STATE_REVISION).map_err(|e| err(e.into()))?;
-        Ok(())
+        self.data.with(|db| {
+            let txn = db.begin_read().map_err(|e| err(e.into()))?;
+            let state = txn.open_table(STATE).map_err(|e| err(e.into()))?;
+            state.get(STATE_REVISION).map_err(|e| err(e.into()))?;
+            Ok(())
+        })
     }
 }
 
@@ -1380,8 +1443,18 @@ impl Journal {
     }
 }
 
+/// An I/O failure as a store error: a full disk, an exhausted quota or a file system
+/// remounted read-only is the store not taking writes for now ([`Error::Unavailable`]), which
+/// the operator can fix without a restart; anything else is [`Error::Storage`].
 fn io_error(doing: &str, path: &Path, e: &std::io::Error) -> Error {
-    Error::Storage(format!("{doing} {}: {e}", path.display()))
+    use std::io::ErrorKind;
+    let message = format!("{doing} {}: {e}", path.display());
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::ReadOnlyFilesystem => {
+            Error::Unavailable(message)
+        }
+        _ => Error::Storage(message),
+    }
 }
 
 /// Makes the directory's entries (a created or removed journal file) durable.
@@ -1416,7 +1489,7 @@ struct CheckpointState {
 }
 
 impl Checkpointer {
-    fn spawn(db: Arc<Database>, file: PathBuf, dir: PathBuf) -> Result<Self> {
+    fn spawn(data: Arc<DataFile>, dir: PathBuf) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Checkpoint>();
         let state = Arc::new(CheckpointState::default());
         let thread_state = state.clone();
@@ -1433,7 +1506,10 @@ impl Checkpointer {
                 for checkpoint in rx {
                     let mut attempt = 0u32;
                     loop {
-                        match write_checkpoint(&db, &file, &checkpoint.changes, checkpoint.revision) {
+                        let written = data.with(|db| {
+                            write_checkpoint(db, &data.path, &checkpoint.changes, checkpoint.revision)
+                        });
+                        match written {
                             Ok(()) => {
                                 let path = &checkpoint.retire;
                                 if let Err(e) = std::fs::remove_file(path) {
@@ -1451,6 +1527,7 @@ impl Checkpointer {
                                     break;
                                 }
                                 thread::sleep(Duration::from_millis(100) * attempt.min(50));
+                                data.reopen();
                             }
                         }
                     }
@@ -2053,6 +2130,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_data_file_that_cannot_be_opened_is_not_called_damaged() {
+        // The data file's name taken by a directory: an I/O error, not damage.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(FILE_NAME)).unwrap();
+        match EmbeddedStore::open(dir.path(), usize::MAX) {
+            Err(Error::Storage(message)) => {
+                assert!(message.contains("writable"), "{message}");
+                assert!(!message.contains("damaged"), "{message}");
+            }
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_unavailable_other_io_failures_are_storage_errors() {
+        let path = Path::new("/data/journal");
+        for code in [28, 122, 30] {
+            let e = std::io::Error::from_raw_os_error(code);
+            assert!(
+                matches!(io_error("writing", path, &e), Error::Unavailable(_)),
+                "{e}"
+            );
+        }
+        let e = std::io::Error::from_raw_os_error(5);
+        assert!(matches!(io_error("writing", path, &e), Error::Storage(_)));
+    }
+
     /// The bytes of every journal file in `dir`.
     fn journal_bytes(dir: &Path) -> u64 {
         journal_files(dir)
@@ -2076,9 +2181,11 @@ mod tests {
         files
     }
 
-    /// The value row of `key` in the data file.
+    /// The value row of `key` in the data file, if it is open.
     fn stored_value(store: &EmbeddedStore, key: &Key) -> Option<Vec<u8>> {
-        let txn = store.inner.db.begin_read().unwrap();
+        let db = store.inner.data.db.read();
+        // Closed while the checkpointer opens it again.
+        let txn = db.as_ref()?.begin_read().unwrap();
         let values = txn.open_table(VALUES).unwrap();
         let encoded = encode_key(key).unwrap();
         values
@@ -2275,6 +2382,105 @@ mod tests {
         assert_eq!(&*reopened.get(&key).await.unwrap().unwrap().value, "a2");
     }
 
+    /// Whether the disk under [`open_filling_disk`]'s data files is full. Only
+    /// `a_checkpoint_on_a_full_disk_is_retried_until_it_fits` opens such a file.
+    static DISK_FULL: AtomicBool = AtomicBool::new(false);
+
+    /// A data file on a disk that fills up: writes fail with `ENOSPC` while [`DISK_FULL`].
+    #[derive(Debug)]
+    struct FillingDisk(redb::backends::FileBackend);
+
+    impl FillingDisk {
+        fn full() -> std::io::Result<()> {
+            if DISK_FULL.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FillingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.0.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            Self::full()?;
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            Self::full()?;
+            self.0.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            Self::full()?;
+            self.0.write(offset, data)
+        }
+    }
+
+    fn open_filling_disk(file: &Path) -> Result<Database> {
+        let opened = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(file)
+            .map_err(|e| io_error("opening", file, &e))?;
+        let backend =
+            redb::backends::FileBackend::new(opened).map_err(|e| Error::Storage(e.to_string()))?;
+        Database::builder()
+            .create_with_backend(FillingDisk(backend))
+            .map_err(|e| Error::Storage(e.to_string()))
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_on_a_full_disk_is_retried_until_it_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            max_records_per_namespace: usize::MAX,
+            lease_ttl: None,
+            checkpoint: CheckpointPolicy {
+                interval: Duration::from_millis(50),
+                bytes: u64::MAX,
+            },
+        };
+        let store = EmbeddedStore::open_data_with(dir.path(), options, open_filling_disk).unwrap();
+        let key = Key::metadata("ns", "a", "1");
+        // The data file's disk is full: writes are still acknowledged from the journal, and
+        // checkpoints fail (redb then refuses every later transaction of that handle).
+        DISK_FULL.store(true, Ordering::SeqCst);
+        store.put(&key, "a1", at(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            journal_files(dir.path()).len(),
+            2,
+            "the checkpoint is pending"
+        );
+        assert!(journal_bytes(dir.path()) > 0);
+
+        // Room again: the checkpointer opens the file anew and the journal drains.
+        DISK_FULL.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored_value(&store, &key).is_none() || journal_files(dir.path()).len() > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint within 20 s of the room coming back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(stored_value(&store, &key).unwrap(), b"a1");
+        store.ready().await.unwrap();
+        store.put(&key, "a2", at(2)).await.unwrap();
+        drop(store);
+        assert_eq!(
+            journal_bytes(dir.path()),
+            0,
+            "a clean stop leaves the journal empty"
+        );
+    }
+
     /// A data file of layout version 1 (namespace counts in a table, no journal) opens,
     /// keeps its records and counts, and is upgraded.
     #[tokio::test]
@@ -2316,7 +2522,8 @@ mod tests {
             store.put(&Key::metadata("ns", "b", "1"), "x", at(10)).await,
             Err(Error::NamespaceFull { .. })
         ));
-        let txn = store.inner.db.begin_read().unwrap();
+        let db = store.inner.data.db.read();
+        let txn = db.as_ref().unwrap().begin_read().unwrap();
         let state = txn.open_table(STATE).unwrap();
         let format = state.get(STATE_FORMAT).unwrap().unwrap().value().to_vec();
         assert_eq!(format, FORMAT_VERSION.to_le_bytes());
