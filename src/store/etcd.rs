@@ -1563,6 +1563,17 @@ mod tests {
         assert_eq!(&*store.get(&k1).await.unwrap().unwrap().value, "before");
     }
 
+    /// Cuts `store` off from etcd and waits until it notices.
+    async fn cut_off(proxy: &Proxy, store: &EtcdStore) {
+        proxy.cut();
+        eventually(
+            Duration::from_secs(5),
+            "ready() reports the lost watch",
+            || async { store.ready().await.is_err() },
+        )
+        .await;
+    }
+
     #[tokio::test]
     async fn watch_resumes_after_disconnect_and_relists_after_compaction() {
         let etcd = Etcd::start().await;
@@ -1580,13 +1591,7 @@ mod tests {
         assert!(matches!(next(&mut watch).await, Event::Put(r) if r.key == k1));
 
         // Disconnected: what happens meanwhile arrives as events once the watch resumes.
-        proxy.cut();
-        eventually(
-            Duration::from_secs(5),
-            "ready() reports the lost watch",
-            || async { store.ready().await.is_err() },
-        )
-        .await;
+        cut_off(&proxy, &store).await;
         direct.put(&k2, "v1", at(2)).await.unwrap();
         direct.put(&k1, "v2", at(3)).await.unwrap();
         proxy.restore();
@@ -1600,13 +1605,7 @@ mod tests {
         }
 
         // Disconnected while etcd compacts the history the watch needs: relist and reset.
-        proxy.cut();
-        eventually(
-            Duration::from_secs(5),
-            "ready() reports the lost watch",
-            || async { store.ready().await.is_err() },
-        )
-        .await;
+        cut_off(&proxy, &store).await;
         assert!(direct.delete(&k1, None).await.unwrap());
         direct.put(&k3, "v1", at(4)).await.unwrap();
         let last = direct.put(&k2, "v2", at(5)).await.unwrap().revision();
@@ -1682,17 +1681,23 @@ mod tests {
         assert!(history_replaced(20, 3, true));
     }
 
+    /// Puts `n` records of application `app`, each valued `app`; returns their keys.
+    async fn put_many(store: &EtcdStore, app: &str, n: usize) -> Vec<Key> {
+        let keys: Vec<Key> = (0..n)
+            .map(|i| Key::metadata("ns", app, &i.to_string()))
+            .collect();
+        for key in &keys {
+            store.put(key, app, at(1)).await.unwrap();
+        }
+        keys
+    }
+
     #[tokio::test]
     async fn a_replaced_history_is_listed_again() {
         let mut etcd = Etcd::start().await;
         let proxy = Proxy::start(etcd.client_addr()).await;
         let store = connect(&proxy.endpoint(), "/replaced").await;
-        let old: Vec<Key> = (0..20)
-            .map(|i| Key::metadata("ns", "old", &i.to_string()))
-            .collect();
-        for key in &old {
-            store.put(key, "old", at(1)).await.unwrap();
-        }
+        let old = put_many(&store, "old", 20).await;
         let mut watch = store.watch();
         assert!(
             matches!(next(&mut watch).await, Event::Reset { records, .. } if records.len() == 20)
@@ -1701,21 +1706,10 @@ mod tests {
         // etcd loses its disk while the store is cut off, and another replica writes as many
         // keys into the new history as the store holds, past the store's revision: the same
         // count at the revision the watch would resume from, other keys.
-        proxy.cut();
-        eventually(
-            Duration::from_secs(5),
-            "ready() reports the lost watch",
-            || async { store.ready().await.is_err() },
-        )
-        .await;
+        cut_off(&proxy, &store).await;
         etcd.wipe_and_restart().await;
         let other = connect(&etcd.endpoint(), "/replaced").await;
-        let new: Vec<Key> = (0..25)
-            .map(|i| Key::metadata("ns", "new", &i.to_string()))
-            .collect();
-        for key in &new {
-            other.put(key, "new", at(2)).await.unwrap();
-        }
+        let new = put_many(&other, "new", 25).await;
         proxy.restore();
         match next(&mut watch).await {
             Event::Reset { records, .. } => {
