@@ -118,9 +118,7 @@ impl DeltaStream {
         request: &DeltaDiscoveryRequest,
         snapshot: &Snapshot,
     ) -> Result<Step, ProtocolError> {
-        if request.type_url.is_empty() {
-            return Err(ProtocolError::MissingTypeUrl);
-        }
+        crate::protocol::check_type_url(&request.type_url)?;
         // The stored key when the type is known: no allocation for an ACK.
         let type_url = self
             .types

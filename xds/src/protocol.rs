@@ -23,6 +23,13 @@ pub enum ProtocolError {
     /// ADS requires every request to name its type.
     #[error("request has no type_url")]
     MissingTypeUrl,
+    /// A type URL longer than any real one ([`MAX_TYPE_URL_BYTES`]): it would be kept per
+    /// stream and shown in status and metrics.
+    #[error("type_url is {len} bytes, more than the {MAX_TYPE_URL_BYTES} allowed")]
+    TypeUrlTooLong {
+        /// Its length.
+        len: usize,
+    },
     /// A request would take the stream past its configured subscription limit.
     #[error("stream subscribes to more than {limit} resource names")]
     TooManySubscriptions {
@@ -35,6 +42,36 @@ pub enum ProtocolError {
         /// The configured limit.
         limit: usize,
     },
+}
+
+/// The longest type URL a request may name. Real ones are under 150 bytes
+/// (`type.googleapis.com/` and a fully qualified message name).
+pub const MAX_TYPE_URL_BYTES: usize = 512;
+
+/// The most of a NACK's `error_detail.message` kept for status and logs; the rest is cut,
+/// so a client cannot make the server hold megabytes per type and stream.
+pub const MAX_NACK_MESSAGE_BYTES: usize = 4096;
+
+/// Checks a request's type URL: present, and no longer than [`MAX_TYPE_URL_BYTES`].
+pub(crate) fn check_type_url(type_url: &str) -> Result<(), ProtocolError> {
+    match type_url.len() {
+        0 => Err(ProtocolError::MissingTypeUrl),
+        len if len > MAX_TYPE_URL_BYTES => Err(ProtocolError::TypeUrlTooLong { len }),
+        _ => Ok(()),
+    }
+}
+
+/// `message` cut to at most [`MAX_NACK_MESSAGE_BYTES`] on a character boundary, saying how
+/// much was cut.
+fn bounded_message(message: &str) -> String {
+    if message.len() <= MAX_NACK_MESSAGE_BYTES {
+        return message.to_string();
+    }
+    let mut end = MAX_NACK_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &message[..end], message.len() - end)
 }
 
 /// Limits a stream enforces on what a client may ask for.
@@ -200,7 +237,7 @@ pub(crate) fn read_response_nonce(
             let nack = Nack {
                 version: sent_version,
                 nonce: Nonce::new(nonce),
-                message: error.message.clone(),
+                message: bounded_message(&error.message),
                 code: error.code,
             };
             status.n_nacks += 1;

@@ -126,9 +126,7 @@ impl SotwStream {
         if let Some(step) = self.on_repeat(request) {
             return Ok(step);
         }
-        if request.type_url.is_empty() {
-            return Err(ProtocolError::MissingTypeUrl);
-        }
+        crate::protocol::check_type_url(&request.type_url)?;
         // The stored key when the type is known: no allocation for an ACK.
         let type_url = self
             .types

@@ -257,6 +257,33 @@ fn unsubscribe_all_and_limits() {
             .unwrap_err(),
         ProtocolError::MissingTypeUrl
     );
+    let mut long_type = req(&["a"], "", "");
+    long_type.type_url = "t".repeat(crate::protocol::MAX_TYPE_URL_BYTES + 1);
+    assert_eq!(
+        tight.on_request(&long_type, &snap).unwrap_err(),
+        ProtocolError::TypeUrlTooLong {
+            len: crate::protocol::MAX_TYPE_URL_BYTES + 1
+        }
+    );
+}
+
+#[test]
+fn a_nack_keeps_a_bounded_message() {
+    let mut h = Harness::new();
+    h.put("a", "A1");
+    let r1 = h.request(req(&["a"], "", "")).remove(0);
+    let mut rejection = nack("", &r1, &["a"]);
+    // Multi-byte characters across the cut.
+    let message = "é".repeat(3 * crate::protocol::MAX_NACK_MESSAGE_BYTES);
+    rejection.error_detail.as_mut().unwrap().message = message.clone();
+    h.request(rejection);
+    let kept = h.status().nack.unwrap().message;
+    let max = crate::protocol::MAX_NACK_MESSAGE_BYTES;
+    assert!(kept.len() < max + 32, "{} bytes kept", kept.len());
+    let cut = kept.find('…').unwrap();
+    assert!(message.starts_with(&kept[..cut]));
+    assert!(cut > max - 2 && cut <= max);
+    assert!(kept.ends_with(&format!("({} more bytes)", message.len() - cut)));
 }
 
 #[test]
