@@ -214,14 +214,18 @@ pub fn check_interface(value: &str) -> Result<(), Invalid> {
     check_name("interface", value)
 }
 
-/// Checks a namespace: a name without `/`.
+/// Checks a namespace: a name without `/` (it separates the namespace from the name in
+/// store keys) or `|` (upstream's mapping resources are named `<interface>|<namespace>`, so
+/// the last `|` must separate them: an interface may hold one, a namespace may not).
 pub fn check_namespace(value: &str) -> Result<(), Invalid> {
     check_name("namespace", value)?;
-    if value.contains('/') {
-        return Err(Invalid::Forbidden {
-            field: "namespace",
-            what: "'/'",
-        });
+    for (separator, what) in [('/', "'/'"), ('|', "'|'")] {
+        if value.contains(separator) {
+            return Err(Invalid::Forbidden {
+                field: "namespace",
+                what,
+            });
+        }
     }
     Ok(())
 }
@@ -259,6 +263,8 @@ mod tests {
         assert!(check_name("f", "应用-1.0").is_ok());
         assert!(check_application("a/b").is_err());
         assert!(check_namespace("ns-1").is_ok());
+        assert!(check_namespace("team-b/prod").is_err());
+        assert!(check_namespace("team-b|prod").is_err());
         // A SHA-512 revision (128 hex characters) fits.
         assert!(check_name("revision", &"f".repeat(128)).is_ok());
     }

@@ -120,6 +120,18 @@ async fn mapping_is_pushed_and_each_application_expires_alone() {
         })
         .await
         .unwrap();
+    // A namespace may not hold '|': `org.example.Greeter|team-a` in namespace `x` and
+    // `org.example.Greeter` in namespace `team-a|x` would both be upstream's
+    // `org.example.Greeter|team-a|x`.
+    let refused = ServiceNameMappingServiceClient::new(channel.clone())
+        .register_service_app_mapping(ServiceMappingRequest {
+            namespace: "team-a|x".into(),
+            application_name: "intruder".into(),
+            interface_names: vec!["org.example.Greeter".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     let pushed = ours.recv().await;
     assert_eq!(
         mapping_apps(&pushed),
