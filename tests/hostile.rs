@@ -565,7 +565,7 @@ async fn h21_list_page_tokens_and_sizes_are_bounded() {
         for i in 0..3 {
             publish(&c, "app", &format!("r{i}"), "x").await.unwrap();
         }
-        let mut client = common::metadata_client(c);
+        let mut client = common::metadata_client(c.clone());
         let huge = client
             .list(ListMetadataRequest {
                 page_size: u32::MAX,
@@ -590,6 +590,45 @@ async fn h21_list_page_tokens_and_sizes_are_bounded() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
+
+        // Pages are bounded in bytes too: five values of 700 KiB come two by two, each page
+        // within 2 MiB, and a names-only page takes them all.
+        let big = "v".repeat(700 * 1024);
+        for i in 0..5 {
+            publish(&c, "big", &format!("r{i}"), &big).await.unwrap();
+        }
+        let (mut seen, mut pages, mut token) = (Vec::new(), Vec::new(), String::new());
+        loop {
+            let page = client
+                .list(ListMetadataRequest {
+                    application_name: "big".into(),
+                    page_size: 1000,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            pages.push(page.records.len());
+            assert!(page.records.iter().all(|r| r.metadata_info == big));
+            seen.extend(page.records.into_iter().map(|r| r.revision));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(pages, [2, 2, 1]);
+        assert_eq!(seen, ["r0", "r1", "r2", "r3", "r4"]);
+        let names = client
+            .list(ListMetadataRequest {
+                application_name: "big".into(),
+                names_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(names.records.len(), 5);
     })
     .await;
 }

@@ -135,6 +135,7 @@ impl ServiceMappingService for Api {
                 request.interface_prefix,
                 request.page_size,
                 request.page_token,
+                true,
             )
             .await?;
             let records = records

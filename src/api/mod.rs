@@ -72,6 +72,11 @@ pub struct Api {
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 
+/// The most bytes of names and values one `List` page carries (at least one record): a page
+/// of 1,000 values of 1 MiB would otherwise be a gigabyte in one message, held while it is
+/// encoded and more than any client accepts. The same bound as a `Watch` message's.
+const MAX_PAGE_BYTES: usize = crate::watches::MAX_MESSAGE_RESOURCE_BYTES;
+
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Api")
@@ -297,7 +302,9 @@ impl Api {
         }
     }
 
-    /// One page of records of `kind` in `namespace` whose names start with `prefix`.
+    /// One page of records of `kind` in `namespace` whose names start with `prefix`: at most
+    /// `page_size` records and [`MAX_PAGE_BYTES`] of names and values (of names alone when
+    /// `names_only`).
     async fn list(
         &self,
         kind: Kind,
@@ -305,6 +312,7 @@ impl Api {
         prefix: String,
         page_size: u32,
         page_token: String,
+        names_only: bool,
     ) -> Result<(Vec<Record>, String), Error> {
         let page_size = match usize::try_from(page_size).unwrap_or(usize::MAX) {
             0 => DEFAULT_PAGE_SIZE,
@@ -321,8 +329,11 @@ impl Api {
             limit: page_size + 1,
         };
         let mut records = self.store.list(&query).await?;
-        let next_page_token = if records.len() > page_size {
-            records.truncate(page_size);
+        let fits = page_length(&records, page_size, |record| {
+            record.key.name.len() + if names_only { 0 } else { record.value.len() }
+        });
+        let next_page_token = if records.len() > fits {
+            records.truncate(fits);
             records
                 .last()
                 .map(|r| r.key.name.clone())
@@ -332,6 +343,22 @@ impl Api {
         };
         Ok((records, next_page_token))
     }
+}
+
+/// How many of `records` go into a page: at most `page_size`, and no more than fit
+/// [`MAX_PAGE_BYTES`] by `size` (at least one).
+fn page_length<T>(records: &[T], page_size: usize, size: impl Fn(&T) -> usize) -> usize {
+    let mut bytes = 0;
+    records
+        .iter()
+        .take(page_size)
+        .take_while(|record| {
+            bytes += size(record);
+            bytes <= MAX_PAGE_BYTES
+        })
+        .count()
+        .max(1)
+        .min(records.len())
 }
 
 fn refreshed_at_ms(record: &Record) -> i64 {
@@ -408,6 +435,7 @@ impl MetadataService for Api {
                 prefix,
                 request.page_size,
                 request.page_token,
+                request.names_only,
             )
             .await?;
             let records = records
@@ -535,6 +563,7 @@ impl ServiceDefinitionService for Api {
                 request.identifier_prefix,
                 request.page_size,
                 request.page_token,
+                request.names_only,
             )
             .await?;
             let records = records
