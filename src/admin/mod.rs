@@ -26,7 +26,7 @@ use axum::{
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{metrics::Metrics, store::Store};
 
@@ -107,8 +107,21 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Most admin connections open at once; further ones are closed as they are accepted. An
+/// operator's browser, `status` and a Prometheus scraper need a handful.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// How long a client may take to send a request's headers (and, between requests of a
+/// kept-alive connection, to start the next): a connection that sends half a request and
+/// stops is closed then, so idle sockets cannot use up the process's file descriptors.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `router` on `listener` until `shutdown`, then gives in-flight requests
 /// `drain_timeout` to finish before returning anyway.
+///
+/// HTTP/1.1 with [`HEADER_READ_TIMEOUT`] and at most [`MAX_CONNECTIONS`] connections: the
+/// port may face a network (behind `--admin-token-file`), and a client that holds sockets
+/// open must not take the file descriptors the gRPC port needs.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -116,20 +129,49 @@ pub async fn serve(
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
     info!(admin.addr = ?listener.local_addr().ok(), "admin HTTP serving");
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    tokio::pin!(server);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors, most likely: wait for some to be released.
+                warn!(%error, "admin HTTP: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(
+                max = MAX_CONNECTIONS,
+                "admin HTTP: too many connections; closing a new one"
+            );
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "admin HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
     tokio::select! {
-        result = &mut server => result,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(drain_timeout).await;
-        } => {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain_timeout) => {
             warn!(timeout = ?drain_timeout, "admin HTTP requests still open at shutdown; dropping them");
-            Ok(())
         }
     }
+    Ok(())
 }
 
 async fn page() -> Html<&'static str> {

@@ -230,3 +230,79 @@ async fn serve_stops_within_the_drain_timeout() {
         .unwrap()
         .unwrap();
 }
+
+/// Sends `GET /healthz` on a new connection to `addr`; the answer's status line, or `None`
+/// when the connection is closed without one.
+async fn healthz_over_tcp(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    answer.lines().next().map(str::to_string)
+}
+
+#[tokio::test]
+async fn idle_and_surplus_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(
+        listener,
+        router(f.state.clone()),
+        shutdown.clone(),
+        Duration::from_millis(200),
+    ));
+
+    // Every connection the server takes, each sending half a request and stopping.
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    // One more is closed at once; the server stays up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(healthz_over_tcp(addr).await, None);
+
+    // The stalled ones are closed at the header timeout, and the port serves again.
+    let started = std::time::Instant::now();
+    let mut first = stalled.remove(0);
+    let mut rest = Vec::new();
+    // Closed (an end of stream, or a reset) rather than left open.
+    let _closed = tokio::time::timeout(
+        HEADER_READ_TIMEOUT + Duration::from_secs(5),
+        first.read_to_end(&mut rest),
+    )
+    .await
+    .expect("a stalled connection is closed");
+    assert!(started.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_secs(1));
+    drop(stalled);
+    let mut served = None;
+    for _ in 0..50 {
+        served = healthz_over_tcp(addr).await;
+        if served.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("admin HTTP stopped in time")
+        .unwrap()
+        .unwrap();
+}

@@ -285,7 +285,7 @@ impl Authenticator {
 }
 
 /// The token of an `authorization: Bearer <token>` value (scheme case-insensitive).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer(value: &[u8]) -> Option<&[u8]> {
     let (scheme, token) = value.split_at_checked(7)?;
     (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
 }

@@ -403,7 +403,7 @@ impl AdminToken {
 }
 
 /// Wraps the admin router so that every route but `/healthz` and `/readyz` requires
-/// `Authorization: Bearer <token>` (401 otherwise).
+/// `Authorization: Bearer <token>`, the scheme in any case (401 otherwise).
 pub fn require_admin_token(router: axum::Router, token: Arc<AdminToken>) -> axum::Router {
     router.layer(axum::middleware::from_fn(
         move |request: axum::extract::Request, next: axum::middleware::Next| {
@@ -414,7 +414,7 @@ pub fn require_admin_token(router: axum::Router, token: Arc<AdminToken>) -> axum
                 let presented = request
                     .headers()
                     .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+                    .and_then(|v| identity::bearer(v.as_bytes()));
                 if open || presented.is_some_and(|t| token.matches(t)) {
                     next.run(request).await
                 } else {
@@ -612,6 +612,33 @@ mod tests {
         with_tokens.authenticator.write().tokens = Some(Tokens::default());
         with_tokens.set_tokens(Tokens::default()).unwrap();
         assert!(with_tokens.required());
+    }
+
+    #[tokio::test]
+    async fn the_admin_token_is_read_with_any_case_of_its_scheme() {
+        use tower::ServiceExt;
+        let router = axum::Router::new()
+            .route("/metrics", axum::routing::get(|| async { "metrics" }))
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+        let router = require_admin_token(router, Arc::new(AdminToken::new("admin-secret")));
+        let status = |path: &'static str, authorization: Option<&'static str>| {
+            let router = router.clone();
+            async move {
+                let mut request = http::Request::get(path);
+                if let Some(value) = authorization {
+                    request = request.header(http::header::AUTHORIZATION, value);
+                }
+                let request = request.body(axum::body::Body::empty()).unwrap();
+                router.oneshot(request).await.unwrap().status().as_u16()
+            }
+        };
+        assert_eq!(status("/metrics", Some("Bearer admin-secret")).await, 200);
+        assert_eq!(status("/metrics", Some("bearer admin-secret")).await, 200);
+        assert_eq!(status("/metrics", Some("BEARER admin-secret")).await, 200);
+        assert_eq!(status("/metrics", Some("Basic admin-secret")).await, 401);
+        assert_eq!(status("/metrics", Some("bearer wrong")).await, 401);
+        assert_eq!(status("/metrics", None).await, 401);
+        assert_eq!(status("/healthz", None).await, 200);
     }
 
     #[test]
