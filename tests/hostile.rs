@@ -709,6 +709,23 @@ async fn h27_empty_type_url_is_invalid_argument() {
 }
 
 #[tokio::test]
+async fn h27b_long_type_urls_and_node_ids_are_invalid_argument() {
+    case(memory_config(), |_, c| async move {
+        // A type URL would be a metrics label and stream status; a node id is kept for the
+        // stream's life and matched by every CSDS request.
+        let mut request = metadata_request(vec![]);
+        request.type_url = format!("type.googleapis.com/{}", "x".repeat(3 << 20));
+        let (_tx, _rx, first) = sotw_first(&c, request).await;
+        assert_eq!(first.unwrap_err(), Code::InvalidArgument);
+        let mut request = metadata_request(vec![]);
+        request.node.as_mut().unwrap().id = "n".repeat(200 * 1024);
+        let (_tx, _rx, first) = sotw_first(&c, request).await;
+        assert_eq!(first.unwrap_err(), Code::InvalidArgument);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn h28_malformed_any_in_a_nack_is_taken_as_a_nack() {
     case(memory_config(), |_, c| async move {
         let (tx, responses, first) = sotw_first(&c, metadata_request(vec![])).await;
@@ -1021,7 +1038,7 @@ async fn h42_csds_regex_matcher_is_invalid_argument() {
         NodeMatcher, RegexMatcher, StringMatcher, string_matcher::MatchPattern,
     };
     case(memory_config(), |_, c| async move {
-        let status = ClientStatusDiscoveryServiceClient::new(c)
+        let status = ClientStatusDiscoveryServiceClient::new(c.clone())
             .fetch_client_status(ClientStatusRequest {
                 node_matchers: vec![NodeMatcher {
                     node_id: Some(StringMatcher {
@@ -1038,6 +1055,27 @@ async fn h42_csds_regex_matcher_is_invalid_argument() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
+        // Every matcher is tried on every stream: their number and length are bounded.
+        let contains = |pattern: String| NodeMatcher {
+            node_id: Some(StringMatcher {
+                match_pattern: Some(MatchPattern::Contains(pattern)),
+                ignore_case: true,
+            }),
+            ..Default::default()
+        };
+        for node_matchers in [
+            vec![contains("a".into()); 1000],
+            vec![contains("a".repeat(3000))],
+        ] {
+            let status = ClientStatusDiscoveryServiceClient::new(c.clone())
+                .fetch_client_status(ClientStatusRequest {
+                    node_matchers,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        }
     })
     .await;
 }

@@ -24,7 +24,8 @@
 //! NACKED. Node matchers: `node_id` matches with `exact`, `prefix`, `suffix` or `contains`
 //! (with `ignore_case`); several matchers match a node when any of them does. Regex and custom
 //! string matchers and `node_metadatas` are refused with `INVALID_ARGUMENT` rather than
-//! silently ignored.
+//! silently ignored, and so are more than [`MAX_NODE_MATCHERS`] matchers or one longer than
+//! [`MAX_MATCHER_BYTES`]: every matcher is tried on every stream.
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
@@ -51,19 +52,31 @@ use crate::{
     types::{Partition, TypeUrl},
 };
 
-/// A CSDS request this server cannot answer faithfully.
+/// The most node matchers one CSDS request may carry.
+pub const MAX_NODE_MATCHERS: usize = 16;
+
+/// The longest string a node matcher may match with (node ids are at most
+/// [`MAX_NODE_FIELD_BYTES`](crate::protocol::MAX_NODE_FIELD_BYTES) long).
+pub const MAX_MATCHER_BYTES: usize = crate::protocol::MAX_NODE_FIELD_BYTES;
+
+/// A CSDS request this server cannot answer faithfully, or will not: every matcher is tried
+/// on every stream, so their number and size are bounded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CsdsError {
     /// A node matcher uses something other than a plain string match on the node id.
     #[error("unsupported node matcher: {0}")]
     UnsupportedMatcher(&'static str),
+    /// More than [`MAX_NODE_MATCHERS`] matchers.
+    #[error("{0} node matchers, more than the {MAX_NODE_MATCHERS} allowed")]
+    TooManyMatchers(usize),
+    /// A matcher's string longer than [`MAX_MATCHER_BYTES`].
+    #[error("a node matcher of {0} bytes, more than the {MAX_MATCHER_BYTES} allowed")]
+    MatcherTooLong(usize),
 }
 
 impl From<CsdsError> for Status {
     fn from(error: CsdsError) -> Self {
-        match error {
-            CsdsError::UnsupportedMatcher(_) => Status::invalid_argument(error.to_string()),
-        }
+        Status::invalid_argument(error.to_string())
     }
 }
 
@@ -76,18 +89,11 @@ pub fn client_status(
     request: &ClientStatusRequest,
     snapshot: Option<&Snapshot>,
 ) -> Result<ClientStatusResponse, CsdsError> {
-    for matcher in &request.node_matchers {
-        check_matcher(matcher)?;
-    }
+    let matchers = Matchers::of(&request.node_matchers)?;
     let snapshot = snapshot.filter(|_| !request.exclude_resource_contents);
     let mut by_node: BTreeMap<&str, ClientConfig> = BTreeMap::new();
     for stream in streams {
-        if !request.node_matchers.is_empty()
-            && !request
-                .node_matchers
-                .iter()
-                .any(|m| node_matches(m, &stream.node_id))
-        {
+        if !matchers.select(&stream.node_id) {
             continue;
         }
         let config = by_node
@@ -172,48 +178,88 @@ fn type_configs(
     configs
 }
 
-fn check_matcher(matcher: &NodeMatcher) -> Result<(), CsdsError> {
-    if !matcher.node_metadatas.is_empty() {
-        return Err(CsdsError::UnsupportedMatcher("node_metadatas"));
-    }
-    match matcher
-        .node_id
-        .as_ref()
-        .and_then(|m| m.match_pattern.as_ref())
-    {
-        None
-        | Some(MatchPattern::Exact(_))
-        | Some(MatchPattern::Prefix(_))
-        | Some(MatchPattern::Suffix(_))
-        | Some(MatchPattern::Contains(_)) => Ok(()),
-        Some(MatchPattern::SafeRegex(_)) => Err(CsdsError::UnsupportedMatcher("safe_regex")),
-        Some(MatchPattern::Custom(_)) => Err(CsdsError::UnsupportedMatcher("custom")),
-    }
+/// A request's node matchers, checked and with their strings folded once.
+struct Matchers {
+    /// `(pattern, ignore_case)`; `None` matches every node.
+    patterns: Vec<Option<(Pattern, bool)>>,
+    /// Whether any pattern ignores case (node ids are then folded once each).
+    fold: bool,
 }
 
-/// Whether `node_id` matches; call [`check_matcher`] first (unsupported patterns never match).
-fn node_matches(matcher: &NodeMatcher, node_id: &str) -> bool {
-    let Some(StringMatcher {
-        ignore_case,
-        match_pattern: Some(pattern),
-    }) = &matcher.node_id
-    else {
-        return true;
-    };
-    let fold = |s: &str| {
-        if *ignore_case {
-            s.to_lowercase()
-        } else {
-            s.to_string()
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+}
+
+impl Matchers {
+    fn of(matchers: &[NodeMatcher]) -> Result<Self, CsdsError> {
+        if matchers.len() > MAX_NODE_MATCHERS {
+            return Err(CsdsError::TooManyMatchers(matchers.len()));
         }
-    };
-    let id = fold(node_id);
-    match pattern {
-        MatchPattern::Exact(want) => id == fold(want),
-        MatchPattern::Prefix(want) => id.starts_with(&fold(want)),
-        MatchPattern::Suffix(want) => id.ends_with(&fold(want)),
-        MatchPattern::Contains(want) => id.contains(&fold(want)),
-        MatchPattern::SafeRegex(_) | MatchPattern::Custom(_) => false,
+        let mut patterns = Vec::with_capacity(matchers.len());
+        for matcher in matchers {
+            if !matcher.node_metadatas.is_empty() {
+                return Err(CsdsError::UnsupportedMatcher("node_metadatas"));
+            }
+            let Some(StringMatcher {
+                ignore_case,
+                match_pattern: Some(pattern),
+            }) = &matcher.node_id
+            else {
+                patterns.push(None);
+                continue;
+            };
+            let (make, want): (fn(String) -> Pattern, &String) = match pattern {
+                MatchPattern::Exact(want) => (Pattern::Exact, want),
+                MatchPattern::Prefix(want) => (Pattern::Prefix, want),
+                MatchPattern::Suffix(want) => (Pattern::Suffix, want),
+                MatchPattern::Contains(want) => (Pattern::Contains, want),
+                MatchPattern::SafeRegex(_) => {
+                    return Err(CsdsError::UnsupportedMatcher("safe_regex"));
+                }
+                MatchPattern::Custom(_) => return Err(CsdsError::UnsupportedMatcher("custom")),
+            };
+            if want.len() > MAX_MATCHER_BYTES {
+                return Err(CsdsError::MatcherTooLong(want.len()));
+            }
+            let want = if *ignore_case {
+                want.to_lowercase()
+            } else {
+                want.clone()
+            };
+            patterns.push(Some((make(want), *ignore_case)));
+        }
+        let fold = patterns
+            .iter()
+            .flatten()
+            .any(|(_, ignore_case)| *ignore_case);
+        Ok(Self { patterns, fold })
+    }
+
+    /// Whether a stream of `node_id` is selected: always without matchers, else when any
+    /// matcher matches.
+    fn select(&self, node_id: &str) -> bool {
+        if self.patterns.is_empty() {
+            return true;
+        }
+        let folded = self.fold.then(|| node_id.to_lowercase());
+        self.patterns.iter().any(|pattern| {
+            let Some((pattern, ignore_case)) = pattern else {
+                return true;
+            };
+            let id = match (&folded, ignore_case) {
+                (Some(folded), true) => folded.as_str(),
+                _ => node_id,
+            };
+            match pattern {
+                Pattern::Exact(want) => id == want,
+                Pattern::Prefix(want) => id.starts_with(want.as_str()),
+                Pattern::Suffix(want) => id.ends_with(want.as_str()),
+                Pattern::Contains(want) => id.contains(want.as_str()),
+            }
+        })
     }
 }
 
@@ -501,6 +547,35 @@ mod tests {
         };
         let error = client_status(&streams, &unsupported, None).unwrap_err();
         assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
+
+        // Several matchers: any of them; a case-folded one beside a case-sensitive one.
+        assert_eq!(
+            only(vec![
+                matcher(MatchPattern::Contains("DE-B".into()), true),
+                matcher(MatchPattern::Suffix("-A".into()), false),
+            ]),
+            ["node-b"]
+        );
+        // Bounded: every matcher is tried on every stream.
+        let refused = |matchers: Vec<NodeMatcher>| {
+            let request = ClientStatusRequest {
+                node_matchers: matchers,
+                ..Default::default()
+            };
+            client_status(&streams, &request, None).unwrap_err()
+        };
+        let many = vec![matcher(MatchPattern::Prefix("n".into()), false); MAX_NODE_MATCHERS + 1];
+        assert_eq!(
+            refused(many),
+            CsdsError::TooManyMatchers(MAX_NODE_MATCHERS + 1)
+        );
+        let long = "x".repeat(MAX_MATCHER_BYTES + 1);
+        assert_eq!(
+            refused(vec![matcher(MatchPattern::Contains(long), true)]),
+            CsdsError::MatcherTooLong(MAX_MATCHER_BYTES + 1)
+        );
+        let most = vec![matcher(MatchPattern::Prefix("node-a".into()), false); MAX_NODE_MATCHERS];
+        assert_eq!(only(most), ["node-a"]);
     }
 
     #[test]

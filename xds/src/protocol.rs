@@ -48,6 +48,10 @@ pub enum ProtocolError {
 /// (`type.googleapis.com/` and a fully qualified message name).
 pub const MAX_TYPE_URL_BYTES: usize = 512;
 
+/// The longest `node.id` and `node.cluster` a stream may present: they are kept for the
+/// stream's life and matched by every CSDS request. Real ones are under 200 bytes.
+pub const MAX_NODE_FIELD_BYTES: usize = 2048;
+
 /// The most of a NACK's `error_detail.message` kept for status and logs; the rest is cut,
 /// so a client cannot make the server hold megabytes per type and stream.
 pub const MAX_NACK_MESSAGE_BYTES: usize = 4096;

@@ -655,6 +655,21 @@ async fn run<M: Machine>(
     let (node_id, node_cluster) = M::node(&first)
         .map(|node| (node.id.clone(), node.cluster.clone()))
         .unwrap_or_default();
+    let longest = node_id.len().max(node_cluster.len());
+    if longest > crate::protocol::MAX_NODE_FIELD_BYTES {
+        in_span!(
+            span,
+            Level::DEBUG,
+            longest,
+            "stream refused: node id or cluster too long"
+        );
+        out.put(Err(Status::invalid_argument(format!(
+            "node.id or node.cluster is {longest} bytes, more than the {} allowed",
+            crate::protocol::MAX_NODE_FIELD_BYTES
+        ))))
+        .await;
+        return;
+    }
     span.record("node.id", node_id.as_str());
     let view = match inner.resolver.view(M::node(&first), &context) {
         Ok(view) => view,
