@@ -256,11 +256,10 @@ pub async fn serve(
     let limits = &config.security.limits;
     let router = limits
         .apply(tonic::transport::Server::builder())
-        // tonic reports a request over the message size limit as OUT_OF_RANGE; our contract
-        // for size limits is RESOURCE_EXHAUSTED. No handler of ours returns OUT_OF_RANGE.
-        .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        // tonic reports a request it could not read as INTERNAL (bad bytes) or OUT_OF_RANGE
+        // (over the size limit); our contract is INVALID_ARGUMENT and RESOURCE_EXHAUSTED.
         .layer(tower::util::MapResponseLayer::new(
-            security::decode_error_status,
+            security::request_error_status,
         ))
         .add_service(api.metadata_service())
         .add_service(api.definition_service())
@@ -348,24 +347,6 @@ pub async fn serve(
     let _ = sweeper.await;
     info!("stopped");
     result
-}
-
-/// Rewrites a trailers-only `OUT_OF_RANGE` (tonic's "message too large") to
-/// `RESOURCE_EXHAUSTED`.
-fn size_limit_status<B>(mut response: http::Response<B>) -> http::Response<B> {
-    const OUT_OF_RANGE: &str = "11";
-    const RESOURCE_EXHAUSTED: &str = "8";
-    let headers = response.headers_mut();
-    if headers
-        .get("grpc-status")
-        .is_some_and(|v| v == OUT_OF_RANGE)
-    {
-        headers.insert(
-            "grpc-status",
-            http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
-        );
-    }
-    response
 }
 
 /// The accept loop's failed handshakes, counted in the metrics.

@@ -649,6 +649,67 @@ async fn h22_a_full_namespace_is_resource_exhausted() {
     .await;
 }
 
+/// Sends `body` as is (no gRPC framing added) to `path` and returns the call's gRPC status
+/// code, from the headers of a trailers-only answer or from the trailers.
+async fn raw_framing(channel: Channel, path: &str, body: &'static [u8]) -> Code {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    let request = http::Request::post(format!("http://pixiu{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(
+            http_body_util::Full::new(bytes::Bytes::from_static(body))
+                .map_err(|never| match never {}),
+        ))
+        .unwrap();
+    let mut channel = channel;
+    let response = channel.ready().await.unwrap().call(request).await.unwrap();
+    let code = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .map(|v| Code::from_i32(v.to_str().unwrap().parse().unwrap()))
+    };
+    if let Some(code) = code(response.headers()) {
+        return code;
+    }
+    let collected = response.into_body().collect().await.unwrap();
+    code(collected.trailers().expect("trailers")).expect("a grpc-status")
+}
+
+#[tokio::test]
+async fn h23b_broken_grpc_framing_is_invalid_argument() {
+    case(memory_config(), |_, c| async move {
+        const CSDS_STREAM: &str =
+            "/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus";
+        const ADS: &str =
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+        let cases: [(&str, &'static [u8], Code); 7] = [
+            // A length prefix of 100 bytes, 3 sent.
+            (PUBLISH, b"\0\0\0\0\x64abc", Code::InvalidArgument),
+            // A prefix cut short.
+            (PUBLISH, b"\0\0\0", Code::InvalidArgument),
+            // No message on a unary call.
+            (PUBLISH, b"", Code::InvalidArgument),
+            // A compression flag that does not exist.
+            (PUBLISH, b"\x07\0\0\0\x01a", Code::InvalidArgument),
+            // The compressed flag without grpc-encoding: INTERNAL, as gRPC's spec requires.
+            (PUBLISH, b"\x01\0\0\0\x01a", Code::Internal),
+            // Streams: a message that does not decode, a message cut short.
+            (
+                CSDS_STREAM,
+                b"\0\0\0\0\x03\xff\xff\xff",
+                Code::InvalidArgument,
+            ),
+            (ADS, b"\0\0\0\0\x64abc", Code::InvalidArgument),
+        ];
+        for (path, body, want) in cases {
+            let got = raw_framing(c.clone(), path, body).await;
+            assert_eq!(got, want, "{path} with {body:?}");
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn h23_unknown_method_is_unimplemented() {
     case(memory_config(), |_, c| async move {

@@ -572,26 +572,24 @@ fn read(path: &Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
-/// Rewrites tonic's answer to a request whose protobuf does not decode (trailers-only
-/// `INTERNAL` "failed to decode Protobuf message", e.g. a string field that is not UTF-8) to
-/// `INVALID_ARGUMENT`: the peer sent bad bytes, the server is fine. No handler of ours
-/// returns that message.
-pub fn decode_error_status<B>(mut response: http::Response<B>) -> http::Response<B> {
-    const INTERNAL: &str = "13";
-    const INVALID_ARGUMENT: &str = "3";
+/// Rewrites tonic's trailers-only answer to a request it could not read (`INTERNAL` for a
+/// message that does not decode or is cut short in its framing, `OUT_OF_RANGE` for one over
+/// the size limit) to the code that says it was the client's doing; see
+/// [`pixiu_xds::server::request_error_code`]. No handler of ours answers with those messages.
+pub fn request_error_status<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let is_decode_error = headers.get("grpc-status").is_some_and(|v| v == INTERNAL)
-        && headers.get("grpc-message").is_some_and(|v| {
-            v.as_bytes()
-                .starts_with(b"failed%20to%20decode%20Protobuf%20message")
-                || v.as_bytes()
-                    .starts_with(b"failed to decode Protobuf message")
-        });
-    if is_decode_error {
-        headers.insert(
-            "grpc-status",
-            http::HeaderValue::from_static(INVALID_ARGUMENT),
-        );
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32);
+    let message = headers
+        .get("grpc-message")
+        .map(|v| percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy());
+    if let (Some(code), Some(message)) = (code, message)
+        && let Some(rewritten) = pixiu_xds::server::request_error_code(code, &message)
+    {
+        headers.insert("grpc-status", http::HeaderValue::from(rewritten as i32));
     }
     response
 }

@@ -352,8 +352,11 @@ impl ClientStatusDiscoveryService for CsdsServer {
     ) -> Result<Response<CsdsStream>, Status> {
         let server = self.clone();
         let (context, requests) = context_of(request);
-        let responses =
-            requests.map(move |request| request.and_then(|r| server.answer(&context, &r)));
+        let responses = requests.map(move |request| {
+            request
+                .map_err(crate::server::request_error)
+                .and_then(|r| server.answer(&context, &r))
+        });
         Ok(Response::new(Box::pin(responses)))
     }
 

@@ -831,16 +831,33 @@ fn wanted<M: Machine>(
     })
 }
 
-/// The status a stream ends with when its next request could not be read: tonic reports a
-/// request that does not decode as `INTERNAL` and one over the size limit as `OUT_OF_RANGE`;
-/// both are the client's doing.
-fn request_error(error: Status) -> Status {
-    match error.code() {
-        tonic::Code::Internal if error.message().starts_with("failed to decode") => {
-            Status::invalid_argument(error.message().to_string())
+/// The code a call should end with when tonic could not read its request, or `None` to keep
+/// tonic's: a request that does not decode or is cut short in its gRPC framing is reported as
+/// `INTERNAL` and one over the size limit as `OUT_OF_RANGE`, but both are the client's doing
+/// (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`). A compressed-flag without `grpc-encoding`
+/// stays `INTERNAL`, as the gRPC compression spec requires.
+pub fn request_error_code(code: tonic::Code, message: &str) -> Option<tonic::Code> {
+    const MALFORMED: [&str; 4] = [
+        "failed to decode Protobuf message",
+        "Unexpected EOF decoding stream",
+        "Missing request message",
+        "protocol error: received message with invalid compression flag",
+    ];
+    match code {
+        tonic::Code::Internal if MALFORMED.iter().any(|m| message.starts_with(m)) => {
+            Some(tonic::Code::InvalidArgument)
         }
-        tonic::Code::OutOfRange => Status::resource_exhausted(error.message().to_string()),
-        _ => error,
+        tonic::Code::OutOfRange => Some(tonic::Code::ResourceExhausted),
+        _ => None,
+    }
+}
+
+/// The status a stream ends with when its next request could not be read (see
+/// [`request_error_code`]).
+pub(crate) fn request_error(error: Status) -> Status {
+    match request_error_code(error.code(), error.message()) {
+        Some(code) => Status::new(code, error.message().to_string()),
+        None => error,
     }
 }
 
