@@ -165,6 +165,16 @@ pub enum Invalid {
         /// The limit.
         limit: usize,
     },
+    /// A list holds more entries than a request may.
+    #[error("{field} holds {len} entries, more than the limit of {limit}")]
+    TooMany {
+        /// The field.
+        field: &'static str,
+        /// How many it holds.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// Checks a name field: non-empty, at most [`MAX_NAME_BYTES`], no control characters.

@@ -52,7 +52,7 @@ pub enum Error {
 pub fn code(error: &Error) -> Code {
     match error {
         Error::Invalid(invalid) | Error::Namespace(invalid) => match invalid {
-            Invalid::ValueTooLarge { .. } => Code::ResourceExhausted,
+            Invalid::ValueTooLarge { .. } | Invalid::TooMany { .. } => Code::ResourceExhausted,
             Invalid::Empty { .. }
             | Invalid::TooLong { .. }
             | Invalid::ControlCharacter { .. }

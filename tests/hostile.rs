@@ -711,6 +711,35 @@ async fn h23b_broken_grpc_framing_is_invalid_argument() {
 }
 
 #[tokio::test]
+async fn h23c_an_oversized_header_list_is_refused_by_the_http2_layer() {
+    case(memory_config(), |_, c| async move {
+        // h2 answers a header list over its 16 KiB limit with HTTP 431 and no gRPC status,
+        // before any service sees it: the client reads the HTTP status as UNKNOWN (or
+        // INTERNAL), the connection and the server carry on.
+        let mut request = tonic::Request::new(GetMetadataRequest {
+            application_name: "app".into(),
+            revision: "r1".into(),
+        });
+        for i in 0..500 {
+            let name: tonic::metadata::AsciiMetadataKey = format!("x-filler-{i}").parse().unwrap();
+            request
+                .metadata_mut()
+                .insert(name, "0123456789abcdef0123456789abcdef".parse().unwrap());
+        }
+        let status = common::metadata_client(c.clone())
+            .get(request)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(status.code(), Code::Unknown | Code::Internal),
+            "{status:?}"
+        );
+        assert_eq!(get(&c, "app", "r1").await, Err(Code::NotFound));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn h23_unknown_method_is_unimplemented() {
     case(memory_config(), |_, c| async move {
         let status = raw_unary(c, "/pixiu.pkg.metadata.MetadataService/Drop", vec![])

@@ -132,6 +132,20 @@ async fn mapping_is_pushed_and_each_application_expires_alone() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(refused.message(), "namespace must not contain '|'");
+    let too_many = ServiceNameMappingServiceClient::new(channel.clone())
+        .register_service_app_mapping(ServiceMappingRequest {
+            namespace: "team-a".into(),
+            application_name: "busy".into(),
+            interface_names: (0..1001).map(|i| format!("org.example.I{i}")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::ResourceExhausted);
+    assert!(
+        too_many.message().contains("holds 1001 entries"),
+        "{too_many:?}"
+    );
     let pushed = ours.recv().await;
     assert_eq!(
         mapping_apps(&pushed),

@@ -208,7 +208,7 @@ impl ServiceNameMappingService for Api {
             let request = request.get_ref();
             model::check_application(&request.application_name)?;
             if request.interface_names.len() > MAX_INTERFACES_PER_REQUEST {
-                return Err(Error::Invalid(model::Invalid::ValueTooLarge {
+                return Err(Error::Invalid(model::Invalid::TooMany {
                     field: "interfaceNames",
                     len: request.interface_names.len(),
                     limit: MAX_INTERFACES_PER_REQUEST,

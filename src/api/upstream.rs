@@ -42,7 +42,8 @@ impl Api {
         if field.is_empty() {
             return self.namespace(request, operation);
         }
-        model::check_namespace(field).map_err(Error::Namespace)?;
+        // The request's own field, not the header: reported as a field.
+        model::check_namespace(field)?;
         self.namespace_for(request, Some(field), operation)
     }
 }
