@@ -781,7 +781,7 @@ impl Follower {
                 Ended::Failed(reason) => {
                     self.shared.set_down(reason);
                     resuming = true;
-                    if self.pause(&mut backoff).await {
+                    if self.pause(&mut backoff, true).await {
                         return;
                     }
                 }
@@ -801,7 +801,7 @@ impl Follower {
                             }
                             Err(reason) => {
                                 self.shared.set_down(reason);
-                                if self.pause(&mut backoff).await {
+                                if self.pause(&mut backoff, false).await {
                                     return;
                                 }
                             }
@@ -873,11 +873,22 @@ impl Follower {
         })
     }
 
-    /// Sleeps for the next backoff step; true when the store was dropped meanwhile.
-    async fn pause(&self, backoff: &mut Backoff) -> bool {
+    /// Sleeps for the next backoff step; true when the store was dropped meanwhile. With
+    /// `or_relist`, also ends when a request finds etcd's history replaced (a writer waits for
+    /// that relist to read its write back), leaving the notice for the run loop.
+    async fn pause(&self, backoff: &mut Backoff, or_relist: bool) -> bool {
+        let relist = async {
+            if or_relist {
+                self.shared.relist.notified().await;
+                self.shared.relist.notify_one();
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = self.stop.cancelled() => true,
             () = tokio::time::sleep(backoff.next()) => false,
+            () = relist => false,
         }
     }
 
@@ -1723,15 +1734,25 @@ mod tests {
         }
         assert!(store.get(&old[0]).await.unwrap().is_none());
 
-        // etcd loses its disk again and comes back empty: the store's own next write finds a
-        // revision older than its mirror's, and still reads it back.
+        // etcd loses its disk again, long enough for the watch's backoff to grow, and comes
+        // back empty: the store's own first write finds a revision older than its mirror's,
+        // wakes the relist at once, and reads its write back.
+        etcd.kill();
+        tokio::time::sleep(Duration::from_secs(8)).await;
         etcd.wipe_and_restart().await;
         let fresh = Key::metadata("ns", "fresh", "1");
-        eventually(Duration::from_secs(15), "writes succeed again", || async {
-            store.put(&fresh, "fresh", at(3)).await.is_ok()
-        })
-        .await;
+        let took = loop {
+            let started = Instant::now();
+            if store.put(&fresh, "fresh", at(3)).await.is_ok() {
+                break started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(&*store.get(&fresh).await.unwrap().unwrap().value, "fresh");
+        assert!(
+            took < REQUEST_TIMEOUT,
+            "the write waited {took:?} for the relist"
+        );
         eventually(
             Duration::from_secs(15),
             "the lost records are gone",
