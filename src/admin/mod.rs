@@ -14,7 +14,7 @@
 //! Everything here reads shared state (the store, the cache, the stream registry, the
 //! metrics) and writes nothing, so the admin port can never change what clients see.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -111,6 +111,10 @@ pub fn router(state: AdminState) -> Router {
 /// operator's browser, `status` and a Prometheus scraper need a handful.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Most admin connections open at once from one IP address, so one client holding
+/// connections cannot take the port from the kubelet's probes and the scraper.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
+
 /// How long a client may take to send a request's headers (and, between requests of a
 /// kept-alive connection, to start the next): a connection that sends half a request and
 /// stops is closed then, so idle sockets cannot use up the process's file descriptors.
@@ -119,9 +123,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves `router` on `listener` until `shutdown`, then gives in-flight requests
 /// `drain_timeout` to finish before returning anyway.
 ///
-/// HTTP/1.1 with [`HEADER_READ_TIMEOUT`] and at most [`MAX_CONNECTIONS`] connections: the
-/// port may face a network (behind `--admin-token-file`), and a client that holds sockets
-/// open must not take the file descriptors the gRPC port needs.
+/// HTTP/1.1 with [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections and
+/// [`MAX_CONNECTIONS_PER_PEER`] from one address: the port may face a network (behind
+/// `--admin-token-file`), and a client that holds sockets open must take neither the file
+/// descriptors the gRPC port needs nor the port from other clients.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -131,6 +136,7 @@ pub async fn serve(
     info!(admin.addr = ?listener.local_addr().ok(), "admin HTTP serving");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(parking_lot::Mutex::new(HashMap::new()));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -139,8 +145,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors, most likely: wait for some to be released.
                 warn!(%error, "admin HTTP: accept failed");
@@ -155,6 +161,10 @@ pub async fn serve(
             );
             continue;
         };
+        let Some(slot) = PeerSlot::take(&peers, peer.ip()) else {
+            debug!(%peer, max = MAX_CONNECTIONS_PER_PEER, "admin HTTP: too many connections from one address; closing a new one");
+            continue;
+        };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let connection =
             graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
@@ -162,7 +172,7 @@ pub async fn serve(
             if let Err(error) = connection.await {
                 debug!(%error, "admin HTTP connection ended with an error");
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
     tokio::select! {
@@ -172,6 +182,39 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// One of an address's [`MAX_CONNECTIONS_PER_PEER`] connections, given back on drop.
+struct PeerSlot {
+    peers: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(peers: &Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut open = peers.lock();
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn page() -> Html<&'static str> {

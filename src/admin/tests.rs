@@ -231,11 +231,20 @@ async fn serve_stops_within_the_drain_timeout() {
         .unwrap();
 }
 
-/// Sends `GET /healthz` on a new connection to `addr`; the answer's status line, or `None`
-/// when the connection is closed without one.
-async fn healthz_over_tcp(addr: std::net::SocketAddr) -> Option<String> {
+/// A connection to `addr` from the loopback address `127.0.0.<from>`.
+async fn connect_from(from: u8, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, from], 0)))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Sends `GET /healthz` from `127.0.0.<from>` on a new connection to `addr`; the answer's
+/// status line, or `None` when the connection is closed without one.
+async fn healthz_from(from: u8, addr: std::net::SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut stream = connect_from(from, addr).await;
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
         .await
@@ -261,43 +270,57 @@ async fn idle_and_surplus_connections_are_closed() {
         shutdown.clone(),
         Duration::from_millis(200),
     ));
-
-    // Every connection the server takes, each sending half a request and stopping.
-    let mut stalled = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Connections that send half a request and stop.
+    let stall = |from: u8| async move {
+        let mut stream = connect_from(from, addr).await;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHo")
             .await
             .unwrap();
-        stalled.push(stream);
+        stream
+    };
+    let ok = Some("HTTP/1.1 200 OK".to_string());
+
+    // One address holds its share: its next connection is closed, another address is served.
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        stalled.push(stall(1).await);
     }
-    // One more is closed at once; the server stays up.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(healthz_over_tcp(addr).await, None);
+    assert_eq!(healthz_from(1, addr).await, None);
+    assert_eq!(healthz_from(2, addr).await, ok);
+
+    // Several addresses hold every connection the port takes: the next one is closed.
+    let addresses = u8::try_from(MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER).unwrap();
+    for from in 2..=addresses {
+        for _ in 0..MAX_CONNECTIONS_PER_PEER {
+            stalled.push(stall(from).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(healthz_from(addresses + 1, addr).await, None);
 
     // The stalled ones are closed at the header timeout, and the port serves again.
     let started = std::time::Instant::now();
-    let mut first = stalled.remove(0);
     let mut rest = Vec::new();
     // Closed (an end of stream, or a reset) rather than left open.
     let _closed = tokio::time::timeout(
         HEADER_READ_TIMEOUT + Duration::from_secs(5),
-        first.read_to_end(&mut rest),
+        stalled[0].read_to_end(&mut rest),
     )
     .await
     .expect("a stalled connection is closed");
-    assert!(started.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_secs(1));
+    assert!(started.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_secs(2));
     drop(stalled);
     let mut served = None;
     for _ in 0..50 {
-        served = healthz_over_tcp(addr).await;
+        served = healthz_from(addresses + 1, addr).await;
         if served.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(served.as_deref(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(served, ok);
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), task)

@@ -257,10 +257,15 @@ impl NamespaceResolver {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
+        let source = if from_node.is_some() {
+            "node namespace"
+        } else {
+            "namespace header"
+        };
         let requested = from_node.or_else(from_header);
         if let Some(namespace) = &requested {
             model::check_namespace(namespace)
-                .map_err(|e| tonic::Status::invalid_argument(format!("node namespace: {e}")))?;
+                .map_err(|e| tonic::Status::invalid_argument(format!("{source}: {e}")))?;
         }
         let decision = self
             .authorizer

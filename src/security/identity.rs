@@ -284,10 +284,13 @@ impl Authenticator {
     }
 }
 
-/// The token of an `authorization: Bearer <token>` value (scheme case-insensitive).
+/// The token of an `authorization: Bearer <token>` value: the scheme in any case, then one
+/// or more spaces (RFC 7235).
 pub(crate) fn bearer(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, token) = value.split_at_checked(7)?;
-    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
+    let (scheme, rest) = value.split_at_checked(6)?;
+    let token = rest.strip_prefix(b" ")?;
+    let token = &token[token.iter().take_while(|b| **b == b' ').count()..];
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
@@ -347,6 +350,11 @@ mod tests {
         );
         assert_eq!(auth.identify(None, Some(b"Basic xyz")), Identity::Rejected);
         assert_eq!(auth.identify(None, Some(b"Bearer ")), Identity::Rejected);
+        assert_eq!(bearer(b"bearer   test"), Some(&b"test"[..]));
+        assert_eq!(bearer(b"BEARER test"), Some(&b"test"[..]));
+        assert_eq!(bearer(b"Bearertest"), None);
+        assert_eq!(bearer(b"Bearer    "), None);
+        assert_eq!(bearer(b"Basic test"), None);
         assert_eq!(auth.identify(None, None), Identity::Anonymous);
         assert!(auth.required());
         let open = Authenticator::default();
