@@ -209,26 +209,52 @@ async fn the_page_is_served() {
     assert!(body.contains("/api/overview"));
 }
 
+/// [`serve`] on a loopback port, with a drain timeout of 200 ms.
+struct Serving {
+    _fixture: Fixture,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Serving {
+    async fn start() -> Self {
+        let f = fixture().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            router(f.state.clone()),
+            shutdown.clone(),
+            Duration::from_millis(200),
+        ));
+        Self {
+            _fixture: f,
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Shuts it down and waits, failing after 5 s.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("admin HTTP stopped in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn serve_stops_within_the_drain_timeout() {
-    let f = fixture().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve(
-        listener,
-        router(f.state.clone()),
-        shutdown.clone(),
-        Duration::from_millis(200),
-    ));
+    let serving = Serving::start().await;
+    let addr = serving.addr;
     // A client that opens a connection and never sends a complete request.
     let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("admin HTTP stopped in time")
-        .unwrap()
-        .unwrap();
+    serving.stop().await;
 }
 
 /// A connection to `addr` from the loopback address `127.0.0.<from>`.
@@ -260,16 +286,8 @@ async fn healthz_from(from: u8, addr: std::net::SocketAddr) -> Option<String> {
 #[tokio::test]
 async fn idle_and_surplus_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let f = fixture().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve(
-        listener,
-        router(f.state.clone()),
-        shutdown.clone(),
-        Duration::from_millis(200),
-    ));
+    let serving = Serving::start().await;
+    let addr = serving.addr;
     // Connections that send half a request and stop.
     let stall = |from: u8| async move {
         let mut stream = connect_from(from, addr).await;
@@ -322,10 +340,5 @@ async fn idle_and_surplus_connections_are_closed() {
     }
     assert_eq!(served, ok);
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("admin HTTP stopped in time")
-        .unwrap()
-        .unwrap();
+    serving.stop().await;
 }

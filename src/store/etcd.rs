@@ -1763,14 +1763,8 @@ mod tests {
             store.ready().await.is_ok()
         })
         .await;
-        assert_eq!(
-            store
-                .list(&ListQuery::all(Kind::Metadata))
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
+        let held = store.list(&ListQuery::all(Kind::Metadata)).await.unwrap();
+        assert_eq!(held.len(), 1, "only the write made after the wipe");
     }
 
     #[tokio::test]
