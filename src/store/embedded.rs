@@ -183,8 +183,6 @@ struct Inner {
     data: Arc<DataFile>,
     index: Arc<RwLock<Index>>,
     checkpoints: Option<Checkpoints>,
-    /// The data file, for messages.
-    file: PathBuf,
     /// Into the writer thread; `None` once dropping.
     ops: Option<mpsc::Sender<Op>>,
     events: broadcast::Sender<Event>,
@@ -197,7 +195,7 @@ struct Inner {
 impl fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EmbeddedStore")
-            .field("file", &self.inner.file)
+            .field("file", &self.inner.data.path)
             .field("n_commits", &self.n_commits())
             .finish_non_exhaustive()
     }
@@ -211,7 +209,7 @@ impl Drop for Inner {
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
-            tracing::error!(file = %self.file.display(), "store writer thread panicked");
+            tracing::error!(file = %self.data.path.display(), "store writer thread panicked");
         }
     }
 }
@@ -356,7 +354,6 @@ impl EmbeddedStore {
                 data,
                 index,
                 checkpoints,
-                file,
                 ops: Some(ops),
                 events,
                 writer: Some(writer),
@@ -368,7 +365,7 @@ impl EmbeddedStore {
 
     /// The data file.
     pub fn file(&self) -> &Path {
-        &self.inner.file
+        &self.inner.data.path
     }
 
     /// How many batches (journal frames) the writer made durable since the store was opened.
@@ -394,7 +391,10 @@ impl EmbeddedStore {
             .await
             .map_err(|e| {
                 if e.is_panic() {
-                    Error::Storage(format!("reading {} panicked", self.inner.file.display()))
+                    Error::Storage(format!(
+                        "reading {} panicked",
+                        self.inner.data.path.display()
+                    ))
                 } else {
                     Error::Unavailable("the runtime is shutting down".into())
                 }
@@ -636,7 +636,7 @@ fn event_revision(event: &Event) -> u64 {
 /// The read side: plain redb read transactions.
 impl Inner {
     fn err<'a>(&'a self, doing: &'a str) -> impl Fn(redb::Error) -> Error + 'a {
-        move |e| storage(&self.file, doing, e)
+        move |e| storage(&self.data.path, doing, e)
     }
 
     fn get(&self, key: &Key) -> Result<Option<Record>> {
