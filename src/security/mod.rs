@@ -578,17 +578,21 @@ fn read(path: &Path) -> Option<Vec<u8>> {
 /// [`pixiu_xds::server::request_error_code`]. No handler of ours answers with those messages.
 pub fn request_error_status<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let code = headers
+    // Only a trailers-only answer carries its status in the headers.
+    let Some(code) = headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
-        .map(tonic::Code::from_i32);
+        .map(tonic::Code::from_i32)
+    else {
+        return response;
+    };
     let message = headers
         .get("grpc-message")
-        .map(|v| percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy());
-    if let (Some(code), Some(message)) = (code, message)
-        && let Some(rewritten) = pixiu_xds::server::request_error_code(code, &message)
-    {
+        .map_or_else(Default::default, |v| {
+            percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy()
+        });
+    if let Some(rewritten) = pixiu_xds::server::request_error_code(code, &message) {
         headers.insert("grpc-status", http::HeaderValue::from(rewritten as i32));
     }
     response
