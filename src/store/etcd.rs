@@ -780,10 +780,9 @@ impl Follower {
             match ended {
                 Ended::Failed(reason) => {
                     self.shared.set_down(reason);
+                    // The next follow waits out the backoff first, in the select above, so a
+                    // request that finds etcd's history replaced ends the wait at once.
                     resuming = true;
-                    if self.pause(&mut backoff, true).await {
-                        return;
-                    }
                 }
                 Ended::Relist(reason) => {
                     info!(next, %reason, "listing the prefix again");
@@ -801,7 +800,7 @@ impl Follower {
                             }
                             Err(reason) => {
                                 self.shared.set_down(reason);
-                                if self.pause(&mut backoff, false).await {
+                                if self.pause(&mut backoff).await {
                                     return;
                                 }
                             }
@@ -873,30 +872,23 @@ impl Follower {
         })
     }
 
-    /// Sleeps for the next backoff step; true when the store was dropped meanwhile. With
-    /// `or_relist`, also ends when a request finds etcd's history replaced (a writer waits for
-    /// that relist to read its write back), leaving the notice for the run loop.
-    async fn pause(&self, backoff: &mut Backoff, or_relist: bool) -> bool {
-        let relist = async {
-            if or_relist {
-                self.shared.relist.notified().await;
-                self.shared.relist.notify_one();
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
+    /// Sleeps for the next backoff step; true when the store was dropped meanwhile.
+    async fn pause(&self, backoff: &mut Backoff) -> bool {
         tokio::select! {
             () = self.stop.cancelled() => true,
             () = tokio::time::sleep(backoff.next()) => false,
-            () = relist => false,
         }
     }
 
     /// Watches the prefix from `next`, applying events, until the watch ends; when
-    /// `resuming`, first [checks](Self::check) that etcd still has the mirror's history.
+    /// `resuming` after a failure, first waits for the next backoff step and
+    /// [checks](Self::check) that etcd still has the mirror's history.
     async fn follow(&self, next: &mut i64, backoff: &mut Backoff, resuming: bool) -> Ended {
-        if resuming && let Some(ended) = self.check(*next).await {
-            return ended;
+        if resuming {
+            tokio::time::sleep(backoff.next()).await;
+            if let Some(ended) = self.check(*next).await {
+                return ended;
+            }
         }
         let options = WatchOptions::new()
             .with_prefix()
