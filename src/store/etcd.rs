@@ -86,8 +86,10 @@
 //!
 //! `ready()` fails with the reason while the watch is not established (etcd unreachable or
 //! without a leader), and from a request that found etcd unavailable until one succeeds (a
-//! hung etcd keeps the watch's connection open until its keep-alive times out); it recovers
-//! by itself.
+//! hung etcd keeps the watch's connection open until its keep-alive times out). Besides the
+//! store's own requests, a probe asks etcd for one key every [`PROBE_INTERVAL`], so a replica
+//! with no traffic notices a hung etcd, and its recovery, within seconds; `ready()` itself
+//! reads what was found and never waits on etcd.
 
 use std::{
     collections::BTreeMap,
@@ -138,6 +140,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// is noticed within seconds. etcd closes connections that ping more often than every 5 s
 /// (`--grpc-keepalive-min-time`), so the interval stays above that.
 const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+
+/// How often the store asks etcd for one key (a linearizable read, so a member without a
+/// quorum fails it) to learn whether etcd answers when no request of its own has.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// First and longest pause between attempts to re-establish the watch.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -194,9 +200,9 @@ struct Shared {
     down: Mutex<Option<(Instant, String)>>,
     /// Wakes the watch task when a request found etcd's history older than the mirror's.
     relist: tokio::sync::Notify,
-    /// Since when and why requests fail with etcd unavailable, while the watch may not have
-    /// noticed yet (a hung etcd keeps the stream open until its keep-alive times out); `None`
-    /// once a request succeeds.
+    /// Since when and why requests (the store's own or the [`probe`]'s) fail with etcd
+    /// unavailable, while the watch may not have noticed yet (a hung etcd keeps the stream
+    /// open until its keep-alive times out); `None` once a request succeeds.
     failing: Mutex<Option<(Instant, String)>>,
 }
 
@@ -298,6 +304,13 @@ impl EtcdStore {
             stop: stop.clone(),
         };
         tokio::spawn(follower.run(i64::try_from(revision).unwrap_or(i64::MAX) + 1));
+        tokio::spawn(probe(
+            kv.clone(),
+            endpoints.to_vec(),
+            keys.root.clone(),
+            shared.clone(),
+            stop.clone(),
+        ));
         let (leading_tx, leading) = watch::channel(false);
         tokio::spawn(election::run(
             client.clone(),
@@ -332,17 +345,7 @@ impl EtcdStore {
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
         let result = retrying(&doing, &self.inner.endpoints, &self.inner.kv, request).await;
-        let mut failing = self.inner.shared.failing.lock();
-        match &result {
-            Ok(_) => *failing = None,
-            Err(Error::Unavailable(reason)) => {
-                let since = failing
-                    .as_ref()
-                    .map_or_else(Instant::now, |(since, _)| *since);
-                *failing = Some((since, reason.clone()));
-            }
-            Err(_) => {}
-        }
+        self.inner.shared.answered(&result);
         result
     }
 
@@ -565,26 +568,11 @@ impl Store for EtcdStore {
                 since.elapsed()
             )));
         }
-        let failing = self.inner.shared.failing.lock().clone();
-        if let Some((since, reason)) = failing {
-            // Recovered once a request succeeds: try a cheap one now rather than wait for the
-            // next write.
-            let root = self.inner.keys.root.clone();
-            let probe = self
-                .call("checking etcd".into(), |mut kv| {
-                    let root = root.clone();
-                    async move {
-                        let options = GetOptions::new().with_count_only().with_limit(1);
-                        kv.get(root, Some(options)).await
-                    }
-                })
-                .await;
-            if probe.is_err() {
-                return Err(Error::Unavailable(format!(
-                    "requests to etcd at {endpoints:?} failing for {:.1?}: {reason}",
-                    since.elapsed()
-                )));
-            }
+        if let Some((since, reason)) = &*self.inner.shared.failing.lock() {
+            return Err(Error::Unavailable(format!(
+                "requests to etcd at {endpoints:?} failing for {:.1?}: {reason}",
+                since.elapsed()
+            )));
         }
         Ok(())
     }
@@ -611,6 +599,22 @@ impl super::Subscribe for Shared {
 }
 
 impl Shared {
+    /// Records the outcome of a request: etcd unavailable sets [`Shared::failing`] (keeping
+    /// since when), a success clears it.
+    fn answered<T>(&self, result: &Result<T>) {
+        let mut failing = self.failing.lock();
+        match result {
+            Ok(_) => *failing = None,
+            Err(Error::Unavailable(reason)) => {
+                let since = failing
+                    .as_ref()
+                    .map_or_else(Instant::now, |(since, _)| *since);
+                *failing = Some((since, reason.clone()));
+            }
+            Err(_) => {}
+        }
+    }
+
     /// Checks an etcd answer against the mirror: `answered` is the revision of the answer to
     /// a request sent when the mirror was at `seen`, `wrote` whether the request wrote.
     ///
@@ -744,6 +748,36 @@ impl Shared {
 }
 
 /// The task that keeps the mirror in step with etcd.
+/// Asks etcd for one key every [`PROBE_INTERVAL`] until `stop`, recording whether it answered
+/// as the store's own requests do.
+async fn probe(
+    kv: KvClient,
+    endpoints: Vec<String>,
+    root: String,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(PROBE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let answer = tokio::select! {
+            () = stop.cancelled() => return,
+            answer = retrying("checking etcd", &endpoints, &kv, |mut kv| {
+                let root = root.clone();
+                async move {
+                    let options = GetOptions::new().with_count_only().with_limit(1);
+                    kv.get(root, Some(options)).await
+                }
+            }) => answer,
+        };
+        shared.answered(&answer);
+    }
+}
+
 struct Follower {
     watch: WatchClient,
     kv: KvClient,
@@ -1646,12 +1680,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_hung_etcd_makes_the_store_unready_once_a_request_fails() {
+    async fn a_hung_etcd_makes_the_store_unready_with_or_without_traffic() {
         let etcd = Etcd::start().await;
         let store = connect(&etcd.endpoint(), "/hung").await;
         let key = Key::metadata("ns", "app", "1");
         store.put(&key, "v1", at(1)).await.unwrap();
         store.ready().await.unwrap();
+
+        // No request of the store's own: the probe finds it, and ready() never waits on etcd.
+        etcd.freeze(true);
+        let frozen = Instant::now();
+        let mut slowest = Duration::ZERO;
+        loop {
+            let asked = Instant::now();
+            let unready = store.ready().await;
+            slowest = slowest.max(asked.elapsed());
+            if matches!(&unready, Err(Error::Unavailable(reason)) if reason.contains("failing")) {
+                break;
+            }
+            assert!(
+                frozen.elapsed() < Duration::from_secs(10),
+                "still {unready:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let noticed = frozen.elapsed();
+        assert!(
+            noticed < PROBE_INTERVAL + REQUEST_TIMEOUT * 2,
+            "{noticed:?}"
+        );
+        assert!(slowest < Duration::from_millis(100), "{slowest:?}");
+        assert_eq!(&*store.get(&key).await.unwrap().unwrap().value, "v1");
+
+        // Ready again as soon as etcd answers, before any write.
+        etcd.freeze(false);
+        eventually(Duration::from_secs(10), "ready() recovers", || async {
+            store.ready().await.is_ok()
+        })
+        .await;
 
         // The watch's connection stays open to a stopped process until its keep-alive times
         // out; the first failed request is enough to report it.
@@ -1663,13 +1729,12 @@ mod tests {
             matches!(&unready, Err(Error::Unavailable(reason)) if reason.contains("failing")),
             "{unready:?}"
         );
-        assert_eq!(&*store.get(&key).await.unwrap().unwrap().value, "v1");
-
-        // Ready again as soon as etcd answers, before any write.
         etcd.freeze(false);
-        eventually(Duration::from_secs(10), "ready() recovers", || async {
-            store.ready().await.is_ok()
-        })
+        eventually(
+            Duration::from_secs(10),
+            "ready() recovers again",
+            || async { store.ready().await.is_ok() },
+        )
         .await;
     }
 
