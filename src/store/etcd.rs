@@ -87,7 +87,7 @@
 //! `ready()` fails with the reason while the watch is not established (etcd unreachable or
 //! without a leader), and from a request that found etcd unavailable until one succeeds (a
 //! hung etcd keeps the watch's connection open until its keep-alive times out). Besides the
-//! store's own requests, a probe asks etcd for one key every [`PROBE_INTERVAL`], so a replica
+//! store's own requests, a probe asks etcd for one key every second ([`super::probe`]), so a replica
 //! with no traffic notices a hung etcd, and its recovery, within seconds; `ready()` itself
 //! reads what was found and never waits on etcd.
 
@@ -111,6 +111,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+    probe::{self, Failing},
 };
 
 mod election;
@@ -140,10 +141,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// is noticed within seconds. etcd closes connections that ping more often than every 5 s
 /// (`--grpc-keepalive-min-time`), so the interval stays above that.
 const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
-
-/// How often the store asks etcd for one key (a linearizable read, so a member without a
-/// quorum fails it) to learn whether etcd answers when no request of its own has.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// First and longest pause between attempts to re-establish the watch.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -203,7 +200,7 @@ struct Shared {
     /// Since when and why requests (the store's own or the [`probe`]'s) fail with etcd
     /// unavailable, while the watch may not have noticed yet (a hung etcd keeps the stream
     /// open until its keep-alive times out); `None` once a request succeeds.
-    failing: Mutex<Option<(Instant, String)>>,
+    failing: Failing,
 }
 
 type MapKey = (Kind, String, String);
@@ -290,7 +287,7 @@ impl EtcdStore {
             revision: watch::Sender::new(0),
             down: Mutex::new(None),
             relist: tokio::sync::Notify::new(),
-            failing: Mutex::new(None),
+            failing: Failing::default(),
         });
         let n_records = records.len();
         shared.replace(records, revision);
@@ -345,7 +342,7 @@ impl EtcdStore {
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
         let result = retrying(&doing, &self.inner.endpoints, &self.inner.kv, request).await;
-        self.inner.shared.answered(&result);
+        self.inner.shared.failing.record(&result);
         result
     }
 
@@ -568,13 +565,10 @@ impl Store for EtcdStore {
                 since.elapsed()
             )));
         }
-        if let Some((since, reason)) = &*self.inner.shared.failing.lock() {
-            return Err(Error::Unavailable(format!(
-                "requests to etcd at {endpoints:?} failing for {:.1?}: {reason}",
-                since.elapsed()
-            )));
-        }
-        Ok(())
+        self.inner
+            .shared
+            .failing
+            .check(&format!("etcd at {endpoints:?}"))
     }
 
     fn backend(&self) -> &'static str {
@@ -599,22 +593,6 @@ impl super::Subscribe for Shared {
 }
 
 impl Shared {
-    /// Records the outcome of a request: etcd unavailable sets [`Shared::failing`] (keeping
-    /// since when), a success clears it.
-    fn answered<T>(&self, result: &Result<T>) {
-        let mut failing = self.failing.lock();
-        match result {
-            Ok(_) => *failing = None,
-            Err(Error::Unavailable(reason)) => {
-                let since = failing
-                    .as_ref()
-                    .map_or_else(Instant::now, |(since, _)| *since);
-                *failing = Some((since, reason.clone()));
-            }
-            Err(_) => {}
-        }
-    }
-
     /// Checks an etcd answer against the mirror: `answered` is the revision of the answer to
     /// a request sent when the mirror was at `seen`, `wrote` whether the request wrote.
     ///
@@ -748,8 +726,9 @@ impl Shared {
 }
 
 /// The task that keeps the mirror in step with etcd.
-/// Asks etcd for one key every [`PROBE_INTERVAL`] until `stop`, recording whether it answered
-/// as the store's own requests do.
+/// Asks etcd for one key (a linearizable read, so a member without a quorum fails it) every
+/// [`probe::PROBE_INTERVAL`] until `stop`, recording whether it answered as the store's own
+/// requests do.
 async fn probe(
     kv: KvClient,
     endpoints: Vec<String>,
@@ -757,25 +736,16 @@ async fn probe(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let mut every = tokio::time::interval(PROBE_INTERVAL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        let answer = tokio::select! {
-            () = stop.cancelled() => return,
-            answer = retrying("checking etcd", &endpoints, &kv, |mut kv| {
-                let root = root.clone();
-                async move {
-                    let options = GetOptions::new().with_count_only().with_limit(1);
-                    kv.get(root, Some(options)).await
-                }
-            }) => answer,
-        };
-        shared.answered(&answer);
-    }
+    probe::run(&shared.failing, stop, || async {
+        let options = GetOptions::new().with_count_only().with_limit(1);
+        retrying("checking etcd", &endpoints, &kv, |mut kv| {
+            let (root, options) = (root.clone(), options.clone());
+            async move { kv.get(root, Some(options)).await }
+        })
+        .await
+        .map(drop)
+    })
+    .await;
 }
 
 struct Follower {
@@ -1706,7 +1676,7 @@ mod tests {
         }
         let noticed = frozen.elapsed();
         assert!(
-            noticed < PROBE_INTERVAL + REQUEST_TIMEOUT * 2,
+            noticed < probe::PROBE_INTERVAL + REQUEST_TIMEOUT * 2,
             "{noticed:?}"
         );
         assert!(slowest < Duration::from_millis(100), "{slowest:?}");

@@ -22,6 +22,7 @@ pub mod etcd;
 pub mod journal;
 pub mod kube;
 pub mod memory;
+pub(crate) mod probe;
 
 #[cfg(test)]
 pub(crate) mod conformance;

@@ -26,7 +26,9 @@
 //! limit, 1.5 MiB by default, for the whole object); that is [`Error::TooLarge`].
 //!
 //! Every request is bounded by [`REQUEST_TIMEOUT`]; when the API server does not answer,
-//! writes fail with [`Error::Unavailable`].
+//! writes fail with [`Error::Unavailable`]. `ready()` fails from such a request until one
+//! succeeds; a probe lists one object every second ([`super::probe`]) so that a replica with
+//! no traffic notices too, and `ready()` itself never waits on the API server.
 //!
 //! # Reads and watches: the mirror
 //!
@@ -67,6 +69,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+    probe::{self, Failing},
 };
 
 pub mod election;
@@ -170,6 +173,41 @@ struct Shared {
     initialized: watch::Sender<BTreeSet<Kind>>,
     /// Per kind, since when and why its watch is failing.
     down: Mutex<std::collections::BTreeMap<Kind, (Instant, String)>>,
+    /// Whether requests (the store's own and the probe's) find the API server unavailable.
+    failing: Failing,
+}
+
+/// Runs one API request, bounded by [`REQUEST_TIMEOUT`]: `Ok(Err(status))` for the answers
+/// the store handles (404, 409), [`Error::Unavailable`] when the API server does not answer.
+async fn bounded<T>(
+    doing: &str,
+    request: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<Result<T, Box<kube::core::Status>>> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(response)) => Ok(Ok(response)),
+        Ok(Err(kube::Error::Api(status))) => match status.code {
+            404 | 409 => Ok(Err(status)),
+            _ => Err(api_error(doing, &status)),
+        },
+        Ok(Err(e)) => Err(Error::Unavailable(format!("{doing}: {e}"))),
+        Err(_) => Err(Error::Unavailable(format!(
+            "{doing}: the API server did not answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Lists one object's metadata every [`probe::PROBE_INTERVAL`] until `stop`, recording
+/// whether the API server answered as the store's own requests do.
+async fn probe(client: Client, shared: Arc<Shared>, stop: CancellationToken) {
+    let api: Api<DynamicObject> = Api::all_with(client, &resources::api_resource(Kind::Metadata));
+    let doing = "checking the API server";
+    probe::run(&shared.failing, stop, || async {
+        bounded(doing, api.list_metadata(&ListParams::default().limit(1)))
+            .await?
+            .map_err(|status| api_error(doing, &status))
+            .map(drop)
+    })
+    .await;
 }
 
 impl fmt::Debug for KubeStore {
@@ -223,6 +261,7 @@ impl KubeStore {
             changed: watch::Sender::new(0),
             initialized: watch::Sender::new(BTreeSet::new()),
             down: Mutex::default(),
+            failing: Failing::default(),
         });
         let stop = CancellationToken::new();
         for kind in Kind::ALL {
@@ -260,6 +299,7 @@ impl KubeStore {
             .lease_namespace
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_string());
+        tokio::spawn(probe(client.clone(), shared.clone(), stop.clone()));
         let (leader_tx, leader) = watch::channel(false);
         tokio::spawn(election::run(
             Api::<Lease>::namespaced(client.clone(), &lease_namespace),
@@ -295,23 +335,15 @@ impl KubeStore {
         )
     }
 
-    /// Runs one API request, bounded by [`REQUEST_TIMEOUT`].
+    /// Runs one API request, bounded by [`REQUEST_TIMEOUT`]; see [`bounded`].
     async fn call<T>(
         &self,
         doing: &str,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<Result<T, Box<kube::core::Status>>> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(Ok(response)) => Ok(Ok(response)),
-            Ok(Err(kube::Error::Api(status))) => match status.code {
-                404 | 409 => Ok(Err(status)),
-                _ => Err(api_error(doing, &status)),
-            },
-            Ok(Err(e)) => Err(Error::Unavailable(format!("{doing}: {e}"))),
-            Err(_) => Err(Error::Unavailable(format!(
-                "{doing}: the API server did not answer within {REQUEST_TIMEOUT:?}"
-            ))),
-        }
+        let result = bounded(doing, request).await;
+        self.inner.shared.failing.record(&result);
+        result
     }
 
     /// Waits (bounded) until `done` holds for the mirror.
@@ -702,19 +734,7 @@ impl Store for KubeStore {
     }
 
     async fn ready(&self) -> Result<()> {
-        // A live request: a watch that resumed quietly shows nothing, so the mirror's state
-        // cannot tell.
-        let api: Api<DynamicObject> = Api::all_with(
-            self.inner.client.clone(),
-            &resources::api_resource(Kind::Metadata),
-        );
-        self.call(
-            "checking the API server",
-            api.list_metadata(&ListParams::default().limit(1)),
-        )
-        .await?
-        .map_err(|status| api_error("checking the API server", &status))?;
-        Ok(())
+        self.inner.shared.failing.check("the Kubernetes API server")
     }
 
     fn backend(&self) -> &'static str {

@@ -325,6 +325,24 @@ async fn api_server_down_reads_work_writes_fail_restart_loses_nothing() {
     store.ready().await.unwrap();
 
     server.kill();
+    // With no request of the store's own, the probe finds it; ready() never waits.
+    let killed = Instant::now();
+    while store.ready().await.is_ok() {
+        assert!(
+            killed.elapsed() < probe::PROBE_INTERVAL + REQUEST_TIMEOUT,
+            "ready() still succeeds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("unready {:?} after the kill", killed.elapsed());
+    let asked = Instant::now();
+    let unready = store.ready().await;
+    assert!(asked.elapsed() < Duration::from_millis(100));
+    assert!(
+        matches!(&unready, Err(Error::Unavailable(r)) if r.contains("failing")),
+        "{unready:?}"
+    );
+
     let started = Instant::now();
     let failed = store.put(&k2, "during", at(2)).await;
     eprintln!(
