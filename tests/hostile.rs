@@ -1171,6 +1171,52 @@ async fn h42_csds_regex_matcher_is_invalid_argument() {
 }
 
 #[tokio::test]
+async fn h42b_a_csds_answer_past_its_limit_is_resource_exhausted() {
+    // Every node may hold every resource, bodies included: 20 streams holding a 1 MB record
+    // would make a 20 MB answer, past the 16 MiB limit. It is refused before it is built.
+    case(memory_config(), |_, c| async move {
+        publish(&c, "big", "1", &"x".repeat(1_000_000))
+            .await
+            .unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..20 {
+            let mut request = metadata_request(vec![]);
+            request.node = Some(common::node("holder", None));
+            let (tx, responses, first) = sotw_first(&c, request).await;
+            assert_eq!(first.unwrap().resources.len(), 1);
+            streams.push((tx, responses));
+        }
+        let status = ClientStatusDiscoveryServiceClient::new(c.clone())
+            .max_decoding_message_size(64 << 20)
+            .fetch_client_status(ClientStatusRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("exclude_resource_contents"),
+            "{}",
+            status.message()
+        );
+        // Without the bodies the same streams fit.
+        let names_only = ClientStatusDiscoveryServiceClient::new(c.clone())
+            .fetch_client_status(ClientStatusRequest {
+                exclude_resource_contents: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let held: usize = names_only
+            .config
+            .iter()
+            .map(|node| node.generic_xds_configs.len())
+            .sum();
+        assert!(held >= 20, "{held}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn h43_old_connections_are_drained_and_clients_reconnect() {
     let mut config = memory_config();
     config.security.limits.max_connection_age = Some(Duration::from_millis(500));

@@ -26,6 +26,13 @@
 //! string matchers and `node_metadatas` are refused with `INVALID_ARGUMENT` rather than
 //! silently ignored, and so are more than [`MAX_NODE_MATCHERS`] matchers or one longer than
 //! [`MAX_MATCHER_BYTES`]: every matcher is tried on every stream.
+//!
+//! A response is built up to a size limit ([`DEFAULT_MAX_RESPONSE_BYTES`], see
+//! [`CsdsServer::with_max_response_bytes`]): every node may hold every resource, bodies
+//! included, so a fleet's status could otherwise take many times the server's memory. Past the
+//! limit the request fails with `RESOURCE_EXHAUSTED`, saying how many nodes matched and how to
+//! narrow it (node matchers, `exclude_resource_contents`); CSDS has no paging, and a partial
+//! answer would look like a complete one.
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
@@ -42,6 +49,7 @@ use envoy_types::pb::envoy::{
     r#type::matcher::v3::{NodeMatcher, StringMatcher, string_matcher::MatchPattern},
 };
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -59,8 +67,11 @@ pub const MAX_NODE_MATCHERS: usize = 16;
 /// [`MAX_NODE_FIELD_BYTES`](crate::protocol::MAX_NODE_FIELD_BYTES) long).
 pub const MAX_MATCHER_BYTES: usize = crate::protocol::MAX_NODE_FIELD_BYTES;
 
+/// The default limit on the encoded size of one CSDS response.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A CSDS request this server cannot answer faithfully, or will not: every matcher is tried
-/// on every stream, so their number and size are bounded.
+/// on every stream, so their number and size are bounded, and so is the response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CsdsError {
     /// A node matcher uses something other than a plain string match on the node id.
@@ -72,11 +83,28 @@ pub enum CsdsError {
     /// A matcher's string longer than [`MAX_MATCHER_BYTES`].
     #[error("a node matcher of {0} bytes, more than the {MAX_MATCHER_BYTES} allowed")]
     MatcherTooLong(usize),
+    /// The answer would be larger than the limit.
+    #[error(
+        "the status of the matching nodes ({nodes}) is over {limit} bytes{with_contents}; \
+         narrow it with node_matchers (a node id prefix)",
+        with_contents = if *contents { " with resource contents (or set exclude_resource_contents)" } else { "" }
+    )]
+    TooLarge {
+        /// The nodes that matched the request's matchers.
+        nodes: usize,
+        /// The limit.
+        limit: usize,
+        /// Whether resource bodies were being included.
+        contents: bool,
+    },
 }
 
 impl From<CsdsError> for Status {
     fn from(error: CsdsError) -> Self {
-        Status::invalid_argument(error.to_string())
+        match error {
+            CsdsError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
+            _ => Status::invalid_argument(error.to_string()),
+        }
     }
 }
 
@@ -84,33 +112,58 @@ impl From<CsdsError> for Status {
 ///
 /// `snapshot`, when given, supplies resource bodies (only for resources whose version in the
 /// snapshot equals the version sent, and only when the request does not exclude contents).
+/// Fails with [`CsdsError::TooLarge`] as soon as the response's encoded size would pass
+/// `max_bytes`, before copying the body that would pass it.
 pub fn client_status(
     streams: &[StreamStatus],
     request: &ClientStatusRequest,
     snapshot: Option<&Snapshot>,
+    max_bytes: usize,
 ) -> Result<ClientStatusResponse, CsdsError> {
     let matchers = Matchers::of(&request.node_matchers)?;
     let snapshot = snapshot.filter(|_| !request.exclude_resource_contents);
+    let mut budget = Budget {
+        left: max_bytes,
+        limit: max_bytes,
+        contents: snapshot.is_some(),
+    };
     let mut by_node: BTreeMap<&str, ClientConfig> = BTreeMap::new();
-    for stream in streams {
-        if !matchers.select(&stream.node_id) {
-            continue;
-        }
-        let config = by_node
-            .entry(stream.node_id.as_str())
-            .or_insert_with(|| ClientConfig {
-                node: Some(Node {
-                    id: stream.node_id.clone(),
-                    cluster: stream.node_cluster.clone(),
+    let selected: Vec<&StreamStatus> = streams
+        .iter()
+        .filter(|stream| matchers.select(&stream.node_id))
+        .collect();
+    let too_large = |budget: &Budget| {
+        let mut nodes: Vec<&str> = selected.iter().map(|s| s.node_id.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        budget.exceeded(nodes.len())
+    };
+    for stream in &selected {
+        let config = match by_node.entry(stream.node_id.as_str()) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                let config = ClientConfig {
+                    node: Some(Node {
+                        id: stream.node_id.clone(),
+                        cluster: stream.node_cluster.clone(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            });
+                };
+                // Its length prefix grows with the entries added to it: up to 4 bytes more.
+                if !budget.take(config.encoded_len() + 4) {
+                    return Err(too_large(&budget));
+                }
+                entry.insert(config)
+            }
+        };
         let view = View::new(stream.partitions.iter().map(Partition::new));
         for (type_url, status) in &stream.types {
-            config
-                .generic_xds_configs
-                .extend(type_configs(type_url, status, &view, snapshot));
+            if !type_configs(type_url, status, &view, snapshot, &mut budget, |entry| {
+                config.generic_xds_configs.push(entry);
+            }) {
+                return Err(too_large(&budget));
+            }
         }
     }
     Ok(ClientStatusResponse {
@@ -118,13 +171,47 @@ pub fn client_status(
     })
 }
 
-/// The per-resource entries of one type of one stream.
+/// What is left of a response's size limit.
+struct Budget {
+    left: usize,
+    limit: usize,
+    /// Whether bodies are included (for the message).
+    contents: bool,
+}
+
+impl Budget {
+    /// Takes `bytes` of a repeated field's element (plus its key and length prefix); false
+    /// when they do not fit.
+    fn take(&mut self, bytes: usize) -> bool {
+        let framed = bytes + 1 + prost::encoding::encoded_len_varint(bytes as u64);
+        match self.left.checked_sub(framed) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn exceeded(&self, nodes: usize) -> CsdsError {
+        CsdsError::TooLarge {
+            nodes,
+            limit: self.limit,
+            contents: self.contents,
+        }
+    }
+}
+
+/// The per-resource entries of one type of one stream, each given to `add` once `budget`
+/// holds it; false when one does not fit.
 fn type_configs(
     type_url: &TypeUrl,
     status: &TypeStatus,
     view: &View,
     snapshot: Option<&Snapshot>,
-) -> Vec<GenericXdsConfig> {
+    budget: &mut Budget,
+    mut add: impl FnMut(GenericXdsConfig),
+) -> bool {
     let state = status.state();
     let (config_status, held_status) = match state {
         SyncState::Synced => (ConfigStatus::Synced, ClientResourceStatus::Acked),
@@ -140,42 +227,51 @@ fn type_configs(
         }),
         _ => None,
     };
-    let mut configs: Vec<GenericXdsConfig> = status
-        .resources
-        .iter()
-        .map(|(name, version)| GenericXdsConfig {
+    for (name, version) in &status.resources {
+        let mut entry = GenericXdsConfig {
             type_url: type_url.to_string(),
             name: name.to_string(),
             version_info: version.to_string(),
-            xds_config: snapshot
-                .and_then(|s| s.get(view, type_url, name.as_str()))
-                .filter(|r| &r.version == version)
-                .map(|r| r.body()),
             config_status: config_status as i32,
             client_status: held_status as i32,
             error_state: error_state.clone(),
             ..Default::default()
-        })
-        .collect();
+        };
+        let body = snapshot
+            .and_then(|s| s.get(view, type_url, name.as_str()))
+            .filter(|r| &r.version == version);
+        // The body's `Any` is `packed` as it will be encoded; it is copied only once it fits.
+        let body_len = body.map_or(0, |r| {
+            let len = r.packed().len();
+            1 + prost::encoding::encoded_len_varint(len as u64) + len
+        });
+        if !budget.take(entry.encoded_len() + body_len) {
+            return false;
+        }
+        entry.xds_config = body.map(|r| r.body());
+        add(entry);
+    }
     let missing_status = match state {
         SyncState::NotSent => ClientResourceStatus::Requested,
         _ => ClientResourceStatus::DoesNotExist,
     };
-    configs.extend(
-        status
-            .subscription
-            .names()
-            .iter()
-            .filter(|name| !status.resources.contains_key(*name))
-            .map(|name| GenericXdsConfig {
-                type_url: type_url.to_string(),
-                name: name.to_string(),
-                config_status: config_status as i32,
-                client_status: missing_status as i32,
-                ..Default::default()
-            }),
-    );
-    configs
+    for name in status.subscription.names() {
+        if status.resources.contains_key(name) {
+            continue;
+        }
+        let entry = GenericXdsConfig {
+            type_url: type_url.to_string(),
+            name: name.to_string(),
+            config_status: config_status as i32,
+            client_status: missing_status as i32,
+            ..Default::default()
+        };
+        if !budget.take(entry.encoded_len()) {
+            return false;
+        }
+        add(entry);
+    }
+    true
 }
 
 /// A request's node matchers, checked and with their strings folded once.
@@ -298,6 +394,7 @@ pub struct CsdsServer {
     registry: Registry,
     cache: Cache,
     filter: Arc<dyn StatusFilter>,
+    max_response_bytes: usize,
 }
 
 impl std::fmt::Debug for CsdsServer {
@@ -313,7 +410,16 @@ impl CsdsServer {
             registry,
             cache,
             filter: Arc::new(ShowAll),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
+    }
+
+    /// Refuses requests whose answer would be larger than `bytes`, encoded (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`]).
+    #[must_use]
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
     }
 
     /// Shows each caller only the streams `filter` lets it see (default: all).
@@ -335,7 +441,12 @@ impl CsdsServer {
     ) -> Result<ClientStatusResponse, Status> {
         let snapshot = self.cache.snapshot();
         let streams = self.filter.filter(context, self.registry.streams())?;
-        Ok(client_status(&streams, request, Some(&snapshot))?)
+        Ok(client_status(
+            &streams,
+            request,
+            Some(&snapshot),
+            self.max_response_bytes,
+        )?)
     }
 }
 
@@ -398,6 +509,16 @@ mod tests {
     };
 
     const T: &str = "type.googleapis.com/test.T";
+
+    fn matcher(pattern: MatchPattern, ignore_case: bool) -> NodeMatcher {
+        NodeMatcher {
+            node_id: Some(StringMatcher {
+                ignore_case,
+                match_pattern: Some(pattern),
+            }),
+            node_metadatas: vec![],
+        }
+    }
 
     fn stream(node_id: &str, types: Vec<(&str, TypeStatus)>) -> StreamStatus {
         StreamStatus {
@@ -477,7 +598,8 @@ mod tests {
                 ("t/4", not_sent),
             ],
         )];
-        let response = client_status(&streams, &ClientStatusRequest::default(), None).unwrap();
+        let response =
+            client_status(&streams, &ClientStatusRequest::default(), None, usize::MAX).unwrap();
         assert_eq!(response.config.len(), 1);
         assert_eq!(response.config[0].node.as_ref().unwrap().id, "node-1");
         let synced = ConfigStatus::Synced as i32;
@@ -504,23 +626,17 @@ mod tests {
             stream("node-a", vec![("t/2", sent(&[("y", "1")], &["y"]))]),
             stream("node-b", vec![("t/1", sent(&[("z", "1")], &["z"]))]),
         ];
-        let all = client_status(&streams, &ClientStatusRequest::default(), None).unwrap();
+        let all =
+            client_status(&streams, &ClientStatusRequest::default(), None, usize::MAX).unwrap();
         assert_eq!(all.config.len(), 2);
         assert_eq!(all.config[0].generic_xds_configs.len(), 2);
 
-        let matcher = |pattern: MatchPattern, ignore_case: bool| NodeMatcher {
-            node_id: Some(StringMatcher {
-                ignore_case,
-                match_pattern: Some(pattern),
-            }),
-            node_metadatas: vec![],
-        };
         let only = |matchers: Vec<NodeMatcher>| {
             let request = ClientStatusRequest {
                 node_matchers: matchers,
                 ..Default::default()
             };
-            client_status(&streams, &request, None)
+            client_status(&streams, &request, None, usize::MAX)
                 .unwrap()
                 .config
                 .iter()
@@ -548,7 +664,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let error = client_status(&streams, &unsupported, None).unwrap_err();
+        let error = client_status(&streams, &unsupported, None, usize::MAX).unwrap_err();
         assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
 
         // Several matchers: any of them; a case-folded one beside a case-sensitive one.
@@ -565,7 +681,7 @@ mod tests {
                 node_matchers: matchers,
                 ..Default::default()
             };
-            client_status(&streams, &request, None).unwrap_err()
+            client_status(&streams, &request, None, usize::MAX).unwrap_err()
         };
         let many = vec![matcher(MatchPattern::Prefix("n".into()), false); MAX_NODE_MATCHERS + 1];
         assert_eq!(
@@ -603,8 +719,13 @@ mod tests {
             )],
         )];
         let snapshot = reader.snapshot();
-        let response =
-            client_status(&streams, &ClientStatusRequest::default(), Some(&snapshot)).unwrap();
+        let response = client_status(
+            &streams,
+            &ClientStatusRequest::default(),
+            Some(&snapshot),
+            usize::MAX,
+        )
+        .unwrap();
         let configs = &response.config[0].generic_xds_configs;
         assert_eq!(configs[0].xds_config.as_ref(), Some(&body));
         assert_eq!(configs[1].xds_config, None, "b is not in the cache");
@@ -612,7 +733,91 @@ mod tests {
             exclude_resource_contents: true,
             ..Default::default()
         };
-        let response = client_status(&streams, &excluded, Some(&snapshot)).unwrap();
+        let response = client_status(&streams, &excluded, Some(&snapshot), usize::MAX).unwrap();
         assert_eq!(response.config[0].generic_xds_configs[0].xds_config, None);
+    }
+
+    #[test]
+    fn a_response_past_the_limit_is_refused_before_it_is_built() {
+        let (reader, writer) = cache();
+        let bodies: Vec<Any> = ["a", "b"]
+            .iter()
+            .map(|name| Any {
+                type_url: T.into(),
+                value: name.repeat(10_000).into_bytes(),
+            })
+            .collect();
+        writer.apply(
+            ["a", "b"]
+                .iter()
+                .zip(&bodies)
+                .map(|(name, body)| Update::Put {
+                    partition: "p".into(),
+                    type_url: T.into(),
+                    name: (*name).into(),
+                    body: body.clone(),
+                }),
+        );
+        let held: Vec<(String, String)> = ["a", "b"]
+            .iter()
+            .zip(&bodies)
+            .map(|(name, body)| (name.to_string(), Version::of_bytes(&body.value).to_string()))
+            .collect();
+        let held: Vec<(&str, &str)> = held.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let streams: Vec<StreamStatus> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|node| stream(node, vec![(T, sent(&held, &["a", "b", "gone"]))]))
+            .collect();
+        let snapshot = reader.snapshot();
+        let all = ClientStatusRequest::default();
+        let answer = |request: &ClientStatusRequest, limit| {
+            client_status(&streams, request, Some(&snapshot), limit)
+        };
+        let full = answer(&all, usize::MAX).unwrap();
+        let size = full.encoded_len();
+        assert!(size > 60_000, "{size}");
+
+        // At most 4 bytes of slack per node: the nodes' length prefixes.
+        assert_eq!(answer(&all, size + 3 * 4).unwrap(), full);
+        for limit in (0..size).step_by(997).chain(size - 64..size + 12) {
+            match answer(&all, limit) {
+                Ok(response) => assert!(response.encoded_len() <= limit, "{limit}"),
+                Err(error) => assert_eq!(
+                    error,
+                    CsdsError::TooLarge {
+                        nodes: 3,
+                        limit,
+                        contents: true
+                    }
+                ),
+            }
+        }
+        let refused = Status::from(answer(&all, size - 1).unwrap_err());
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("matching nodes (3)")
+                && refused.message().contains("exclude_resource_contents"),
+            "{}",
+            refused.message()
+        );
+
+        // Without the bodies the same nodes fit, and narrowing to one node fits too.
+        let names_only = ClientStatusRequest {
+            exclude_resource_contents: true,
+            ..Default::default()
+        };
+        let small = answer(&names_only, size - 1).unwrap();
+        assert_eq!(small.config.len(), 3);
+        assert!(small.encoded_len() < 1_000);
+        let one = ClientStatusRequest {
+            node_matchers: vec![matcher(MatchPattern::Exact("n2".into()), false)],
+            ..Default::default()
+        };
+        assert_eq!(answer(&one, size / 2).unwrap().config.len(), 1);
+        let refused = answer(&names_only, small.encoded_len() - 1).unwrap_err();
+        assert!(
+            !refused.to_string().contains("exclude_resource_contents"),
+            "{refused}"
+        );
     }
 }
