@@ -14,6 +14,7 @@ extern crate self as pixiu_metadata;
 
 use std::{sync::Arc, time::Duration};
 
+use clap::ValueEnum as _;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -70,17 +71,25 @@ pub async fn open_store(
         config::Backend::Memory => Arc::new(store::memory::MemoryStore::new(
             config.max_records_per_namespace,
         )),
-        config::Backend::Embedded => Arc::new(
-            store::embedded::EmbeddedStore::open_with(
-                &config.data_dir,
-                store::embedded::Options {
-                    max_records_per_namespace: config.max_records_per_namespace,
-                    lease_ttl: Some(lease_ttl),
-                    checkpoint: store::embedded::CheckpointPolicy::default(),
-                },
-            )
-            .map_err(Error::Store)?,
-        ),
+        config::Backend::Embedded => {
+            // Replaying a long journal takes a while: off the async workers, which serve the
+            // admin port meanwhile.
+            let (data_dir, max_records_per_namespace) =
+                (config.data_dir.clone(), config.max_records_per_namespace);
+            let opened = tokio::task::spawn_blocking(move || {
+                store::embedded::EmbeddedStore::open_with(
+                    &data_dir,
+                    store::embedded::Options {
+                        max_records_per_namespace,
+                        lease_ttl: Some(lease_ttl),
+                        checkpoint: store::embedded::CheckpointPolicy::default(),
+                    },
+                )
+            })
+            .await
+            .map_err(|e| Error::Store(store::Error::Storage(format!("opening the store: {e}"))))?;
+            Arc::new(opened.map_err(Error::Store)?)
+        }
         config::Backend::Etcd => Arc::new(
             store::etcd::EtcdStore::connect(
                 &config.etcd_endpoints,
@@ -126,12 +135,43 @@ impl From<TcpListener> for Listeners {
 ///
 /// Taking listeners (rather than addresses) lets tests bind port 0 and learn the ports
 /// before the server starts.
+///
+/// While the store opens (an etcd or Kubernetes store loads its first list, the embedded one
+/// replays its journal) the admin port already answers: `/healthz` 200, everything else 503
+/// saying the store is opening. A `shutdown` meanwhile stops the opening.
 pub async fn run(
     config: Config,
     listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let store = open_store(&config.store, config.lease.ttl).await?;
+    let listeners = listeners.into();
+    let opening = CancellationToken::new();
+    if let Some(listener) = &listeners.admin {
+        match admin::share_listener(listener) {
+            Ok(shared) => {
+                let backend = config
+                    .store
+                    .backend
+                    .to_possible_value()
+                    .map_or_else(String::new, |v| v.get_name().to_owned());
+                tokio::spawn(admin::serve(
+                    shared,
+                    admin::opening_router(&backend),
+                    opening.clone(),
+                    config.admin.shutdown_timeout,
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the admin port will answer once the store is open");
+            }
+        }
+    }
+    let stop_opening = opening.drop_guard();
+    let store = tokio::select! {
+        store = open_store(&config.store, config.lease.ttl) => store?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    drop(stop_opening);
     serve(config, store, listeners, shutdown).await
 }
 

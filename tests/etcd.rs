@@ -169,6 +169,65 @@ async fn etcd_replicas_publish_on_one_reaches_subscribers_of_another() {
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_answers_while_the_store_opens() {
+    // etcd hangs while the replica starts: its first list waits, and the probes must not.
+    let etcd = Etcd::start().await;
+    etcd.freeze(true);
+    let server = TestServer::start(etcd_config(&etcd)).await;
+    let asked = Instant::now();
+    let (code, _) = common::http_get(server.admin_addr, "/healthz", None).await;
+    assert_eq!(code, 200);
+    let (code, body) = common::http_get(server.admin_addr, "/readyz", None).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("store (etcd): opening"), "{body}");
+    let (code, _) = common::http_get(server.admin_addr, "/debug/syncz", None).await;
+    assert_eq!(code, 503);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // etcd answers within the start-up timeout: the full admin port takes over.
+    etcd.freeze(false);
+    let thawed = Instant::now();
+    loop {
+        let (code, body) = common::http_get(server.admin_addr, "/readyz", None).await;
+        if code == 200 {
+            break;
+        }
+        assert!(thawed.elapsed() < Duration::from_secs(10), "still {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = common::http_get(server.admin_addr, "/debug/syncz", None).await;
+    assert_eq!(code, 200, "{body}");
+    let mut client = metadata_client(server.channel().await);
+    client.publish(publish_md("app", "1", "v")).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_while_the_store_opens_stops_the_server() {
+    let etcd = Etcd::start().await;
+    etcd.freeze(true);
+    let server = TestServer::start(etcd_config(&etcd)).await;
+    assert_eq!(
+        common::http_get(server.admin_addr, "/healthz", None)
+            .await
+            .0,
+        200
+    );
+    let stopping = Instant::now();
+    server.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+    etcd.freeze(false);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_outage_reads_and_streams_survive_and_writes_recover() {
     let mut etcd = Etcd::start().await;

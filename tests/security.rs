@@ -472,27 +472,9 @@ async fn identity_namespace_operation_matrix() {
 
 /// `/metrics` over plain HTTP/1 on the admin port.
 async fn reqwest_metrics(server: &TestServer) -> String {
-    http_get(server.admin_addr, "/metrics", None).await.1
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
-        )
+    common::http_get(server.admin_addr, "/metrics", None)
         .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, response)
+        .1
 }
 
 #[tokio::test]
@@ -925,16 +907,22 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
     let server = TestServer::start(config).await;
     // Wait until admin HTTP answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while http_get(server.admin_addr, "/healthz", None).await.0 != 200 {
+    while common::http_get(server.admin_addr, "/healthz", None)
+        .await
+        .0
+        != 200
+    {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let metrics = |token: Option<&'static str>| async move {
-        http_get(server.admin_addr, "/metrics", token).await.0
+        common::http_get(server.admin_addr, "/metrics", token)
+            .await
+            .0
     };
     assert_eq!(metrics(None).await, 401);
     assert_eq!(
-        http_get(server.admin_addr, "/debug/config_dump", Some("wrong"))
+        common::http_get(server.admin_addr, "/debug/config_dump", Some("wrong"))
             .await
             .0,
         401

@@ -107,6 +107,32 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// The admin router while the store opens: the process is alive (`/healthz` 200), not ready,
+/// and has nothing else to show yet (503 on every other path, saying why).
+pub fn opening_router(backend: &str) -> Router {
+    let not_ready: Arc<str> = format!("not ready\nstore ({backend}): opening\n").into();
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(move || {
+            let body = not_ready.to_string();
+            async move { (StatusCode::SERVICE_UNAVAILABLE, body) }
+        })
+}
+
+/// A second listener on `listener`'s socket: the server that answers while the store opens
+/// accepts on it and stops; the full admin server keeps the first, so no connection is refused
+/// in between.
+///
+/// # Errors
+///
+/// When the socket cannot be duplicated (out of file descriptors).
+pub fn share_listener(listener: &TcpListener) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsFd;
+    let shared = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    shared.set_nonblocking(true)?;
+    TcpListener::from_std(shared)
+}
+
 /// Most admin connections open at once; further ones are closed as they are accepted. An
 /// operator's browser, `status` and a Prometheus scraper need a handful.
 pub const MAX_CONNECTIONS: usize = 256;

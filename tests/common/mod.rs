@@ -227,6 +227,35 @@ impl AdsClient {
         .await;
     }
 }
+/// One HTTP/1.1 GET on a connection of its own (closed after it), with an optional bearer
+/// token: the status and the whole response, headers included. Panics without an answer
+/// within 10 s.
+pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("GET {path}: no answer within 10 s"))
+    .unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, response)
+}
+
 pub mod etcd;
 pub mod kube;
 pub mod pki;
