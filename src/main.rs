@@ -11,7 +11,19 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The error and its causes on one line, for operators and scripts; never a
+            // backtrace, whatever RUST_BACKTRACE says (a missing record is not a crash).
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = match pixiu_metadata::cli::parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         Err(error) => match error.downcast::<clap::Error>() {

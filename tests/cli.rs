@@ -32,7 +32,9 @@ fn command(args: &[&str]) -> Command {
         .env_remove("PIXIU_METADATA_TLS_SERVER_NAME")
         .env_remove("PIXIU_METADATA_CLIENT_TOKEN_FILE")
         .env_remove("PIXIU_METADATA_ADMIN_TOKEN_FILE")
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        // As many developers' shells have it: errors must still be one line, not a backtrace.
+        .env("RUST_BACKTRACE", "1");
     command
 }
 
@@ -348,6 +350,8 @@ async fn failures_exit_non_zero_with_a_helpful_message() {
         "the error names the code and the key\n{}",
         show(&output)
     );
+    assert_eq!(stderr.lines().count(), 1, "one line\n{}", show(&output));
+    assert!(stderr.starts_with("Error: "), "{}", show(&output));
 
     let output = cli(&[
         "definition",
