@@ -327,6 +327,9 @@ pub enum MetadataCommand {
         revision: String,
     },
     /// Subscribe over ADS and print every push (all revisions when none is named).
+    ///
+    /// A stream that fails is opened again with back-off (100 ms to 30 s) and resumes; a
+    /// subscription the server refuses (bad namespace, missing token, no permission) exits 1.
     Watch {
         #[command(flatten)]
         /// Connection.
@@ -394,6 +397,9 @@ pub enum DefinitionCommand {
         identifier: String,
     },
     /// Subscribe over ADS and print every push (all definitions when none is named).
+    ///
+    /// A stream that fails is opened again with back-off (100 ms to 30 s) and resumes; a
+    /// subscription the server refuses (bad namespace, missing token, no permission) exits 1.
     Watch {
         #[command(flatten)]
         /// Connection.
@@ -649,6 +655,6 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
     Ok(())
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }

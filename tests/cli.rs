@@ -353,6 +353,19 @@ async fn failures_exit_non_zero_with_a_helpful_message() {
     assert_eq!(stderr.lines().count(), 1, "one line\n{}", show(&output));
     assert!(stderr.starts_with("Error: "), "{}", show(&output));
 
+    // A watch the server refuses (a namespace holding '/') ends with the reason instead of
+    // reconnecting for ever.
+    let output = cli(&[
+        "metadata", "watch", "--server", &url, "-n", "a/b", "--count", "1",
+    ]);
+    assert!(!output.status.success(), "{}", show(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Error: InvalidArgument") && stderr.contains("namespace"),
+        "{}",
+        show(&output)
+    );
+
     let output = cli(&[
         "definition",
         "get",

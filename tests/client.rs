@@ -10,14 +10,13 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use common::TestServer;
 use futures::StreamExt;
 use pixiu_metadata::{
-    client::{Backoff, Client, ClientConfig, Update, Variant},
+    client::{Backoff, Client, ClientConfig, Update, Updates, Variant},
     config::{Backend, Config},
     model::Key,
     pb::metadata::{Metadata, ServiceMapping},
     store::Store,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 fn fast(config: ClientConfig) -> ClientConfig {
@@ -28,14 +27,14 @@ fn fast(config: ClientConfig) -> ClientConfig {
     })
 }
 
-async fn next<T: std::fmt::Debug>(updates: &mut ReceiverStream<Update<T>>) -> Update<T> {
+async fn next<T: std::fmt::Debug>(updates: &mut Updates<T>) -> Update<T> {
     tokio::time::timeout(Duration::from_secs(10), updates.next())
         .await
         .expect("an update within 10s")
         .expect("the subscription is open")
 }
 
-async fn silent<T: std::fmt::Debug>(updates: &mut ReceiverStream<Update<T>>, wait: Duration) {
+async fn silent<T: std::fmt::Debug>(updates: &mut Updates<T>, wait: Duration) {
     if let Ok(update) = tokio::time::timeout(wait, updates.next()).await {
         panic!("expected no update, got {update:?}");
     }
@@ -412,4 +411,21 @@ async fn a_mapping_registered_on_one_replica_reaches_a_consumer_of_another() {
     drop(providers);
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_the_server_refuses_ends_with_the_reason() {
+    let server = TestServer::memory().await;
+    // A namespace holding '/' is refused by the server: no retry would change the answer.
+    let client = Client::connect(ClientConfig::new(server.url()).namespace("a/b"))
+        .await
+        .unwrap();
+    let mut updates = client.subscribe::<Metadata>(["app/r1"]);
+    let ended = tokio::time::timeout(Duration::from_secs(5), updates.next())
+        .await
+        .expect("the stream ends instead of reconnecting");
+    assert!(ended.is_none(), "{ended:?}");
+    let refusal = updates.refusal().expect("the reason is kept");
+    assert_eq!(refusal.code(), tonic::Code::InvalidArgument, "{refusal:?}");
+    server.stop().await;
 }

@@ -26,7 +26,10 @@ pub(super) async fn run<T: Resource>(
     let mut n_seen = 0;
     while count.is_none_or(|c| n_seen < c) {
         let Some(update) = updates.next().await else {
-            anyhow::bail!("the subscription ended");
+            return Err(match updates.refusal() {
+                Some(status) => super::status_error(status.clone()),
+                None => anyhow::anyhow!("the subscription ended"),
+            });
         };
         let (event, version) = match &update {
             Update::Added {

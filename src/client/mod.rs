@@ -422,13 +422,16 @@ impl Client {
 
     /// Subscribes to resources of type `T` named `names` (every one when empty) over ADS.
     ///
-    /// The stream yields an update for each change to what the subscription holds and never
-    /// ends while the client lives; dropping it ends the subscription.
+    /// The stream yields an update for each change to what the subscription holds; a stream
+    /// that fails is opened again with back-off. It ends only when the server refuses the
+    /// subscription for a reason a retry does not fix (see [`Updates::refusal`]); dropping it
+    /// ends the subscription.
     pub fn subscribe<T: Resource>(
         &self,
         names: impl IntoIterator<Item = impl Into<String>>,
-    ) -> ReceiverStream<Update<T>> {
+    ) -> Updates<T> {
         let (tx, rx) = mpsc::channel(self.config.update_buffer.max(1));
+        let refusal = Arc::new(std::sync::OnceLock::new());
         let driver = subscribe::Driver {
             channel: self.channel.clone(),
             subscription: Subscription::new(names.into_iter().map(Into::into), self.config.node()),
@@ -436,10 +439,42 @@ impl Client {
             backoff: self.config.backoff,
             max_message_bytes: self.config.max_message_bytes,
             updates: tx,
+            refusal: refusal.clone(),
             shutdown: self.shutdown.child_token(),
         };
         tokio::spawn(driver.run());
-        ReceiverStream::new(rx)
+        Updates {
+            updates: ReceiverStream::new(rx),
+            refusal,
+        }
+    }
+}
+
+/// The updates of one subscription ([`Client::subscribe`]), a stream.
+#[derive(Debug)]
+pub struct Updates<T> {
+    updates: ReceiverStream<Update<T>>,
+    refusal: Arc<std::sync::OnceLock<tonic::Status>>,
+}
+
+impl<T> Updates<T> {
+    /// Why the stream ended, once it has: the server refused the subscription with
+    /// `INVALID_ARGUMENT`, `UNAUTHENTICATED`, `PERMISSION_DENIED` or `FAILED_PRECONDITION`
+    /// (a bad name or namespace, a missing or unknown token, another namespace's records),
+    /// which no retry fixes.
+    pub fn refusal(&self) -> Option<&tonic::Status> {
+        self.refusal.get()
+    }
+}
+
+impl<T> futures::Stream for Updates<T> {
+    type Item = Update<T>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Update<T>>> {
+        std::pin::Pin::new(&mut self.updates).poll_next(cx)
     }
 }
 

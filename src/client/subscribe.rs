@@ -2,7 +2,10 @@
 //! when the server answers `UNIMPLEMENTED`, reconnecting with jittered back-off and resuming
 //! from what the [`Subscription`] holds.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tokio::sync::mpsc;
@@ -40,7 +43,21 @@ pub(super) struct Driver<T> {
     pub(super) backoff: Backoff,
     pub(super) max_message_bytes: usize,
     pub(super) updates: mpsc::Sender<Update<T>>,
+    /// Set when the server refuses for good; the stream then ends.
+    pub(super) refusal: Arc<OnceLock<Status>>,
     pub(super) shutdown: CancellationToken,
+}
+
+/// Whether a stream that failed with `code` is worth opening again: not when the server
+/// refused what it was asked (the same request gets the same answer).
+fn retried(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::InvalidArgument
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+    )
 }
 
 impl<T: Resource> Driver<T> {
@@ -61,6 +78,11 @@ impl<T: Resource> Driver<T> {
                     );
                     self.variant = Variant::Sotw;
                     continue;
+                }
+                Ended::Failed { status, .. } if !retried(status.code()) => {
+                    warn!(code = ?status.code(), message = status.message(), "ADS subscription refused; not retrying");
+                    let _ = self.refusal.set(status);
+                    return;
                 }
                 Ended::Failed { status, delivered } => {
                     if delivered {
