@@ -530,6 +530,9 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
                 "pixiu-metadata",
                 &mut script,
             );
+            if shell == clap_complete::Shell::Bash {
+                script = bash_subcommand_labels(&script);
+            }
             out.write_all(&script)?;
         }
         Command::Metadata(MetadataCommand::Get {
@@ -653,6 +656,18 @@ pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyh
         }
     }
     Ok(())
+}
+
+/// clap_complete's bash script for a binary whose name holds '-' names the subcommands'
+/// cases `pixiu__subcmd__metadata__subcmd__…` while its loop sets `pixiu__metadata__subcmd__…`,
+/// so nothing below the first word completed. The cases are renamed to what the loop sets.
+fn bash_subcommand_labels(script: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(script)
+        .replace(
+            "pixiu__subcmd__metadata__subcmd__",
+            "pixiu__metadata__subcmd__",
+        )
+        .into_bytes()
 }
 
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {

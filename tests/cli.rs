@@ -641,6 +641,24 @@ fn shell_completions_are_generated() {
     assert!(bash.contains("_pixiu__metadata()"), "{bash}");
     assert!(bash.contains("complete -F _pixiu__metadata"), "{bash}");
     assert!(bash.contains("publish"), "subcommands are completed");
+    // Completed by bash itself, below the first word too.
+    let complete = |words: &str| {
+        let script = format!(
+            "{bash}\nCOMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _pixiu__metadata pixiu-metadata \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; \
+             echo \"${{COMPREPLY[@]}}\""
+        );
+        let output = Command::new("bash")
+            .args(["--norc", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", show(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert!(complete("pixiu-metadata me").contains("metadata"));
+    assert_eq!(complete("pixiu-metadata metadata pu").trim(), "publish");
+    assert!(complete("pixiu-metadata serve --grpc-a").contains("--grpc-addr"));
+    assert!(complete("pixiu-metadata bench echo-server --").contains("--"));
     let zsh = cli_ok(&["completions", "zsh"]);
     assert!(zsh.starts_with("#compdef pixiu-metadata"), "{zsh}");
 }
