@@ -597,6 +597,10 @@ async fn list_delete_and_output_formats() {
     let listed: serde_json::Value = serde_json::from_str(&names_only).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2);
     assert!(listed[0].get("value").is_none(), "{names_only}");
+    // The sizes are the values', although the values were left out.
+    for record in listed.as_array().unwrap() {
+        assert!(record["value_bytes"].as_u64().unwrap() > 10, "{names_only}");
+    }
     let again = cli(&[
         "metadata", "delete", "--server", s, "-a", "greeter", "-r", "r1",
     ]);

@@ -452,6 +452,7 @@ impl MetadataService for Api {
                         },
                         refreshed_at_ms: refreshed_at_ms(record),
                         namespace: record.key.namespace.clone(),
+                        value_bytes: record.value.len() as u64,
                     })
                 })
                 .collect();
@@ -577,6 +578,7 @@ impl ServiceDefinitionService for Api {
                     },
                     refreshed_at_ms: refreshed_at_ms(record),
                     namespace: record.key.namespace.clone(),
+                    value_bytes: record.value.len() as u64,
                 })
                 .collect();
             Ok(ListServiceDefinitionsResponse {

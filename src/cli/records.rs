@@ -47,7 +47,7 @@ impl RecordView {
             application: Some(record.application_name),
             revision: Some(record.revision),
             refreshed_at: rfc3339(record.refreshed_at_ms),
-            value_bytes: record.metadata_info.len(),
+            value_bytes: value_bytes(record.value_bytes, &record.metadata_info),
             value: (!names_only).then_some(record.metadata_info),
         }
     }
@@ -59,7 +59,7 @@ impl RecordView {
             application: None,
             revision: None,
             refreshed_at: rfc3339(record.refreshed_at_ms),
-            value_bytes: record.service_definition.len(),
+            value_bytes: value_bytes(record.value_bytes, &record.service_definition),
             value: (!names_only).then_some(record.service_definition),
         }
     }
@@ -270,6 +270,15 @@ pub async fn delete_definition(client: &ClientArgs, identifier: String) -> anyho
     Ok(())
 }
 
+/// A record's size as the server reports it; a server that predates the field reports 0,
+/// and then the value itself (when listed) says.
+fn value_bytes(reported: u64, value: &str) -> usize {
+    match reported {
+        0 => value.len(),
+        n => usize::try_from(n).unwrap_or(usize::MAX),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +291,7 @@ mod tests {
                 metadata_info: "{\"app\":1}".into(),
                 refreshed_at_ms,
                 namespace: "default".into(),
+                value_bytes: 9,
             },
             false,
         )
