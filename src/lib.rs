@@ -144,35 +144,57 @@ pub async fn run(
     listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let listeners = listeners.into();
-    let opening = CancellationToken::new();
-    if let Some(listener) = &listeners.admin {
-        match admin::share_listener(listener) {
-            Ok(shared) => {
-                let backend = config
-                    .store
-                    .backend
-                    .to_possible_value()
-                    .map_or_else(String::new, |v| v.get_name().to_owned());
-                tokio::spawn(admin::serve(
-                    shared,
-                    admin::opening_router(&backend),
-                    opening.clone(),
-                    config.admin.shutdown_timeout,
-                ));
-            }
-            Err(error) => {
-                tracing::warn!(%error, "the admin port will answer once the store is open");
-            }
-        }
-    }
-    let stop_opening = opening.drop_guard();
+    let Listeners { grpc, admin } = listeners.into();
+    // The admin port stops with the server, or when the server fails to start.
+    let admin_stop = shutdown.child_token();
+    let stop_admin = admin_stop.clone().drop_guard();
+    let admin = admin
+        .map(|listener| AdminPort::start(listener, &config, admin_stop))
+        .transpose()?;
     let store = tokio::select! {
         store = open_store(&config.store, config.lease.ttl) => store?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    drop(stop_opening);
-    serve(config, store, listeners, shutdown).await
+    let served = serve_on(config, store, grpc, admin, shutdown).await;
+    if served.is_ok() {
+        stop_admin.disarm();
+    }
+    served
+}
+
+/// The admin HTTP port, answering from the moment it is started: first with
+/// [`admin::opening_router`], then with the full router once the server is wired.
+struct AdminPort {
+    router: watch::Sender<axum::Router>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminPort {
+    fn start(
+        listener: TcpListener,
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
+        if let Ok(addr) = listener.local_addr() {
+            // Refused before anything answers on a non-loopback admin port without a token.
+            security::check_admin_exposure(addr, config.security.admin_token_file.is_some())
+                .map_err(Error::Security)?;
+            info!(admin.addr = %addr, "admin HTTP serving");
+        }
+        let backend = config
+            .store
+            .backend
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_owned());
+        let (router, routes) = watch::channel(admin::opening_router(&backend));
+        let task = tokio::spawn(admin::serve(
+            listener,
+            routes,
+            shutdown,
+            config.admin.shutdown_timeout,
+        ));
+        Ok(Self { router, task })
+    }
 }
 
 /// Runs the server over an already-open store.
@@ -183,13 +205,22 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let Listeners { grpc, admin } = listeners.into();
+    let admin = admin
+        .map(|listener| AdminPort::start(listener, &config, shutdown.clone()))
+        .transpose()?;
+    serve_on(config, store, grpc, admin, shutdown).await
+}
+
+async fn serve_on(
+    config: Config,
+    store: Arc<dyn store::Store>,
+    grpc: TcpListener,
+    admin: Option<AdminPort>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let metrics = metrics::Metrics::new();
     // Every user of the store goes through one timed wrapper.
     let store: Arc<dyn store::Store> = Arc::new(metrics::InstrumentedStore::new(store, &metrics));
-    if let Some(admin_addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
-        security::check_admin_exposure(admin_addr, config.security.admin_token_file.is_some())
-            .map_err(Error::Security)?;
-    }
     let (cache, writer) = pixiu_xds::cache();
     // Envoy resources are in the cache before ADS serves, like the store's first state.
     let envoy_task = push::envoy::start(&config.envoy, writer.clone(), shutdown.clone());
@@ -206,7 +237,7 @@ pub async fn serve(
     let registry = pixiu_xds::Registry::new();
     let pushes = admin::PushLog::new();
     // Admin HTTP starts before the cache is warmed, so /readyz can say it is not.
-    let admin_task = admin.map(|listener| {
+    let admin_task = admin.map(|port| {
         let state = admin::AdminState::new(
             store.clone(),
             cache.clone(),
@@ -219,12 +250,8 @@ pub async fn serve(
             Some(token) => security::require_admin_token(admin::router(state), token.clone()),
             None => admin::router(state),
         };
-        tokio::spawn(admin::serve(
-            listener,
-            router,
-            shutdown.clone(),
-            config.admin.shutdown_timeout,
-        ))
+        drop(port.router.send_replace(router));
+        port.task
     });
     // Do not serve ADS from an empty cache as if it were the truth.
     let _ = warmed.wait_for(|w| *w).await;
@@ -284,10 +311,11 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(Error::Reflection)?;
 
     let addr = grpc.local_addr().ok();
-    info!(grpc.addr = ?addr, store = store.backend(), tls = secured.tls.is_some(), auth = secured.authorizer.required(), "serving");
+    let shown = addr.map_or_else(String::new, |a| a.to_string());
+    info!(grpc.addr = %shown, store = store.backend(), tls = secured.tls.is_some(), auth = secured.authorizer.required(), "serving");
     if secured.tls.is_none() && addr.is_some_and(|a| !a.ip().is_loopback()) {
         tracing::error!(
-            grpc.addr = ?addr,
+            grpc.addr = %shown,
             "PLAINTEXT gRPC ON A NON-LOOPBACK ADDRESS: anyone who can reach this port can read \
              and overwrite every namespace's metadata. Use --tls-cert/--tls-key/--client-ca \
              outside local development."

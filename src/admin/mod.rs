@@ -26,7 +26,7 @@ use axum::{
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{metrics::Metrics, store::Store};
 
@@ -119,20 +119,6 @@ pub fn opening_router(backend: &str) -> Router {
         })
 }
 
-/// A second listener on `listener`'s socket: the server that answers while the store opens
-/// accepts on it and stops; the full admin server keeps the first, so no connection is refused
-/// in between.
-///
-/// # Errors
-///
-/// When the socket cannot be duplicated (out of file descriptors).
-pub fn share_listener(listener: &TcpListener) -> std::io::Result<TcpListener> {
-    use std::os::fd::AsFd;
-    let shared = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
-    shared.set_nonblocking(true)?;
-    TcpListener::from_std(shared)
-}
-
 /// Most admin connections open at once; further ones are closed as they are accepted. An
 /// operator's browser, `status` and a Prometheus scraper need a handful.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -146,8 +132,8 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
 /// stops is closed then, so idle sockets cannot use up the process's file descriptors.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `router` on `listener` until `shutdown`, then gives in-flight requests
-/// `drain_timeout` to finish before returning anyway.
+/// Serves the router `routes` holds (the latest, for each request) on `listener` until
+/// `shutdown`, then gives in-flight requests `drain_timeout` to finish before returning anyway.
 ///
 /// HTTP/1.1 with [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections and
 /// [`MAX_CONNECTIONS_PER_PEER`] from one address: the port may face a network (behind
@@ -155,11 +141,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// descriptors the gRPC port needs nor the port from other clients.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    routes: tokio::sync::watch::Receiver<Router>,
     shutdown: CancellationToken,
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
-    info!(admin.addr = ?listener.local_addr().ok(), "admin HTTP serving");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let peers = Arc::new(parking_lot::Mutex::new(HashMap::new()));
@@ -191,7 +176,13 @@ pub async fn serve(
             debug!(%peer, max = MAX_CONNECTIONS_PER_PEER, "admin HTTP: too many connections from one address; closing a new one");
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // Each request goes to the router of the moment (the opening one, then the full one),
+        // so a connection accepted while the store opened is served after it too.
+        let routes = routes.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let router = routes.borrow().clone();
+            tower::ServiceExt::oneshot(router, request)
+        });
         let connection =
             graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {

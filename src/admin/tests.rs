@@ -225,7 +225,7 @@ impl Serving {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(
             listener,
-            router(f.state.clone()),
+            tokio::sync::watch::channel(router(f.state.clone())).1,
             shutdown.clone(),
             Duration::from_millis(200),
         ));
