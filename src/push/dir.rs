@@ -19,7 +19,7 @@ use std::{
 };
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::doc::{ParseError, err};
 
@@ -69,6 +69,8 @@ pub struct DirLoader<P: Parser> {
     files: BTreeMap<PathBuf, FileState<P::Item>>,
     /// Whether the last scan could list the directory.
     listed: bool,
+    /// Why the last scan could not list it, to warn once per reason rather than every poll.
+    unlisted: Option<String>,
     parser: PhantomData<fn() -> P>,
 }
 
@@ -79,6 +81,7 @@ impl<P: Parser> DirLoader<P> {
             dir: dir.into(),
             files: BTreeMap::new(),
             listed: false,
+            unlisted: None,
             parser: PhantomData,
         }
     }
@@ -92,6 +95,11 @@ impl<P: Parser> DirLoader<P> {
     /// nothing about what the directory holds.
     pub fn listed(&self) -> bool {
         self.listed
+    }
+
+    /// Why the directory could not be listed, while it cannot (warned once per reason).
+    pub fn unlisted(&self) -> Option<&str> {
+        self.unlisted.as_deref()
     }
 
     /// Every file's last good items, in path order.
@@ -112,10 +120,19 @@ impl<P: Parser> DirLoader<P> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(error) => {
-                warn!(kind, dir = %self.dir.display(), %error, "cannot list the config directory");
+                let reason = error.to_string();
+                if self.unlisted.as_ref() != Some(&reason) {
+                    warn!(kind, dir = %self.dir.display(), %error, "cannot list the config directory; trying again every poll");
+                } else {
+                    debug!(kind, dir = %self.dir.display(), %error, "cannot list the config directory");
+                }
+                self.unlisted = Some(reason);
                 return false;
             }
         };
+        if self.unlisted.take().is_some() {
+            info!(kind, dir = %self.dir.display(), "the config directory can be listed again");
+        }
         let mut seen = Vec::new();
         let mut changed = !self.listed;
         self.listed = true;

@@ -199,8 +199,19 @@ fn clashes_across_files_refuse_the_set_and_an_emptied_dir_serves_empty_sets() {
         e.message.contains("a.yaml") && e.message.contains("b.yaml"),
         "{e}"
     );
-    let missing = DirLoader::<PixiuParser>::new(dir.path().join("missing"));
+    let mut missing = DirLoader::<PixiuParser>::new(dir.path().join("missing"));
     assert!(!missing.listed());
+    // Polled while missing: nothing changes, and the reason is kept (warned once).
+    assert!(!missing.scan());
+    assert!(!missing.scan());
+    assert!(
+        missing
+            .unlisted()
+            .is_some_and(|why| why.contains("No such file"))
+    );
+    std::fs::create_dir(dir.path().join("missing")).unwrap();
+    assert!(missing.scan(), "the first listing is a change");
+    assert!(missing.listed() && missing.unlisted().is_none());
 }
 
 #[tokio::test]
