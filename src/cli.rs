@@ -671,5 +671,67 @@ fn bash_subcommand_labels(script: &[u8]) -> Vec<u8> {
 }
 
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    // A status made by the client itself (`Unknown: transport error`, `Cancelled`) says why
+    // only in its sources: the TLS alert, the refused connection.
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(&status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    anyhow::anyhow!(text)
+}
+
+/// `error` and its causes on one line, each cause left out when the text before already says
+/// it (transport errors often repeat their source in their own message).
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_status_made_by_the_client_says_why_from_its_sources() {
+        let mut status = tonic::Status::unknown("transport error");
+        status.set_source(Arc::new(std::io::Error::other(
+            "received fatal alert: CertificateRequired",
+        )));
+        assert_eq!(
+            status_error(status).to_string(),
+            "Unknown: transport error: received fatal alert: CertificateRequired"
+        );
+        let plain = tonic::Status::not_found("no such record");
+        assert_eq!(status_error(plain).to_string(), "NotFound: no such record");
+    }
+
+    #[test]
+    fn one_line_leaves_out_causes_already_said() {
+        let inner = anyhow::anyhow!("tcp connect error");
+        let error = inner
+            .context("tcp connect error: Connection refused")
+            .context("connecting to http://127.0.0.1:1");
+        assert_eq!(
+            one_line(&error),
+            "connecting to http://127.0.0.1:1: tcp connect error: Connection refused"
+        );
+    }
 }

@@ -17,7 +17,7 @@ async fn main() -> std::process::ExitCode {
         Err(error) => {
             // The error and its causes on one line, for operators and scripts; never a
             // backtrace, whatever RUST_BACKTRACE says (a missing record is not a crash).
-            eprintln!("Error: {error:#}");
+            eprintln!("Error: {}", pixiu_metadata::cli::one_line(&error));
             std::process::ExitCode::FAILURE
         }
     }
