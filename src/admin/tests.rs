@@ -187,6 +187,9 @@ async fn overview_groups_applications_and_revisions_by_namespace() {
     assert_eq!(default.applications.len(), 1);
     assert_eq!(default.applications[0].name, "greeter");
     assert_eq!(default.applications[0].revisions[0].revision, "r1");
+    let r1 = &default.applications[0].revisions[0];
+    assert_eq!(r1.value_bytes, r1.metadata_info.len());
+    assert!(!r1.truncated);
     assert_eq!(default.definitions.len(), 1);
     assert!(overview.clients.is_empty());
     assert_eq!(overview.store, "memory");
@@ -341,4 +344,18 @@ async fn idle_and_surplus_connections_are_closed() {
     assert_eq!(served, ok);
 
     serving.stop().await;
+}
+
+#[test]
+fn overview_values_are_cut_on_a_character_boundary() {
+    // 3-byte characters across the limit: the cut falls before the one it would split.
+    let long = "\u{4e2d}".repeat(views::OVERVIEW_VALUE_BYTES / 3 + 10);
+    let (shown, size, truncated) = views::overview_value(Some(long.clone()));
+    assert!(truncated);
+    assert_eq!(size, long.len());
+    assert!(shown.len() <= views::OVERVIEW_VALUE_BYTES);
+    assert!(shown.len() > views::OVERVIEW_VALUE_BYTES - 3);
+    assert!(long.starts_with(&shown));
+    let short = views::overview_value(Some("{}".into()));
+    assert_eq!(short, ("{}".to_string(), 2, false));
 }

@@ -339,8 +339,14 @@ pub struct RevisionView {
     pub revision: String,
     /// The xDS resource version.
     pub version: String,
-    /// The raw metadata_info.
+    /// The raw metadata_info, its first [`OVERVIEW_VALUE_BYTES`] when `truncated`.
     pub metadata_info: String,
+    /// The whole value's size.
+    #[serde(default)]
+    pub value_bytes: usize,
+    /// Whether `metadata_info` was cut (the whole value is in `/debug/config_dump`).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// One service definition.
@@ -350,8 +356,14 @@ pub struct DefinitionView {
     pub identifier: String,
     /// The xDS resource version.
     pub version: String,
-    /// The raw definition.
+    /// The raw definition, its first [`OVERVIEW_VALUE_BYTES`] when `truncated`.
     pub service_definition: String,
+    /// The whole value's size.
+    #[serde(default)]
+    pub value_bytes: usize,
+    /// Whether `service_definition` was cut (the whole value is in `/debug/config_dump`).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// One response written to a client.
@@ -375,6 +387,26 @@ pub struct PushEntry {
     pub cause: String,
     /// For a change: milliseconds from the cache change to the response being written.
     pub latency_ms: Option<f64>,
+}
+
+/// The most of each value `/api/overview` carries: the page polls it every 2 s, so it must not
+/// carry the whole store (values may be 1 MiB each).
+pub const OVERVIEW_VALUE_BYTES: usize = 16 * 1024;
+
+/// `value` cut to [`OVERVIEW_VALUE_BYTES`] on a character boundary: the text, the whole
+/// size, whether it was cut.
+pub(super) fn overview_value(value: Option<String>) -> (String, usize, bool) {
+    let mut value = value.unwrap_or_default();
+    let size = value.len();
+    if size <= OVERVIEW_VALUE_BYTES {
+        return (value, size, false);
+    }
+    let mut end = OVERVIEW_VALUE_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value.truncate(end);
+    (value, size, true)
 }
 
 /// `/api/overview` from the snapshot, registry and push log.
@@ -407,17 +439,23 @@ pub fn overview(
                 });
             }
             if let Some(app) = ns.applications.last_mut() {
+                let (metadata_info, value_bytes, truncated) = overview_value(resource.value);
                 app.revisions.push(RevisionView {
                     revision: resource.revision.unwrap_or_default(),
                     version: resource.version,
-                    metadata_info: resource.value.unwrap_or_default(),
+                    metadata_info,
+                    value_bytes,
+                    truncated,
                 });
             }
         } else {
+            let (service_definition, value_bytes, truncated) = overview_value(resource.value);
             ns.definitions.push(DefinitionView {
                 identifier: resource.name,
                 version: resource.version,
-                service_definition: resource.value.unwrap_or_default(),
+                service_definition,
+                value_bytes,
+                truncated,
             });
         }
     }
