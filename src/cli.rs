@@ -141,7 +141,7 @@ pub struct ServeArgs {
     )]
     pub default_namespace: String,
     /// Largest metadata_info or service definition accepted, in bytes.
-    #[arg(long, env = "PIXIU_METADATA_MAX_VALUE_BYTES", default_value_t = crate::model::DEFAULT_MAX_VALUE_BYTES)]
+    #[arg(long, env = "PIXIU_METADATA_MAX_VALUE_BYTES", default_value_t = crate::model::DEFAULT_MAX_VALUE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_value_bytes: usize,
     /// Most records per namespace and kind.
     #[arg(
@@ -308,7 +308,7 @@ pub enum MetadataCommand {
         #[arg(long)]
         names_only: bool,
         /// Print at most this many records.
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         limit: usize,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
@@ -381,7 +381,7 @@ pub enum DefinitionCommand {
         #[arg(long)]
         names_only: bool,
         /// Print at most this many records.
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         limit: usize,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]

@@ -353,6 +353,16 @@ async fn failures_exit_non_zero_with_a_helpful_message() {
     assert_eq!(stderr.lines().count(), 1, "one line\n{}", show(&output));
     assert!(stderr.starts_with("Error: "), "{}", show(&output));
 
+    // Zero records or a zero-byte value limit is a usage error, not an empty answer.
+    for args in [
+        &["metadata", "list", "--server", &url, "--limit", "0"][..],
+        &["serve", "--max-value-bytes", "0"][..],
+    ] {
+        let output = cli(args);
+        assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("0 is not in 1.."));
+    }
+
     // A watch the server refuses (a namespace holding '/') ends with the reason instead of
     // reconnecting for ever.
     let output = cli(&[
