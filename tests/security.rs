@@ -921,6 +921,13 @@ async fn admin_requires_a_token_when_asked_and_refuses_to_start_exposed_without_
             .0
     };
     assert_eq!(metrics(None).await, 401);
+    let (_, refused) = common::http_get(server.admin_addr, "/metrics", None).await;
+    assert!(
+        refused
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer realm=\"pixiu-metadata admin\""),
+        "{refused}"
+    );
     assert_eq!(
         common::http_get(server.admin_addr, "/debug/config_dump", Some("wrong"))
             .await

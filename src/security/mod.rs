@@ -420,6 +420,11 @@ pub fn require_admin_token(router: axum::Router, token: Arc<AdminToken>) -> axum
                 } else {
                     axum::response::IntoResponse::into_response((
                         http::StatusCode::UNAUTHORIZED,
+                        // RFC 6750: say which scheme the port wants.
+                        [(
+                            http::header::WWW_AUTHENTICATE,
+                            "Bearer realm=\"pixiu-metadata admin\"",
+                        )],
                         "admin token required\n",
                     ))
                 }
