@@ -495,6 +495,43 @@ fn write_raw(out: &mut impl std::io::Write, value: &str) -> std::io::Result<()> 
 
 /// Runs a client command, writing its output to `out`.
 pub async fn run_client(command: Command, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let plaintext = match &command {
+        Command::Metadata(
+            MetadataCommand::Publish { client, .. }
+            | MetadataCommand::Get { client, .. }
+            | MetadataCommand::List { client, .. }
+            | MetadataCommand::Delete { client, .. }
+            | MetadataCommand::Watch { client, .. },
+        )
+        | Command::Definition(
+            DefinitionCommand::Publish { client, .. }
+            | DefinitionCommand::Get { client, .. }
+            | DefinitionCommand::List { client, .. }
+            | DefinitionCommand::Delete { client, .. }
+            | DefinitionCommand::Watch { client, .. },
+        ) => client.server.starts_with("http://"),
+        _ => false,
+    };
+    run_command(command, out).await.map_err(|error| {
+        // Plain HTTP/2 to a TLS port fails in the transport, with words that do not say so.
+        let text = one_line(&error);
+        let transport = ["Unknown:", "Cancelled:", "Internal:"]
+            .iter()
+            .any(|code| text.starts_with(code))
+            && (text.contains("transport error")
+                || text.contains("h2 protocol error")
+                || text.contains("operation was canceled"));
+        if plaintext && transport {
+            anyhow::anyhow!(
+                "{text} (if the server serves TLS, give an https:// --server and --ca-cert)"
+            )
+        } else {
+            error
+        }
+    })
+}
+
+async fn run_command(command: Command, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     use proto::{
         metadata_service_client::MetadataServiceClient,
         service_definition_service_client::ServiceDefinitionServiceClient,

@@ -315,6 +315,11 @@ async fn client_commands_speak_tls_and_authenticate() {
         &ca,
     ]);
     assert!(err.contains("https://"), "{err}");
+    // Plain HTTP/2 to the TLS port: the transport's words, and what to do.
+    let err = cli_err(&[
+        "metadata", "get", "-a", "app", "-r", "r1", "--server", &plain,
+    ]);
+    assert!(err.contains("give an https:// --server"), "{err}");
 
     // The admin port: status with its token, refused without.
     let admin = server.admin_url();
