@@ -147,6 +147,16 @@ pub enum Invalid {
         /// The byte offset of the first one.
         at: usize,
     },
+    /// A name holds a bidirectional formatting character (U+202A–U+202E, U+2066–U+2069,
+    /// U+200E, U+200F, U+061C): it reorders how the names after it are shown in a terminal,
+    /// the admin page or a log, so one name could pass for another.
+    #[error("{field} contains a bidirectional formatting character at byte {at}")]
+    BidiControl {
+        /// The field.
+        field: &'static str,
+        /// The byte offset of the first one.
+        at: usize,
+    },
     /// A name holds a character it may not hold.
     #[error("{field} must not contain {what}")]
     Forbidden {
@@ -192,7 +202,16 @@ pub fn check_name(field: &'static str, value: &str) -> Result<(), Invalid> {
     if let Some((at, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
         return Err(Invalid::ControlCharacter { field, at });
     }
+    if let Some((at, _)) = value.char_indices().find(|(_, c)| is_bidi_control(*c)) {
+        return Err(Invalid::BidiControl { field, at });
+    }
     Ok(())
+}
+
+/// The characters that change the order in which text is shown (Unicode's explicit
+/// directional formatting characters and marks).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
 }
 
 /// Checks an application name: a name without `/` (it separates application and revision in
@@ -271,6 +290,14 @@ mod tests {
         assert!(check_name("f", &"a".repeat(253)).is_ok());
         assert!(check_name("f", &"a".repeat(254)).is_err());
         assert!(check_name("f", "应用-1.0").is_ok());
+        // Right-to-left text is a name; the characters that reorder its display are not.
+        assert!(check_name("f", "تطبيق").is_ok());
+        assert_eq!(
+            check_name("f", "greeter\u{202E}1v"),
+            Err(Invalid::BidiControl { field: "f", at: 7 })
+        );
+        assert!(check_name("f", "a\u{2066}b").is_err());
+        assert!(check_name("f", "a\u{200F}").is_err());
         assert!(check_application("a/b").is_err());
         assert!(check_namespace("ns-1").is_ok());
         assert!(check_namespace("team-b/prod").is_err());
@@ -300,6 +327,7 @@ mod tests {
             if check_name("f", &s).is_ok() {
                 prop_assert!(!s.is_empty() && s.len() <= MAX_NAME_BYTES);
                 prop_assert!(!s.chars().any(char::is_control));
+                prop_assert!(!s.chars().any(is_bidi_control));
             }
         }
     }

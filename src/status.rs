@@ -56,6 +56,7 @@ pub fn code(error: &Error) -> Code {
             Invalid::Empty { .. }
             | Invalid::TooLong { .. }
             | Invalid::ControlCharacter { .. }
+            | Invalid::BidiControl { .. }
             | Invalid::Forbidden { .. } => Code::InvalidArgument,
         },
         Error::NotFound { .. } => Code::NotFound,

@@ -550,9 +550,18 @@ async fn h19_bad_namespace_headers_are_invalid_argument() {
 }
 
 #[tokio::test]
-async fn h20_format_characters_and_emoji_are_stored_as_given() {
+async fn h20_bidi_overrides_are_refused_emoji_and_joiners_are_stored_as_given() {
     case(memory_config(), |_, c| async move {
-        let name = "app\u{202e}gnp.exe🦀";
+        // "app<RLO>gnp.exe" shows as "appexe.png": one name passing for another.
+        for name in ["app\u{202e}gnp.exe", "app\u{2067}x", "app\u{200f}"] {
+            assert_eq!(
+                publish(&c, name, "r1", "x").await,
+                Err(Code::InvalidArgument),
+                "{name:?}"
+            );
+        }
+        // Other format characters are part of ordinary text: a zero-width joiner in an emoji.
+        let name = "app-👩\u{200d}💻🦀";
         assert_eq!(publish(&c, name, "r1", "x").await, Ok(()));
         assert_eq!(get(&c, name, "r1").await, Ok("x".into()));
     })
