@@ -87,9 +87,9 @@
 //! `ready()` fails with the reason while the watch is not established (etcd unreachable or
 //! without a leader), and from a request that found etcd unavailable until one succeeds (a
 //! hung etcd keeps the watch's connection open until its keep-alive times out). Besides the
-//! store's own requests, a probe asks etcd for one key every second ([`super::probe`]), so a replica
-//! with no traffic notices a hung etcd, and its recovery, within seconds; `ready()` itself
-//! reads what was found and never waits on etcd.
+//! store's own requests, a probe asks etcd for one key every second ([`super::probe`]), so a
+//! replica with no traffic notices a hung etcd, and its recovery, within seconds; `ready()`
+//! itself reads what was found and never waits on etcd.
 
 use std::{
     collections::BTreeMap,
@@ -725,7 +725,6 @@ impl Shared {
     }
 }
 
-/// The task that keeps the mirror in step with etcd.
 /// Asks etcd for one key (a linearizable read, so a member without a quorum fails it) every
 /// [`probe::PROBE_INTERVAL`] until `stop`, recording whether it answered as the store's own
 /// requests do.
@@ -748,6 +747,7 @@ async fn probe(
     .await;
 }
 
+/// The task that keeps the mirror in step with etcd.
 struct Follower {
     watch: WatchClient,
     kv: KvClient,
@@ -1768,11 +1768,16 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(8)).await;
         etcd.wipe_and_restart().await;
         let fresh = Key::metadata("ns", "fresh", "1");
+        let restarted = Instant::now();
         let took = loop {
             let started = Instant::now();
             if store.put(&fresh, "fresh", at(3)).await.is_ok() {
                 break started.elapsed();
             }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(15),
+                "writes did not succeed again"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(&*store.get(&fresh).await.unwrap().unwrap().value, "fresh");
