@@ -141,7 +141,7 @@ pub struct ServeArgs {
     )]
     pub default_namespace: String,
     /// Largest metadata_info or service definition accepted, in bytes.
-    #[arg(long, env = "PIXIU_METADATA_MAX_VALUE_BYTES", default_value_t = crate::model::DEFAULT_MAX_VALUE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "PIXIU_METADATA_MAX_VALUE_BYTES", default_value_t = crate::model::DEFAULT_MAX_VALUE_BYTES, value_parser = at_least_one())]
     pub max_value_bytes: usize,
     /// Most records per namespace and kind.
     #[arg(
@@ -308,7 +308,7 @@ pub enum MetadataCommand {
         #[arg(long)]
         names_only: bool,
         /// Print at most this many records.
-        #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        #[arg(long, default_value_t = 10_000, value_parser = at_least_one())]
         limit: usize,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
@@ -381,7 +381,7 @@ pub enum DefinitionCommand {
         #[arg(long)]
         names_only: bool,
         /// Print at most this many records.
-        #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        #[arg(long, default_value_t = 10_000, value_parser = at_least_one())]
         limit: usize,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
@@ -695,6 +695,11 @@ async fn run_command(command: Command, out: &mut impl std::io::Write) -> anyhow:
     Ok(())
 }
 
+/// A count or size flag that must be 1 or more (0 would make it refuse or show everything).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
 /// clap_complete's bash script for a binary whose name holds '-' names the subcommands'
 /// cases `pixiu__subcmd__metadata__subcmd__…` while its loop sets `pixiu__metadata__subcmd__…`,
 /// so nothing below the first word completed. The cases are renamed to what the loop sets.
@@ -710,34 +715,29 @@ fn bash_subcommand_labels(script: &[u8]) -> Vec<u8> {
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     // A status made by the client itself (`Unknown: transport error`, `Cancelled`) says why
     // only in its sources: the TLS alert, the refused connection.
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(&status);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    anyhow::anyhow!(text)
+    let causes = std::iter::successors(std::error::Error::source(&status), |cause| cause.source());
+    anyhow::anyhow!(said_once(
+        format!("{:?}: {}", status.code(), status.message()),
+        causes.map(ToString::to_string)
+    ))
 }
 
 /// `error` and its causes on one line, each cause left out when the text before already says
 /// it (transport errors often repeat their source in their own message).
 pub fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
+    let mut chain = error.chain().map(ToString::to_string);
+    said_once(chain.next().unwrap_or_default(), chain)
+}
+
+/// `first`, then each of `causes` the line does not already hold, joined by ": ".
+fn said_once(first: String, causes: impl Iterator<Item = String>) -> String {
+    causes.fold(first, |mut line, cause| {
+        if !line.contains(&cause) {
             line.push_str(": ");
+            line.push_str(&cause);
         }
-        line.push_str(&text);
-    }
-    line
+        line
+    })
 }
 
 #[cfg(test)]

@@ -370,15 +370,12 @@ async fn failures_exit_non_zero_with_a_helpful_message() {
 
     // A watch the server refuses (a namespace holding '/') ends with the reason instead of
     // reconnecting for ever.
-    let output = cli(&[
+    let stderr = cli_err(&[
         "metadata", "watch", "--server", &url, "-n", "a/b", "--count", "1",
     ]);
-    assert!(!output.status.success(), "{}", show(&output));
-    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("Error: InvalidArgument") && stderr.contains("namespace"),
-        "{}",
-        show(&output)
+        "{stderr}"
     );
 
     let output = cli(&[
