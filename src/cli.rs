@@ -597,7 +597,7 @@ async fn run_command(command: Command, out: &mut impl std::io::Write) -> anyhow:
                         Some((application, revision)),
                         value,
                     );
-                    records::print(&[record], output, out)?;
+                    records::print_one(record, output, out)?;
                 }
             }
         }
@@ -679,7 +679,7 @@ async fn run_command(command: Command, out: &mut impl std::io::Write) -> anyhow:
                 None => write_raw(out, &value)?,
                 Some(output) => {
                     let record = records::got(client.namespace.as_deref(), identifier, None, value);
-                    records::print(&[record], output, out)?;
+                    records::print_one(record, output, out)?;
                 }
             }
         }

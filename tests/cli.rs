@@ -587,8 +587,12 @@ async fn list_delete_and_output_formats() {
         "metadata", "get", "--server", s, "-a", "greeter", "-r", "r2", "-o", "yaml",
     ]);
     let got: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
-    assert_eq!(got[0]["revision"], "r2");
-    assert_eq!(got[0]["value"], "{\"app\":\"greeter\",\"revision\":\"r2\"}");
+    assert_eq!(got["revision"], "r2");
+    assert_eq!(got["value"], "{\"app\":\"greeter\",\"revision\":\"r2\"}");
+    assert!(
+        got.get("namespace").is_none(),
+        "no -n, so not known: {yaml}"
+    );
 
     // Delete, then it is gone and a second delete says so.
     assert_eq!(

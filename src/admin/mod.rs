@@ -283,8 +283,12 @@ async fn syncz(State(state): State<AdminState>) -> Json<views::SyncStatus> {
 async fn config_dump(
     State(state): State<AdminState>,
     Query(filter): Query<views::DumpFilter>,
-) -> Json<views::ConfigDump> {
-    Json(views::config_dump(&state.cache.snapshot(), &filter))
+) -> Response {
+    let snapshot = state.cache.snapshot();
+    if let Some(why) = views::unknown_type(&snapshot, &filter) {
+        return (StatusCode::BAD_REQUEST, why).into_response();
+    }
+    Json(views::config_dump(&snapshot, &filter)).into_response()
 }
 
 async fn overview(State(state): State<AdminState>) -> Json<views::Overview> {

@@ -163,6 +163,14 @@ async fn config_dump_decodes_and_filters() {
         assert_eq!(dump.resources[0].kind.as_deref(), Some("definition"));
     }
 
+    // A type the server serves but holds none of is an empty dump; a typo is a 400.
+    let none: views::ConfigDump = get_json(&f.state, "/debug/config_dump?type=Listener").await;
+    assert!(none.resources.is_empty());
+    let (status, _, body) = get(&f.state, "/debug/config_dump?type=metdata").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("unknown type \"metdata\""), "{body}");
+    assert!(body.contains(crate::pb::METADATA_TYPE_URL), "{body}");
+
     let by_app: views::ConfigDump =
         get_json(&f.state, "/debug/config_dump?application=greeter").await;
     let names: Vec<_> = by_app.resources.iter().map(|r| r.name.as_str()).collect();

@@ -19,8 +19,10 @@ use crate::pb::metadata::{
 /// One record as read commands print it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RecordView {
-    /// The record's namespace.
-    pub namespace: String,
+    /// The record's namespace; unknown for a `get` without `-n` (the server resolves it from
+    /// the caller's identity or its default), and then left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// `<application>/<revision>` or the definition's identifier.
     pub name: String,
     /// The application (metadata only).
@@ -43,7 +45,7 @@ impl RecordView {
     fn from_metadata(record: proto::MetadataRecord, names_only: bool) -> Self {
         Self {
             name: format!("{}/{}", record.application_name, record.revision),
-            namespace: record.namespace,
+            namespace: Some(record.namespace),
             application: Some(record.application_name),
             revision: Some(record.revision),
             refreshed_at: rfc3339(record.refreshed_at_ms),
@@ -55,7 +57,7 @@ impl RecordView {
     fn from_definition(record: proto::ServiceDefinitionRecord, names_only: bool) -> Self {
         Self {
             name: record.identifier,
-            namespace: record.namespace,
+            namespace: Some(record.namespace),
             application: None,
             revision: None,
             refreshed_at: rfc3339(record.refreshed_at_ms),
@@ -106,7 +108,7 @@ pub fn print(
                 .iter()
                 .map(|r| {
                     [
-                        r.namespace.clone(),
+                        r.namespace.clone().unwrap_or_else(|| "-".into()),
                         r.name.clone(),
                         r.value_bytes.to_string(),
                         age(r.refreshed_at.as_deref(), now),
@@ -136,6 +138,21 @@ pub fn print(
                 writeln!(out, "{}", line([&row[0], &row[1], &row[2], &row[3]]))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Prints the one record `get` read: the object itself for JSON and YAML (as `kubectl get
+/// <kind> <name>` does), a one-row table otherwise.
+pub fn print_one(
+    record: RecordView,
+    output: Output,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&record)?)?,
+        Output::Yaml => write!(out, "{}", serde_norway::to_string(&record)?)?,
+        Output::Table => print(&[record], output, out)?,
     }
     Ok(())
 }
@@ -231,7 +248,7 @@ pub fn got(
 ) -> RecordView {
     let (application, revision) = application_revision.unzip();
     RecordView {
-        namespace: namespace.unwrap_or("").to_string(),
+        namespace: namespace.map(str::to_string),
         name,
         application,
         revision,
@@ -337,6 +354,32 @@ mod tests {
         print(&records, Output::Yaml, &mut yaml).unwrap();
         let parsed: serde_json::Value = serde_norway::from_slice(&yaml).unwrap();
         assert_eq!(parsed[0]["name"], "greeter/r1");
+    }
+
+    #[test]
+    fn one_record_is_printed_as_the_object_and_an_unknown_namespace_is_left_out() {
+        let record = || got(None, "org.Greeter".into(), None, "{}".into());
+        let mut json = Vec::new();
+        print_one(record(), Output::Json, &mut json).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(parsed["name"], "org.Greeter");
+        assert_eq!(parsed["value"], "{}");
+        assert!(parsed.get("namespace").is_none(), "{parsed}");
+        let mut yaml = Vec::new();
+        let given = got(
+            Some("team-a"),
+            "a/r1".into(),
+            Some(("a".into(), "r1".into())),
+            "v".into(),
+        );
+        print_one(given, Output::Yaml, &mut yaml).unwrap();
+        let parsed: serde_json::Value = serde_norway::from_slice(&yaml).unwrap();
+        assert_eq!(parsed["namespace"], "team-a");
+        assert_eq!(parsed["revision"], "r1");
+        let mut table = Vec::new();
+        print_one(record(), Output::Table, &mut table).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        assert!(table.lines().nth(1).unwrap().starts_with("-  "), "{table}");
     }
 
     #[test]
