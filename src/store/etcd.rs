@@ -193,8 +193,8 @@ struct Shared {
     events: broadcast::Sender<Event>,
     /// The etcd revision the mirror has reached.
     revision: watch::Sender<u64>,
-    /// Since when and why the watch is not following etcd; `None` while it is.
-    down: Mutex<Option<(Instant, String)>>,
+    /// Since when and why the watch is not following etcd; empty while it is.
+    down: Failing,
     /// Wakes the watch task when a request found etcd's history older than the mirror's.
     relist: tokio::sync::Notify,
     /// Since when and why requests (the store's own or the [`probe`]'s) fail with etcd
@@ -285,7 +285,7 @@ impl EtcdStore {
             mirror: Mutex::default(),
             events,
             revision: watch::Sender::new(0),
-            down: Mutex::new(None),
+            down: Failing::default(),
             relist: tokio::sync::Notify::new(),
             failing: Failing::default(),
         });
@@ -559,10 +559,9 @@ impl Store for EtcdStore {
 
     async fn ready(&self) -> Result<()> {
         let endpoints = &self.inner.endpoints;
-        if let Some((since, reason)) = &*self.inner.shared.down.lock() {
+        if let Some((down_for, reason)) = self.inner.shared.down.failing() {
             return Err(Error::Unavailable(format!(
-                "not following etcd at {endpoints:?} for {:.1?}: {reason}",
-                since.elapsed()
+                "not following etcd at {endpoints:?} for {down_for:.1?}: {reason}"
             )));
         }
         self.inner
@@ -705,22 +704,16 @@ impl Shared {
     }
 
     fn set_down(&self, reason: String) {
-        let mut down = self.down.lock();
-        match &*down {
-            None => {
-                warn!(reason = %reason, "lost the etcd watch; serving reads from memory, writes fail until etcd is back");
-                *down = Some((Instant::now(), reason));
-            }
-            Some((since, _)) => {
-                debug!(reason = %reason, "etcd watch still down");
-                *down = Some((*since, reason));
-            }
+        if self.down.fail(reason.clone()) {
+            warn!(reason = %reason, "lost the etcd watch; serving reads from memory, writes fail until etcd is back");
+        } else {
+            debug!(reason = %reason, "etcd watch still down");
         }
     }
 
     fn set_up(&self) {
-        if let Some((since, _)) = self.down.lock().take() {
-            info!(down_for = ?since.elapsed(), "etcd watch re-established");
+        if let Some(down_for) = self.down.clear() {
+            info!(?down_for, "etcd watch re-established");
         }
     }
 }

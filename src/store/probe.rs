@@ -16,8 +16,9 @@ use super::{Error, Result};
 /// How often the probe asks the backend.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Since when and why requests to the backend fail with [`Error::Unavailable`]; empty once one
-/// succeeds.
+/// Since when and why something about the backend fails: its requests fail with
+/// [`Error::Unavailable`] (what [`record`](Failing::record) follows), or a watch is not
+/// following it; empty once it works again.
 #[derive(Debug, Default)]
 pub(crate) struct Failing(Mutex<Option<(Instant, String)>>);
 
@@ -25,26 +26,46 @@ impl Failing {
     /// Records a request's outcome: unavailable marks the backend failing (keeping since
     /// when), a success clears it, and other errors (an answer refusing the request) leave it.
     pub(crate) fn record<T>(&self, result: &Result<T>) {
-        let mut failing = self.0.lock();
         match result {
-            Ok(_) => *failing = None,
+            Ok(_) => {
+                self.clear();
+            }
             Err(Error::Unavailable(reason)) => {
-                let since = failing
-                    .as_ref()
-                    .map_or_else(Instant::now, |(since, _)| *since);
-                *failing = Some((since, reason.clone()));
+                self.fail(reason.clone());
             }
             Err(_) => {}
         }
     }
 
+    /// Marks it failing for `reason`, keeping since when it already was; true when it was not.
+    pub(crate) fn fail(&self, reason: String) -> bool {
+        let mut failing = self.0.lock();
+        let (since, newly) = match failing.as_ref() {
+            Some((since, _)) => (*since, false),
+            None => (Instant::now(), true),
+        };
+        *failing = Some((since, reason));
+        newly
+    }
+
+    /// Marks it working; how long it had failed, when it had.
+    pub(crate) fn clear(&self) -> Option<Duration> {
+        self.0.lock().take().map(|(since, _)| since.elapsed())
+    }
+
+    /// How long it has failed, and the last reason; `None` while it works.
+    pub(crate) fn failing(&self) -> Option<(Duration, String)> {
+        let failing = self.0.lock();
+        let (since, reason) = failing.as_ref()?;
+        Some((since.elapsed(), reason.clone()))
+    }
+
     /// Fails with [`Error::Unavailable`] naming `backend` while requests fail.
     pub(crate) fn check(&self, backend: &str) -> Result<()> {
-        match &*self.0.lock() {
+        match self.failing() {
             None => Ok(()),
-            Some((since, reason)) => Err(Error::Unavailable(format!(
-                "requests to {backend} failing for {:.1?}: {reason}",
-                since.elapsed()
+            Some((failed_for, reason)) => Err(Error::Unavailable(format!(
+                "requests to {backend} failing for {failed_for:.1?}: {reason}"
             ))),
         }
     }
@@ -108,6 +129,18 @@ mod tests {
             "{message}"
         );
         assert!(message.ends_with(": connection refused"), "{message}");
+    }
+
+    #[test]
+    fn fail_says_when_it_starts_and_clear_how_long_it_lasted() {
+        let failing = Failing::default();
+        assert_eq!(failing.clear(), None);
+        assert!(failing.fail("watch lost".into()));
+        assert!(!failing.fail("still lost".into()));
+        assert_eq!(failing.failing().unwrap().1, "still lost");
+        assert!(failing.clear().is_some());
+        assert_eq!(failing.failing(), None);
+        failing.check("etcd").unwrap();
     }
 
     #[test]
