@@ -296,11 +296,15 @@ async fn print_config_shows_each_value_and_its_source() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let from_file = format!(
+        "store = \"memory\"  # config file {}",
+        dir.path().join("pixiu-metadata.toml").display()
+    );
     for line in [
         r#"grpc-addr = "127.0.0.1:15010"  # default"#,
         r#"admin-addr = "127.0.0.1:25014"  # environment PIXIU_METADATA_ADMIN_ADDR"#,
-        r#"store = "memory"  # flag or config file"#,
-        r#"metadata-ttl = "3h"  # flag or config file"#,
+        &from_file,
+        r#"metadata-ttl = "3h"  # flag"#,
     ] {
         assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
     }

@@ -23,32 +23,57 @@ pub fn parse_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> anyhow
     let mut argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
     let command = Cli::command();
     let mut matches = command.clone().try_get_matches_from(&argv)?;
+    let mut from_file = None;
     if let Some(("serve", serve)) = matches.subcommand()
         && let Some(path) = serve.get_one::<std::path::PathBuf>("config")
     {
-        let extra = file_args(&command, serve, path)?;
+        let path = path.clone();
+        let (extra, keys) = file_args(&command, serve, &path)?;
         if !extra.is_empty() {
             argv.extend(extra);
             matches = command
                 .clone()
                 .try_get_matches_from(&argv)
-                .with_context(|| format!("in {}", path.display()))?;
+                .map_err(|e| in_file(&e, &path, &keys))?;
         }
+        from_file = Some((path, keys));
     }
     let mut cli = Cli::from_arg_matches(&matches)?;
     if let (Command::Serve(args), Some(("serve", serve))) = (&mut cli.command, matches.subcommand())
     {
-        args.effective_config = render(&command, serve);
+        args.effective_config = render(&command, serve, from_file.as_ref());
     }
     Ok(cli)
 }
 
-/// The command-line arguments the file adds: its keys whose flags took their default.
+/// A value of the file that `serve`'s flags refuse, as an error naming the file and the key
+/// (clap's own would name only the flag, as if it had been typed).
+fn in_file(error: &clap::Error, path: &Path, keys: &[String]) -> anyhow::Error {
+    let rendered = error.render().to_string();
+    let reason = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    let key = match error.get(clap::error::ContextKind::InvalidArg) {
+        Some(clap::error::ContextValue::String(arg)) => keys
+            .iter()
+            .find(|k| arg.strip_prefix("--").and_then(|a| a.split(' ').next()) == Some(k.as_str())),
+        _ => None,
+    };
+    match key {
+        Some(key) => anyhow::anyhow!("{}: key {key}: {reason}", path.display()),
+        None => anyhow::anyhow!("{}: {reason}", path.display()),
+    }
+}
+
+/// The command-line arguments the file adds, and the keys they come from: its keys whose
+/// flags took their default.
 fn file_args(
     command: &clap::Command,
     serve: &ArgMatches,
     path: &Path,
-) -> anyhow::Result<Vec<OsString>> {
+) -> anyhow::Result<(Vec<OsString>, Vec<String>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
     let table: toml::Table =
@@ -57,6 +82,7 @@ fn file_args(
         .find_subcommand("serve")
         .expect("the CLI has a serve command");
     let mut out = Vec::new();
+    let mut keys = Vec::new();
     for (key, value) in &table {
         let Some(arg) = serve_command
             .get_arguments()
@@ -84,6 +110,7 @@ fn file_args(
                 path.display()
             )
         })?;
+        keys.push(key.clone());
         if matches!(arg.get_action(), ArgAction::SetTrue) {
             if values == ["true"] {
                 out.push(format!("--{key}").into());
@@ -94,7 +121,7 @@ fn file_args(
             out.push(format!("--{key}={v}").into());
         }
     }
-    Ok(out)
+    Ok((out, keys))
 }
 
 fn scalar(value: &toml::Value) -> Option<String> {
@@ -107,8 +134,13 @@ fn scalar(value: &toml::Value) -> Option<String> {
     }
 }
 
-/// The effective `serve` options as a config file, each with where its value came from.
-fn render(command: &clap::Command, serve: &ArgMatches) -> String {
+/// The effective `serve` options as a config file, each with where its value came from
+/// (`from_file`: the config file and the keys taken from it).
+fn render(
+    command: &clap::Command,
+    serve: &ArgMatches,
+    from_file: Option<&(std::path::PathBuf, Vec<String>)>,
+) -> String {
     let serve_command = command
         .find_subcommand("serve")
         .expect("the CLI has a serve command");
@@ -127,7 +159,12 @@ fn render(command: &clap::Command, serve: &ArgMatches) -> String {
                 "environment {}",
                 arg.get_env().map_or("", |e| e.to_str().unwrap_or(""))
             ),
-            Some(ValueSource::CommandLine) => "flag or config file".to_string(),
+            Some(ValueSource::CommandLine) => match from_file {
+                Some((path, keys)) if keys.iter().any(|k| k == long) => {
+                    format!("config file {}", path.display())
+                }
+                _ => "flag".to_string(),
+            },
             _ => "unset".to_string(),
         };
         let values: Vec<String> = serve
@@ -191,7 +228,13 @@ mod tests {
         assert_eq!(config.xds.max_streams, 7);
         assert!(
             args.effective_config
-                .contains("admin-addr = \"127.0.0.1:17014\"  # flag or config file"),
+                .contains("admin-addr = \"127.0.0.1:17014\"  # flag\n"),
+            "{}",
+            args.effective_config
+        );
+        assert!(
+            args.effective_config
+                .contains(&format!("max-streams = \"7\"  # config file {path}\n")),
             "{}",
             args.effective_config
         );
@@ -199,6 +242,24 @@ mod tests {
             args.effective_config
                 .contains("metadata-ttl = \"24h\"  # default")
         );
+    }
+
+    #[test]
+    fn a_refused_value_names_the_file_and_the_key() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "max-streams = 7\nmax-value-bytes = 0").unwrap();
+        let path = file.path().to_str().unwrap();
+        let error = parse_from(["pixiu-metadata", "serve", "--config", path]).unwrap_err();
+        assert!(
+            error.downcast_ref::<clap::Error>().is_none(),
+            "not clap's, which would name only the flag"
+        );
+        let message = format!("{error:#}");
+        assert!(
+            message.starts_with(&format!("{path}: key max-value-bytes: invalid value '0'")),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
     }
 
     #[test]
