@@ -327,7 +327,7 @@ async fn serve_on(
         // tonic reports a request it could not read as INTERNAL (bad bytes) or OUT_OF_RANGE
         // (over the size limit); our contract is INVALID_ARGUMENT and RESOURCE_EXHAUSTED.
         .layer(tower::util::MapResponseLayer::new(
-            security::request_error_status,
+            security::request_error_status(config.api.max_value_bytes),
         ))
         .add_service(api.metadata_service())
         .add_service(api.definition_service())

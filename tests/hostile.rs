@@ -391,6 +391,18 @@ async fn h07_message_over_the_decoding_limit_is_resource_exhausted() {
         let body = publish_body(b"app", b"r1", &vec![b'v'; 8 << 20]);
         let status = raw_unary(c, PUBLISH, body).await.unwrap_err();
         assert_eq!(status.code(), Code::ResourceExhausted);
+        // tonic's words, and what bounds a value.
+        assert!(
+            status
+                .message()
+                .starts_with("Error, decoded message length too large")
+                && status.message().ends_with(&format!(
+                    "(a published value may hold up to {} bytes: --max-value-bytes)",
+                    pixiu_metadata::model::DEFAULT_MAX_VALUE_BYTES
+                )),
+            "{}",
+            status.message()
+        );
     })
     .await;
 }
