@@ -212,29 +212,27 @@ fn type_matches(wanted: &str, type_url: &str) -> bool {
         || kind_of(type_url).is_some_and(|k| k.as_str() == wanted)
 }
 
-/// Every type URL this server can hold: its own kinds, upstream's mapping, the Pixiu and
-/// Envoy configuration directories' types.
-const SERVED_TYPE_URLS: [&str; 11] = [
-    crate::pb::METADATA_TYPE_URL,
-    crate::pb::SERVICE_DEFINITION_TYPE_URL,
-    crate::pb::SERVICE_MAPPING_TYPE_URL,
-    crate::pb::UPSTREAM_MAPPING_TYPE_URL,
-    crate::push::pixiu::ECDS_TYPE_URL,
-    crate::push::pixiu::LISTENERS_TYPE_URL,
-    crate::push::pixiu::CLUSTERS_TYPE_URL,
-    crate::push::envoy::LISTENER_TYPE_URL,
-    crate::push::envoy::ROUTE_TYPE_URL,
-    crate::push::envoy::CLUSTER_TYPE_URL,
-    crate::push::envoy::ENDPOINT_TYPE_URL,
-];
+/// Every type URL the server serves, from the lists of the modules that write them: its own
+/// kinds, upstream's mapping, ECDS and the Pixiu types inside its resources, and the Envoy
+/// configuration directory's types.
+fn served_type_urls() -> impl Iterator<Item = &'static str> {
+    Kind::ALL
+        .into_iter()
+        .map(crate::push::type_url)
+        .chain([
+            crate::pb::UPSTREAM_MAPPING_TYPE_URL,
+            crate::push::pixiu::ECDS_TYPE_URL,
+            crate::push::pixiu::LISTENERS_TYPE_URL,
+            crate::push::pixiu::CLUSTERS_TYPE_URL,
+        ])
+        .chain(crate::push::envoy::TYPE_URLS)
+}
 
 /// Why a `/debug/config_dump` filter selects nothing the server could ever hold: a `type`
 /// that names no type it serves (a typo would otherwise read as "nothing there").
 pub fn unknown_type(snapshot: &Snapshot, filter: &DumpFilter) -> Option<String> {
     let wanted = filter.type_.as_deref()?;
-    let known = SERVED_TYPE_URLS
-        .into_iter()
-        .any(|t| type_matches(wanted, t))
+    let known = served_type_urls().any(|t| type_matches(wanted, t))
         || snapshot
             .keys()
             .any(|(_, type_url)| type_matches(wanted, type_url.as_str()));
@@ -242,7 +240,7 @@ pub fn unknown_type(snapshot: &Snapshot, filter: &DumpFilter) -> Option<String> 
         format!(
             "unknown type {wanted:?}: give a kind (metadata, definition, mapping), a message name \
              (Metadata, Listener, ...) or a type URL ({})",
-            SERVED_TYPE_URLS.join(", ")
+            served_type_urls().collect::<Vec<_>>().join(", ")
         )
     })
 }
