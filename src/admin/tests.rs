@@ -170,6 +170,16 @@ async fn config_dump_decodes_and_filters() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.contains("unknown type \"metdata\""), "{body}");
     assert!(body.contains(crate::pb::METADATA_TYPE_URL), "{body}");
+    // Pixiu's listeners and clusters are never resources of their own: the 400 names ECDS.
+    for inner in [
+        "PixiuExtensionListeners",
+        crate::push::pixiu::CLUSTERS_TYPE_URL,
+    ] {
+        let (status, _, body) = get(&f.state, &format!("/debug/config_dump?type={inner}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("not a resource of its own"), "{body}");
+        assert!(body.contains(crate::push::pixiu::ECDS_TYPE_URL), "{body}");
+    }
 
     let by_app: views::ConfigDump =
         get_json(&f.state, "/debug/config_dump?application=greeter").await;

@@ -213,8 +213,7 @@ fn type_matches(wanted: &str, type_url: &str) -> bool {
 }
 
 /// Every type URL the server serves, from the lists of the modules that write them: its own
-/// kinds, upstream's mapping, ECDS and the Pixiu types inside its resources, and the Envoy
-/// configuration directory's types.
+/// kinds, upstream's mapping, ECDS and the Envoy configuration directory's types.
 fn served_type_urls() -> impl Iterator<Item = &'static str> {
     Kind::ALL
         .into_iter()
@@ -222,16 +221,28 @@ fn served_type_urls() -> impl Iterator<Item = &'static str> {
         .chain([
             crate::pb::UPSTREAM_MAPPING_TYPE_URL,
             crate::push::pixiu::ECDS_TYPE_URL,
-            crate::push::pixiu::LISTENERS_TYPE_URL,
-            crate::push::pixiu::CLUSTERS_TYPE_URL,
         ])
         .chain(crate::push::envoy::TYPE_URLS)
 }
 
+/// The Pixiu types that travel only inside ECDS resources, never as resources of their own.
+const INSIDE_ECDS: [&str; 2] = [
+    crate::push::pixiu::LISTENERS_TYPE_URL,
+    crate::push::pixiu::CLUSTERS_TYPE_URL,
+];
+
 /// Why a `/debug/config_dump` filter selects nothing the server could ever hold: a `type`
-/// that names no type it serves (a typo would otherwise read as "nothing there").
+/// that names no type it serves (a typo would otherwise read as "nothing there"), or one of
+/// the Pixiu types that only travel inside ECDS resources.
 pub fn unknown_type(snapshot: &Snapshot, filter: &DumpFilter) -> Option<String> {
     let wanted = filter.type_.as_deref()?;
+    if let Some(inner) = INSIDE_ECDS.iter().find(|t| type_matches(wanted, t)) {
+        return Some(format!(
+            "type {wanted:?} is not a resource of its own: {inner} travels inside the ECDS \
+             resources ({}); give type=TypedExtensionConfig",
+            crate::push::pixiu::ECDS_TYPE_URL
+        ));
+    }
     let known = served_type_urls().any(|t| type_matches(wanted, t))
         || snapshot
             .keys()
