@@ -19,13 +19,14 @@ use crate::{
 };
 
 mod file;
+pub mod output;
 pub mod records;
 pub mod security;
 pub mod status;
 mod watch;
 
 pub use file::parse_from;
-pub use status::Output;
+pub use output::Output;
 
 /// pixiu-metadata: store Dubbo application metadata and service definitions, and push them
 /// to consumers over xDS.

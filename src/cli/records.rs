@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tonic::Request;
 
-use super::{ClientArgs, Output, status_error};
+use super::{ClientArgs, Output, output, status_error};
 use crate::pb::metadata::{
     self as proto, metadata_service_client::MetadataServiceClient,
     service_definition_service_client::ServiceDefinitionServiceClient,
@@ -95,50 +95,26 @@ pub fn print(
     output: Output,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
-    match output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(records)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(records)?)?,
-        Output::Table => {
-            if records.is_empty() {
-                writeln!(out, "no records")?;
-                return Ok(());
-            }
-            let now = SystemTime::now();
-            let rows: Vec<[String; 4]> = records
-                .iter()
-                .map(|r| {
-                    [
-                        r.namespace.clone().unwrap_or_else(|| "-".into()),
-                        r.name.clone(),
-                        r.value_bytes.to_string(),
-                        age(r.refreshed_at.as_deref(), now),
-                    ]
-                })
-                .collect();
-            let header = ["NAMESPACE", "NAME", "BYTES", "REFRESHED"];
-            let mut widths = header.map(str::len);
-            for row in &rows {
-                for (width, cell) in widths.iter_mut().zip(row) {
-                    *width = (*width).max(cell.chars().count());
-                }
-            }
-            let line = |cells: [&str; 4]| {
-                let mut line = String::new();
-                for (idx, (cell, width)) in cells.iter().zip(widths).enumerate() {
-                    if idx + 1 == cells.len() {
-                        line.push_str(cell);
-                    } else {
-                        line.push_str(&format!("{cell:<width$}   "));
-                    }
-                }
-                line
-            };
-            writeln!(out, "{}", line(header))?;
-            for row in &rows {
-                writeln!(out, "{}", line([&row[0], &row[1], &row[2], &row[3]]))?;
-            }
-        }
+    if output.write_structured(records, out)? {
+        return Ok(());
     }
+    if records.is_empty() {
+        writeln!(out, "no records")?;
+        return Ok(());
+    }
+    let now = SystemTime::now();
+    let rows: Vec<[String; 4]> = records
+        .iter()
+        .map(|r| {
+            [
+                r.namespace.clone().unwrap_or_else(|| "-".into()),
+                r.name.clone(),
+                r.value_bytes.to_string(),
+                age(r.refreshed_at.as_deref(), now),
+            ]
+        })
+        .collect();
+    output::write_table(["NAMESPACE", "NAME", "BYTES", "REFRESHED"], &rows, out)?;
     Ok(())
 }
 
@@ -149,12 +125,10 @@ pub fn print_one(
     output: Output,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
-    match output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&record)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(&record)?)?,
-        Output::Table => print(&[record], output, out)?,
+    if output.write_structured(&record, out)? {
+        return Ok(());
     }
-    Ok(())
+    print(&[record], output, out)
 }
 
 /// Follows `next_page_token` from the first page until `limit` records or the last page.
@@ -326,7 +300,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("NAMESPACE   NAME"), "{text}");
+        assert!(lines[0].starts_with("NAMESPACE  NAME"), "{text}");
         let name_col = lines[0].find(" NAME").unwrap() + 1;
         assert_eq!(lines[1].find("greeter/r1"), Some(name_col), "{text}");
         assert_eq!(

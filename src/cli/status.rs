@@ -5,24 +5,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::body::Bytes;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde::Serialize;
 
+use super::{Output, output};
 use crate::admin::views::{StreamSync, SyncStatus};
-
-/// How a read command prints what it read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum Output {
-    /// Aligned columns for people.
-    #[default]
-    Table,
-    /// JSON, one document.
-    Json,
-    /// YAML, one document.
-    Yaml,
-}
 
 /// Flags of `status`.
 #[derive(Debug, Args)]
@@ -114,10 +103,8 @@ pub async fn run(args: StatusArgs, out: &mut impl std::io::Write) -> anyhow::Res
     };
     let status = fetch(&args.admin, token.as_deref()).await?;
     let rows = rows(&status);
-    match args.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(&rows)?)?,
-        Output::Table => write_table(&rows, out)?,
+    if !args.output.write_structured(&rows, out)? {
+        write_table(&rows, out)?;
     }
     Ok(())
 }
@@ -160,27 +147,7 @@ fn write_table(rows: &[Row], out: &mut impl std::io::Write) -> anyhow::Result<()
         "PEER",
         "ERROR",
     ];
-    let mut widths = header.map(str::len);
-    for row in &table {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut line = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        line.trim_end().to_string()
-    };
-    writeln!(out, "{}", line(&header.map(String::from)))?;
-    for row in &table {
-        writeln!(out, "{}", line(row))?;
-    }
+    output::write_table(header, &table, out)?;
     Ok(())
 }
 
