@@ -7,16 +7,19 @@ use std::{
     time::Duration,
 };
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryResponse, DiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
+use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::{
     Backoff, Resource,
-    protocol::{Subscription, Update},
+    protocol::{Reply, Subscription, Update},
 };
 
 /// Which ADS variant a subscription speaks.
@@ -107,67 +110,48 @@ impl<T: Resource> Driver<T> {
     }
 
     async fn delta(&mut self) -> Ended {
-        let (tx, rx) = mpsc::channel(4);
-        if tx.send(self.subscription.delta_request()).await.is_err() {
-            return Ended::Stop;
-        }
-        let mut client = self.client();
-        let opened = tokio::select! {
-            opened = client.delta_aggregated_resources(ReceiverStream::new(rx)) => opened,
-            () = self.shutdown.cancelled() => return Ended::Stop,
-        };
-        let mut responses = match opened {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                return Ended::Failed {
-                    status,
-                    delivered: false,
-                };
-            }
-        };
-        let mut delivered = false;
-        loop {
-            let message = tokio::select! {
-                message = responses.message() => message,
-                () = self.updates.closed() => return Ended::Stop,
-                () = self.shutdown.cancelled() => return Ended::Stop,
-            };
-            let response = match message {
-                Ok(Some(response)) => response,
-                Ok(None) => {
-                    return Ended::Failed {
-                        status: Status::unavailable("the server ended the stream"),
-                        delivered,
-                    };
-                }
-                Err(status) => return Ended::Failed { status, delivered },
-            };
-            delivered = true;
-            let reply = self.subscription.on_delta(&response);
-            if let Some(error) = &reply.rejected {
-                warn!(nonce = response.nonce, error, "NACK");
-            }
-            for update in reply.updates {
-                if self.updates.send(update).await.is_err() {
-                    return Ended::Stop;
-                }
-            }
-            if let Some(request) = reply.request
-                && tx.send(request).await.is_err()
-            {
-                return Ended::Stop;
-            }
-        }
+        let first = self.subscription.delta_request();
+        self.stream(
+            first,
+            |mut client, requests| async move { client.delta_aggregated_resources(requests).await },
+            Subscription::on_delta,
+            |response: &DeltaDiscoveryResponse| &response.nonce,
+        )
+        .await
     }
 
     async fn sotw(&mut self) -> Ended {
+        let first = self.subscription.sotw_request();
+        self.stream(
+            first,
+            |mut client, requests| async move { client.stream_aggregated_resources(requests).await },
+            Subscription::on_sotw,
+            |response: &DiscoveryResponse| &response.nonce,
+        )
+        .await
+    }
+
+    /// One stream of either variant: `open` starts it with the requests to send, `on` reads
+    /// a response into the subscription, `nonce` names a response in the log.
+    async fn stream<Req, Resp, Fut>(
+        &mut self,
+        first: Req,
+        open: impl FnOnce(
+            AggregatedDiscoveryServiceClient<super::Transport>,
+            ReceiverStream<Req>,
+        ) -> Fut,
+        on: fn(&mut Subscription<T>, &Resp) -> Reply<Req, T>,
+        nonce: fn(&Resp) -> &str,
+    ) -> Ended
+    where
+        Fut: Future<Output = Result<tonic::Response<Streaming<Resp>>, Status>>,
+    {
         let (tx, rx) = mpsc::channel(4);
-        if tx.send(self.subscription.sotw_request()).await.is_err() {
+        if tx.send(first).await.is_err() {
             return Ended::Stop;
         }
-        let mut client = self.client();
         let opened = tokio::select! {
-            opened = client.stream_aggregated_resources(ReceiverStream::new(rx)) => opened,
+            opened = open(self.client(), ReceiverStream::new(rx)) => opened,
             () = self.shutdown.cancelled() => return Ended::Stop,
         };
         let mut responses = match opened {
@@ -197,9 +181,9 @@ impl<T: Resource> Driver<T> {
                 Err(status) => return Ended::Failed { status, delivered },
             };
             delivered = true;
-            let reply = self.subscription.on_sotw(&response);
+            let reply = on(&mut self.subscription, &response);
             if let Some(error) = &reply.rejected {
-                warn!(nonce = response.nonce, error, "NACK");
+                warn!(nonce = nonce(&response), error, "NACK");
             }
             for update in reply.updates {
                 if self.updates.send(update).await.is_err() {
