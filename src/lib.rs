@@ -13,6 +13,7 @@
 extern crate self as pixiu_metadata;
 
 use std::{sync::Arc, time::Duration};
+use tonic::service::LayerExt;
 
 use clap::ValueEnum as _;
 use tokio::{net::TcpListener, sync::watch};
@@ -322,20 +323,23 @@ async fn serve_on(
         );
     }
     let limits = &config.security.limits;
+    // Only the services that take published values say what bounds one.
+    let value_hint =
+        tower::util::MapResponseLayer::new(security::value_size_hint(config.api.max_value_bytes));
     let router = limits
         .apply(tonic::transport::Server::builder())
         // tonic reports a request it could not read as INTERNAL (bad bytes) or OUT_OF_RANGE
         // (over the size limit); our contract is INVALID_ARGUMENT and RESOURCE_EXHAUSTED.
         .layer(tower::util::MapResponseLayer::new(
-            security::request_error_status(config.api.max_value_bytes),
+            security::request_error_status,
         ))
-        .add_service(api.metadata_service())
-        .add_service(api.definition_service())
+        .add_service(value_hint.named_layer(api.metadata_service()))
+        .add_service(value_hint.named_layer(api.definition_service()))
         .add_service(api.mapping_service())
-        .add_service(api.upstream_mapping_service())
+        .add_service(value_hint.named_layer(api.upstream_mapping_service()))
         .add_service(ads.into_service())
         .add_service(ecds.into_service())
-        .add_service(api.upstream_metadata_service())
+        .add_service(value_hint.named_layer(api.upstream_metadata_service()))
         .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)

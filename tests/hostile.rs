@@ -389,7 +389,7 @@ async fn h06_value_over_the_limit_is_resource_exhausted() {
 async fn h07_message_over_the_decoding_limit_is_resource_exhausted() {
     case(memory_config(), |_, c| async move {
         let body = publish_body(b"app", b"r1", &vec![b'v'; 8 << 20]);
-        let status = raw_unary(c, PUBLISH, body).await.unwrap_err();
+        let status = raw_unary(c.clone(), PUBLISH, body).await.unwrap_err();
         assert_eq!(status.code(), Code::ResourceExhausted);
         // tonic's words, and what bounds a value.
         assert!(
@@ -400,6 +400,18 @@ async fn h07_message_over_the_decoding_limit_is_resource_exhausted() {
                     "(a published value may hold up to {} bytes: --max-value-bytes)",
                     pixiu_metadata::model::DEFAULT_MAX_VALUE_BYTES
                 )),
+            "{}",
+            status.message()
+        );
+        // A service that takes no published values says nothing of them.
+        let csds = "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus";
+        let status = raw_unary(c, csds, vec![0; 8 << 20]).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .starts_with("Error, decoded message length too large")
+                && !status.message().contains("published value"),
             "{}",
             status.message()
         );

@@ -577,48 +577,62 @@ fn read(path: &Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
+/// The code of a trailers-only answer, `None` for any other (a status in the trailers).
+fn trailers_only_code<B>(response: &http::Response<B>) -> Option<tonic::Code> {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+/// The decoded `grpc-message` of an answer, empty when it has none.
+fn grpc_message<B>(response: &http::Response<B>) -> String {
+    response
+        .headers()
+        .get("grpc-message")
+        .map_or_else(Default::default, |v| {
+            percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy()
+        })
+        .into_owned()
+}
+
 /// Rewrites tonic's trailers-only answer to a request it could not read (`INTERNAL` for a
 /// message that does not decode or is cut short in its framing, `OUT_OF_RANGE` for one over
 /// the size limit) to the code that says it was the client's doing; see
-/// [`pixiu_xds::server::request_error_code`]. A request over the size limit also hears what
-/// bounds a published value (`max_value_bytes`): tonic's message gives only bytes. No handler
-/// of ours answers with those messages.
-pub fn request_error_status<B>(
+/// [`pixiu_xds::server::request_error_code`]. No handler of ours answers with those messages.
+pub fn request_error_status<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let Some(code) = trailers_only_code(&response) else {
+        return response;
+    };
+    if let Some(rewritten) = pixiu_xds::server::request_error_code(code, &grpc_message(&response)) {
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from(rewritten as i32));
+    }
+    response
+}
+
+/// For the services that take published values, inside [`request_error_status`]: a request
+/// over the size limit (tonic's `OUT_OF_RANGE`, whose message gives only bytes) also hears
+/// what bounds a published value, `max_value_bytes`.
+pub fn value_size_hint<B>(
     max_value_bytes: usize,
 ) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
     move |mut response| {
-        let headers = response.headers_mut();
-        // Only a trailers-only answer carries its status in the headers.
-        let Some(code) = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-            .map(tonic::Code::from_i32)
-        else {
+        if trailers_only_code(&response) != Some(tonic::Code::OutOfRange) {
             return response;
-        };
-        let message = headers
-            .get("grpc-message")
-            .map_or_else(Default::default, |v| {
-                percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy()
-            })
-            .into_owned();
-        let Some(rewritten) = pixiu_xds::server::request_error_code(code, &message) else {
-            return response;
-        };
-        headers.insert("grpc-status", http::HeaderValue::from(rewritten as i32));
-        if code == tonic::Code::OutOfRange {
-            let explained = format!(
-                "{message} (a published value may hold up to {max_value_bytes} bytes: \
-                 --max-value-bytes)"
-            );
-            // gRPC's percent-encoding: everything outside printable ASCII, and '%'.
-            const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
-            let encoded =
-                percent_encoding::utf8_percent_encode(&explained, GRPC_MESSAGE).to_string();
-            if let Ok(value) = http::HeaderValue::from_str(&encoded) {
-                headers.insert("grpc-message", value);
-            }
+        }
+        let explained = format!(
+            "{} (a published value may hold up to {max_value_bytes} bytes: --max-value-bytes)",
+            grpc_message(&response)
+        );
+        // gRPC's percent-encoding: everything outside printable ASCII, and '%'.
+        const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+        let encoded = percent_encoding::utf8_percent_encode(&explained, GRPC_MESSAGE).to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&encoded) {
+            response.headers_mut().insert("grpc-message", value);
         }
         response
     }
