@@ -51,6 +51,42 @@ pub struct UnaryResult {
     pub generator_cpu_us_per_op: Option<f64>,
 }
 
+/// How long a server's CPU time must stand still before a round starts.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(200);
+/// The longest a round waits for the servers to settle.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(15);
+
+/// Waits until the page cache's dirty pages are on disk and no server in `pids` is busy
+/// (its CPU time moved by less than a clock tick over [`SETTLE_QUIET`]), for at most
+/// [`SETTLE_LIMIT`]; returns how long it waited. Servers take turns on one disk and two
+/// cores: what one leaves running after its round (etcd's snapshot every 100,000 writes,
+/// our checkpoint of the last second) would otherwise fall into the next server's round.
+pub async fn settle(pids: &[String]) -> Duration {
+    let start = Instant::now();
+    // Writes back every file system's dirty pages, both servers' and the previous round's.
+    tokio::task::spawn_blocking(rustix::fs::sync).await.ok();
+    let cpu = || -> Vec<f64> {
+        pids.iter()
+            .map(|pid| procfs::cpu_seconds(pid).unwrap_or(0.0))
+            .collect()
+    };
+    let mut before = cpu();
+    while start.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(SETTLE_QUIET).await;
+        let after = cpu();
+        if quiet(&before, &after) {
+            break;
+        }
+        before = after;
+    }
+    start.elapsed()
+}
+
+/// Whether no process's CPU time moved by a clock tick (10 ms) or more.
+fn quiet(before: &[f64], after: &[f64]) -> bool {
+    before.iter().zip(after).all(|(b, a)| a - b < 0.01)
+}
+
 /// Runs `op` closed-loop with `shape`; `tick` is told the elapsed fraction now and then.
 pub async fn run(
     shape: Shape,
@@ -133,5 +169,29 @@ pub async fn run(
         latency,
         server_cpu_us_per_op: per_op(server_cpu),
         generator_cpu_us_per_op: per_op(generator_cpu),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_means_less_than_a_tick_each() {
+        assert!(quiet(&[1.0, 2.0], &[1.0, 2.0]));
+        assert!(quiet(&[1.0], &[1.005]));
+        assert!(!quiet(&[1.0, 2.0], &[1.0, 2.02]));
+    }
+
+    #[tokio::test]
+    async fn an_idle_process_settles_at_once() {
+        let mut sleeper = tokio::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = sleeper.id().unwrap().to_string();
+        let waited = settle(&[pid]).await;
+        sleeper.kill().await.unwrap();
+        assert!(waited < SETTLE_LIMIT, "{waited:?}");
     }
 }

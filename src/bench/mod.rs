@@ -516,15 +516,18 @@ impl Bench {
     /// Runs one unary case on every contender, [`Settings::rounds`] times in turns (each
     /// contender once, then each again, ...), so a change in the host's load during the case
     /// falls on every server alike, and records each contender's median round by throughput
-    /// (its errors are those of all rounds).
+    /// (its errors are those of all rounds). Each round starts once the servers have settled
+    /// ([`load::settle`]).
     async fn unary(&mut self, scenario: &str, case: &str, contenders: Vec<Contender>) {
         let rounds = self.settings.rounds;
         let mut results: Vec<Vec<load::UnaryResult>> = contenders
             .iter()
             .map(|_| Vec::with_capacity(rounds))
             .collect();
+        let pids: Vec<String> = contenders.iter().filter_map(|c| c.pid.clone()).collect();
         for round in 1..=rounds {
             for (contender, results) in contenders.iter().zip(&mut results) {
+                load::settle(&pids).await;
                 let mut label = format!("{scenario} {case} {}", server_label(contender.server));
                 if rounds > 1 {
                     label.push_str(&format!(" (round {round}/{rounds})"));
