@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     model::{Key, Kind},
-    store::{Event, Store, epoch_ms, take_waiting},
+    store::{Event, Store, epoch_ms, sharded::ShardedMap, take_waiting},
 };
 
 /// Longest the sweeper sleeps before looking at the clock again, so a wall-clock jump is
@@ -39,7 +39,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 pub struct LeaseIndex {
     ttl_ms: u64,
     by_deadline: BTreeSet<(u64, Key)>,
-    by_key: HashMap<Key, (u64, u64)>,
+    /// Sharded as the store's index is: no rehash of every lease at once.
+    by_key: ShardedMap<Key, (u64, u64)>,
 }
 
 /// A record whose lease ran out, with the revision its deadline was computed from.
@@ -128,7 +129,11 @@ impl LeaseIndex {
             .take_while(|(deadline, _)| *deadline <= now_ms)
             .map(|(_, key)| Expired {
                 key: key.clone(),
-                revision: self.by_key[key].1,
+                revision: self
+                    .by_key
+                    .get(key)
+                    .expect("every deadline has its lease")
+                    .1,
             })
             .collect()
     }

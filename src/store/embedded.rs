@@ -87,7 +87,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{
     Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER,
-    checkpoint::Checkpoints, epoch_ms, journal,
+    checkpoint::Checkpoints, epoch_ms, journal, sharded::ShardedMap,
 };
 
 /// The data file's name inside the data directory.
@@ -127,7 +127,9 @@ pub struct EmbeddedStore {
 /// `get`, snapshots and refreshes kept in memory read.
 #[derive(Debug, Default)]
 struct Index {
-    records: HashMap<Key, Indexed>,
+    /// Sharded: one hash table that outgrows itself rehashes every record at once under the
+    /// write lock, and every read and write waits (see [`ShardedMap`]).
+    records: ShardedMap<Key, Indexed>,
     /// How many records each namespace holds, by kind.
     counts: HashMap<(Kind, String), usize>,
     revision: u64,

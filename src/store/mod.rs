@@ -23,6 +23,7 @@ pub mod journal;
 pub mod kube;
 pub mod memory;
 pub(crate) mod probe;
+pub mod sharded;
 
 #[cfg(test)]
 pub(crate) mod conformance;
