@@ -22,7 +22,6 @@ pub const SHARDS: usize = 64;
 pub struct ShardedMap<K, V> {
     hasher: RandomState,
     shards: Box<[HashMap<K, V>]>,
-    len: usize,
 }
 
 impl<K, V> Default for ShardedMap<K, V> {
@@ -30,7 +29,6 @@ impl<K, V> Default for ShardedMap<K, V> {
         Self {
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
-            len: 0,
         }
     }
 }
@@ -63,11 +61,7 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
     /// Puts `value` under `key`, returning the value it replaced.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         let shard = self.shard(&key);
-        let previous = self.shards[shard].insert(key, value);
-        if previous.is_none() {
-            self.len += 1;
-        }
-        previous
+        self.shards[shard].insert(key, value)
     }
 
     /// Takes the value under `key` out.
@@ -77,21 +71,17 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         let shard = self.shard(key);
-        let removed = self.shards[shard].remove(key);
-        if removed.is_some() {
-            self.len -= 1;
-        }
-        removed
+        self.shards[shard].remove(key)
     }
 
     /// How many entries it holds.
     pub fn len(&self) -> usize {
-        self.len
+        self.shards.iter().map(HashMap::len).sum()
     }
 
     /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.shards.iter().all(HashMap::is_empty)
     }
 
     /// Every entry, in no particular order.
@@ -102,7 +92,6 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
     /// Removes every entry; the shards keep their capacity.
     pub fn clear(&mut self) {
         self.shards.iter_mut().for_each(HashMap::clear);
-        self.len = 0;
     }
 }
 
