@@ -23,6 +23,7 @@ use crate::pb::metadata::{self as proto, metadata_service_client::MetadataServic
 /// The paths of the seed's `MetadataService` the generator calls.
 const GET: &str = "/pixiu.pkg.metadata.MetadataService/Get";
 const PUBLISH: &str = "/pixiu.pkg.metadata.MetadataService/Publish";
+const LIST: &str = "/pixiu.pkg.metadata.MetadataService/List";
 
 /// Which client the unary workers call through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -131,12 +132,83 @@ impl Clients {
         Ok(())
     }
 
+    /// `MetadataService/List`; fails unless the page holds `expected` records.
+    pub async fn list(
+        &self,
+        worker: usize,
+        request: proto::ListMetadataRequest,
+        expected: usize,
+    ) -> anyhow::Result<()> {
+        let records = match self {
+            Self::H2(connections) => {
+                let answer = pick(connections, worker)
+                    .unary(LIST, h2streams::frame(&request))
+                    .await?;
+                proto::ListMetadataResponse::decode(answer)?.records
+            }
+            Self::Tonic(clients) => {
+                pick(clients, worker)
+                    .clone()
+                    .list(request)
+                    .await?
+                    .into_inner()
+                    .records
+            }
+            Self::Etcd(_) => bail!("etcd has no MetadataService"),
+        };
+        if records.len() != expected {
+            bail!("a page of {} records, not {expected}", records.len());
+        }
+        Ok(())
+    }
+
+    /// etcd's `Range` of the keys from `from` to `end` (excluded), at most `limit`; fails
+    /// unless it answers `limit` keys.
+    pub async fn range_page(
+        &self,
+        worker: usize,
+        from: String,
+        end: String,
+        limit: usize,
+    ) -> anyhow::Result<()> {
+        let found = match self {
+            Self::H2(connections) => {
+                let request = h2streams::frame(&etcdpb::RangeRequest {
+                    key: from.into_bytes(),
+                    range_end: end.into_bytes(),
+                    limit: limit as i64,
+                });
+                let answer = pick(connections, worker)
+                    .unary(etcdpb::RANGE, request)
+                    .await?;
+                etcdpb::RangeResponse::decode(answer)?.kvs.len()
+            }
+            Self::Etcd(clients) => {
+                let options = etcd_client::GetOptions::new()
+                    .with_range(end)
+                    .with_limit(limit as i64);
+                pick(clients, worker)
+                    .kv_client()
+                    .get(from, Some(options))
+                    .await?
+                    .kvs()
+                    .len()
+            }
+            Self::Tonic(_) => bail!("not an etcd client"),
+        };
+        if found != limit {
+            bail!("a range of {found} keys, not {limit}");
+        }
+        Ok(())
+    }
+
     /// etcd's `Range` of one key; fails when the key is missing.
     pub async fn range(&self, worker: usize, key: String) -> anyhow::Result<()> {
         let found = match self {
             Self::H2(connections) => {
                 let request = h2streams::frame(&etcdpb::RangeRequest {
                     key: key.into_bytes(),
+                    ..Default::default()
                 });
                 let answer = pick(connections, worker)
                     .unary(etcdpb::RANGE, request)

@@ -36,11 +36,16 @@ pub struct ResponseHeader {
     pub revision: i64,
 }
 
-/// `RangeRequest` of one key.
+/// `RangeRequest`: one key, or with `range_end` the keys in `[key, range_end)`, at most
+/// `limit` of them (0: no limit).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RangeRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub range_end: Vec<u8>,
+    #[prost(int64, tag = "3")]
+    pub limit: i64,
 }
 
 /// `RangeResponse`.

@@ -6,7 +6,8 @@
 //! temporary directory, the echo is the hidden `bench echo-server`, etcd is the `etcd` binary
 //! with its default durability. Server CPU and memory are read from `/proc/<pid>`.
 //!
-//! Scenarios: `get` (hot key, random keys out of `--records`), `publish-new`,
+//! Scenarios: `get` (hot key, random keys out of `--records`, and `list`: a page of 100
+//! records after a random one, against etcd's `Range` with a limit), `publish-new`,
 //! `publish-refresh`, `fanout` (N ADS streams, one publish, delivery latency to each; also
 //! against the echo's bare ADS, the transport's floor),
 //! `streams` (memory per idle stream), `startup` (spawn to ready with `--records` records).
@@ -461,6 +462,18 @@ fn get_revision(i: u64) -> String {
     format!("r{i:07}")
 }
 
+/// Records in a page of the `list` case.
+const LIST_PAGE: usize = 100;
+
+/// The first key past every key that starts with `prefix` (etcd's `range_end` of a prefix;
+/// `prefix` ends in a character below `0xff`).
+fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_string();
+    let last = end.pop().expect("a prefix");
+    end.push(char::from_u32(last as u32 + 1).expect("an ASCII prefix"));
+    end
+}
+
 impl Bench {
     fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
         let dir = self.tmp.path().join(name);
@@ -719,12 +732,63 @@ impl Bench {
             }
             self.unary("get", case, contenders).await;
         }
+        self.list_pages(&ours_clients, ours.pid(), etcd.as_ref().zip(etcd_clients))
+            .await;
         self.stop_ours("get", ours).await;
         echo.stop().await;
         if let Some(etcd) = etcd {
             etcd.stop().await;
         }
         Ok(())
+    }
+
+    /// The `get` group's `list` case: a page of [`LIST_PAGE`] records (names and values) that
+    /// starts after a random one of the data set, through `MetadataService/List` and etcd's
+    /// `Range` with a limit. The echo has no `List`.
+    async fn list_pages(
+        &mut self,
+        ours: &Clients,
+        ours_pid: Option<String>,
+        etcd: Option<(&servers::Process, Clients)>,
+    ) {
+        let starts = (self.settings.records as u64).saturating_sub(LIST_PAGE as u64);
+        if starts == 0 {
+            return;
+        }
+        let pick = move |worker: usize, seq: u64| {
+            stats::SplitMix::new((worker as u64) << 40 | seq).below(starts)
+        };
+        let clients = ours.clone();
+        let op: load::Op = Arc::new(move |worker, seq| {
+            let clients = clients.clone();
+            let request = proto::ListMetadataRequest {
+                application_name: GET_APPLICATION.into(),
+                page_size: LIST_PAGE as u32,
+                page_token: format!("{GET_APPLICATION}/{}", get_revision(pick(worker, seq))),
+                names_only: false,
+            };
+            async move { clients.list(worker, request, LIST_PAGE).await }.boxed()
+        });
+        let mut contenders = vec![Contender {
+            server: Server::Ours,
+            op,
+            pid: ours_pid,
+        }];
+        if let Some((etcd, clients)) = etcd {
+            let op: load::Op = Arc::new(move |worker, seq| {
+                let clients = clients.clone();
+                // The first key after the picked one, as our page token starts after it.
+                let from = format!("{ETCD_GET_PREFIX}{}\0", get_revision(pick(worker, seq)));
+                let end = prefix_end(ETCD_GET_PREFIX);
+                async move { clients.range_page(worker, from, end, LIST_PAGE).await }.boxed()
+            });
+            contenders.push(Contender {
+                server: Server::Etcd,
+                op,
+                pid: Some(etcd.pid()),
+            });
+        }
+        self.unary("get", "list", contenders).await;
     }
 
     async fn publish(&mut self, refresh: bool) -> anyhow::Result<()> {
@@ -1240,6 +1304,16 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_end_bounds_exactly_the_keys_of_the_prefix() {
+        let end = prefix_end(ETCD_GET_PREFIX);
+        assert_eq!(end, "/bench/get0");
+        let key = format!("{ETCD_GET_PREFIX}{}", get_revision(9_999_999));
+        assert!(key.as_str() < end.as_str());
+        assert!(format!("{ETCD_GET_PREFIX}{}\0", get_revision(0)).as_str() > ETCD_GET_PREFIX);
+        assert!("/bench/gets" > end.as_str(), "a longer name is past the prefix");
+    }
 
     #[test]
     fn payloads_have_the_size_and_differ() {

@@ -87,7 +87,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{
     Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER,
-    checkpoint::Checkpoints, epoch_ms, journal, sharded::ShardedMap,
+    checkpoint::Checkpoints, epoch_ms, journal, ordered::OrderedNames, sharded::ShardedMap,
 };
 
 /// The data file's name inside the data directory.
@@ -130,19 +130,45 @@ struct Index {
     /// Sharded: one hash table that outgrows itself rehashes every record at once under the
     /// write lock, and every read and write waits (see [`ShardedMap`]).
     records: ShardedMap<Key, Indexed>,
-    /// How many records each namespace holds, by kind.
-    counts: HashMap<(Kind, String), usize>,
+    /// The same keys in order by namespace and kind, so a page of `list` reads a range
+    /// instead of every record; also each namespace's record count.
+    names: OrderedNames,
     revision: u64,
 }
 
 impl Index {
-    fn count(&mut self, key: &Key, delta: isize) {
-        let namespace = (key.kind, key.namespace.clone());
-        let count = self.counts.entry(namespace).or_default();
-        *count = count.saturating_add_signed(delta);
-        if *count == 0 {
-            self.counts.remove(&(key.kind, key.namespace.clone()));
+    /// Stores `entry` under `key`, a new key in both maps.
+    fn put(&mut self, key: &Key, entry: Indexed) {
+        if let Some(slot) = self.records.get_mut(key) {
+            *slot = entry;
+            return;
         }
+        self.records.insert(key.clone(), entry);
+        self.names.insert(key);
+    }
+
+    /// Forgets `key`.
+    fn remove(&mut self, key: &Key) {
+        if self.records.remove(key).is_some() {
+            self.names.remove(key);
+        }
+    }
+
+    /// The records `query` selects, in key order.
+    fn list(&self, query: &ListQuery) -> Vec<Record> {
+        self.names
+            .select(query)
+            .into_iter()
+            .filter_map(|key| {
+                let entry = self.records.get(&key)?;
+                Some(Record {
+                    value: entry.value.clone(),
+                    revision: entry.revision,
+                    refreshed_at_ms: entry.refreshed_at_ms,
+                    key,
+                })
+            })
+            .collect()
     }
 }
 
@@ -308,7 +334,6 @@ impl EmbeddedStore {
             let refreshed_at_ms = checkpoints.map_or(r.refreshed_at_ms, |c| {
                 c.recovered(r.refreshed_at_ms, open_ms)
             });
-            index.count(&r.key, 1);
             let entry = Indexed {
                 value: r.value,
                 revision: r.revision,
@@ -316,7 +341,7 @@ impl EmbeddedStore {
                 stored_at_ms: r.refreshed_at_ms,
                 deleting: false,
             };
-            index.records.insert(r.key, entry);
+            index.put(&r.key, entry);
         }
         let index = Arc::new(RwLock::new(index));
         let data = Arc::new(DataFile {
@@ -676,23 +701,7 @@ impl Inner {
 
     /// The records `query` selects, in key order, from the index.
     fn list(&self, query: &ListQuery) -> Vec<Record> {
-        if query.limit == 0 {
-            return Vec::new();
-        }
-        let index = self.index.read();
-        let mut out: Vec<Record> = index
-            .records
-            .iter()
-            .filter(|(key, _)| query.matches(key))
-            .map(|(key, entry)| entry.record(key))
-            .collect();
-        drop(index);
-        if out.len() > query.limit {
-            out.select_nth_unstable_by(query.limit - 1, |a, b| a.key.cmp(&b.key));
-            out.truncate(query.limit);
-        }
-        out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        out
+        self.index.read().list(query)
     }
 
     fn ready(&self) -> Result<()> {
@@ -1020,15 +1029,12 @@ impl Overlay<'_> {
     }
 
     fn count(&self, key: &Key) -> usize {
-        let namespace = (key.kind, key.namespace.clone());
-        let stored = self
-            .index
-            .read()
+        let stored = self.index.read().names.count(key.kind, &key.namespace);
+        let delta = self
             .counts
-            .get(&namespace)
+            .get(&(key.kind, key.namespace.clone()))
             .copied()
             .unwrap_or(0);
-        let delta = self.counts.get(&namespace).copied().unwrap_or(0);
         stored.saturating_add_signed(delta)
     }
 
@@ -1276,21 +1282,16 @@ impl Writer {
         for event in events {
             let revision = event_revision(&event);
             match &event {
-                Event::Put(record) => {
-                    let previous = index.records.insert(
-                        record.key.clone(),
-                        Indexed {
-                            value: record.value.clone(),
-                            revision: record.revision,
-                            refreshed_at_ms: record.refreshed_at_ms,
-                            stored_at_ms: record.refreshed_at_ms,
-                            deleting: false,
-                        },
-                    );
-                    if previous.is_none() {
-                        index.count(&record.key, 1);
-                    }
-                }
+                Event::Put(record) => index.put(
+                    &record.key,
+                    Indexed {
+                        value: record.value.clone(),
+                        revision: record.revision,
+                        refreshed_at_ms: record.refreshed_at_ms,
+                        stored_at_ms: record.refreshed_at_ms,
+                        deleting: false,
+                    },
+                ),
                 Event::Refreshed {
                     key,
                     revision,
@@ -1302,11 +1303,7 @@ impl Writer {
                         entry.stored_at_ms = *refreshed_at_ms;
                     }
                 }
-                Event::Delete { key, .. } => {
-                    if index.records.remove(key).is_some() {
-                        index.count(key, -1);
-                    }
-                }
+                Event::Delete { key, .. } => index.remove(key),
                 // The writer never emits a reset.
                 Event::Reset { .. } => {}
             }

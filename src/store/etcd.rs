@@ -532,19 +532,13 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
+        let first = query.first_key();
         let mirror = self.inner.shared.mirror.lock();
-        let start = (
-            query.kind,
-            query.namespace.clone().unwrap_or_default(),
-            String::new(),
-        );
         Ok(mirror
             .records
-            .range(start..)
-            .take_while(|((kind, namespace, _), _)| {
-                *kind == query.kind && query.namespace.as_ref().is_none_or(|ns| ns == namespace)
-            })
+            .range((first.kind, first.namespace, first.name)..)
             .map(|(_, record)| record)
+            .take_while(|record| !query.is_past(&record.key))
             .filter(|record| query.matches(&record.key))
             .take(query.limit)
             .cloned()

@@ -148,12 +148,15 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
+        let first = query.first_key();
         Ok(self
             .inner
             .state
             .lock()
             .records
-            .values()
+            .range((first.kind, first.namespace, first.name)..)
+            .map(|(_, record)| record)
+            .take_while(|r| !query.is_past(&r.key))
             .filter(|r| query.matches(&r.key))
             .take(query.limit)
             .cloned()

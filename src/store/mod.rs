@@ -22,6 +22,7 @@ pub mod etcd;
 pub mod journal;
 pub mod kube;
 pub mod memory;
+pub mod ordered;
 pub(crate) mod probe;
 pub mod sharded;
 
@@ -148,6 +149,39 @@ impl ListQuery {
             start_after: None,
             limit: usize::MAX,
         }
+    }
+
+    /// The first key, in key order, that a scan for this query has to look at: the kind,
+    /// then the namespace and the name prefix when the query names a namespace, then the
+    /// page's `start_after` when it lies further on. With [`ListQuery::is_past`] it bounds
+    /// the scan of an ordered map to the keys around the page instead of every record.
+    pub fn first_key(&self) -> Key {
+        let (namespace, name) = match &self.namespace {
+            Some(namespace) => (namespace.as_str(), self.name_prefix.as_str()),
+            None => ("", ""),
+        };
+        let (namespace, name) = match &self.start_after {
+            Some((ns, after)) if (ns.as_str(), after.as_str()) > (namespace, name) => {
+                (ns.as_str(), after.as_str())
+            }
+            _ => (namespace, name),
+        };
+        Key {
+            kind: self.kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Whether a scan in key order that started at [`ListQuery::first_key`] has passed every
+    /// key this query selects once it reaches `key`: another kind, or, when the query names
+    /// a namespace, another namespace or a name past the prefix (the names that start with
+    /// a prefix are contiguous in order and begin at the prefix itself).
+    pub fn is_past(&self, key: &Key) -> bool {
+        key.kind != self.kind
+            || self.namespace.as_ref().is_some_and(|namespace| {
+                *namespace != key.namespace || !key.name.starts_with(&self.name_prefix)
+            })
     }
 
     /// Whether `key` is selected by this query (ignoring `limit`).
@@ -300,4 +334,95 @@ pub(crate) fn follow<S: Subscribe>(source: Weak<S>) -> BoxStream<'static, Event>
         },
     )
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Keys over a small alphabet, so prefixes, namespaces and page starts collide often.
+    fn key() -> impl Strategy<Value = Key> {
+        (0..3usize, "[ab]{0,2}", "[ab/]{0,4}").prop_map(|(kind, namespace, name)| Key {
+            kind: Kind::ALL[kind],
+            namespace,
+            name,
+        })
+    }
+
+    fn query() -> impl Strategy<Value = ListQuery> {
+        (
+            0..3usize,
+            proptest::option::of("[ab]{0,2}"),
+            "[ab/]{0,2}",
+            proptest::option::of(("[ab]{0,2}", "[ab/]{0,4}")),
+            1..6usize,
+        )
+            .prop_map(
+                |(kind, namespace, name_prefix, start_after, limit)| ListQuery {
+                    kind: Kind::ALL[kind],
+                    namespace,
+                    name_prefix,
+                    start_after,
+                    limit,
+                },
+            )
+    }
+
+    proptest! {
+        /// A scan in key order from `first_key` until `is_past` selects what a filter over
+        /// every key does.
+        #[test]
+        fn a_bounded_scan_selects_what_a_full_one_does(
+            keys in proptest::collection::btree_set(key(), 0..60),
+            query in query(),
+        ) {
+            let full: Vec<&Key> = keys
+                .iter()
+                .filter(|k| query.matches(k))
+                .take(query.limit)
+                .collect();
+            let bounded: Vec<&Key> = keys
+                .range(query.first_key()..)
+                .take_while(|k| !query.is_past(k))
+                .filter(|k| query.matches(k))
+                .take(query.limit)
+                .collect();
+            prop_assert_eq!(bounded, full);
+        }
+    }
+
+    #[test]
+    fn a_page_inside_a_namespace_starts_at_its_token_and_stops_after_the_prefix() {
+        let query = ListQuery {
+            namespace: Some("ns".into()),
+            name_prefix: "app/".into(),
+            start_after: Some(("ns".into(), "app/r7".into())),
+            limit: 10,
+            ..ListQuery::all(Kind::Metadata)
+        };
+        assert_eq!(query.first_key(), Key::metadata("ns", "app", "r7"));
+        assert!(!query.is_past(&Key::metadata("ns", "app", "r8")));
+        assert!(query.is_past(&Key::metadata("ns", "apq", "r0")));
+        assert!(query.is_past(&Key::metadata("nt", "app", "r9")));
+        assert!(query.is_past(&Key::definition("ns", "app/r9")));
+        let keys: BTreeSet<Key> = (0..10)
+            .map(|i| Key::metadata("ns", "app", &format!("r{i}")))
+            .collect();
+        let page: Vec<&Key> = keys
+            .range(query.first_key()..)
+            .take_while(|k| !query.is_past(k))
+            .filter(|k| query.matches(k))
+            .collect();
+        assert_eq!(
+            page,
+            [
+                &Key::metadata("ns", "app", "r8"),
+                &Key::metadata("ns", "app", "r9")
+            ]
+        );
+    }
 }

@@ -77,20 +77,10 @@ impl Mirror {
         self.objects.get(at)
     }
 
-    /// Every record of `kind` from `start` on, ordered by `(namespace, name)`.
-    pub(crate) fn range<'a>(
-        &'a self,
-        kind: Kind,
-        namespace: Option<&'a str>,
-    ) -> impl Iterator<Item = Record> + 'a {
-        let start = (
-            kind,
-            namespace.unwrap_or_default().to_string(),
-            String::new(),
-        );
+    /// Every record from `start` on, in key order.
+    pub(crate) fn range(&self, start: Key) -> impl Iterator<Item = Record> + '_ {
         self.by_key
-            .range(start..)
-            .take_while(move |((k, ns, _), _)| *k == kind && namespace.is_none_or(|n| n == ns))
+            .range((start.kind, start.namespace, start.name)..)
             .filter_map(|((kind, namespace, name), _)| {
                 self.get(&Key {
                     kind: *kind,
@@ -100,12 +90,23 @@ impl Mirror {
             })
     }
 
+    /// How many records of `kind` `namespace` holds.
+    pub(crate) fn count(&self, kind: Kind, namespace: &str) -> usize {
+        self.by_key
+            .range((kind, namespace.to_string(), String::new())..)
+            .take_while(|((k, ns, _), _)| *k == kind && ns == namespace)
+            .count()
+    }
+
     /// Every record.
     pub(crate) fn records(&self) -> Vec<Record> {
-        Kind::ALL
-            .into_iter()
-            .flat_map(|kind| self.range(kind, None).collect::<Vec<_>>())
-            .collect()
+        // The least key: the first kind's, with an empty namespace and name.
+        self.range(Key {
+            kind: Kind::ALL[0],
+            namespace: String::new(),
+            name: String::new(),
+        })
+        .collect()
     }
 
     /// The highest resourceVersion seen for `kind`.
@@ -335,7 +336,17 @@ mod tests {
         };
         assert_eq!(revision, 11);
         let got: Vec<_> = records.iter().map(|r| r.key.clone()).collect();
-        assert_eq!(got, vec![keys[1].clone(), keys[0].clone(), def]);
-        assert_eq!(mirror.range(Kind::Metadata, Some("a")).count(), 1);
+        assert_eq!(got, vec![keys[1].clone(), keys[0].clone(), def.clone()]);
+        assert_eq!(mirror.count(Kind::Metadata, "a"), 1);
+        assert_eq!(mirror.count(Kind::Metadata, ""), 0);
+        let from_a: Vec<_> = mirror
+            .range(Key {
+                kind: Kind::Metadata,
+                namespace: "a".into(),
+                name: String::new(),
+            })
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(from_a, vec![keys[1].clone(), keys[0].clone(), def]);
     }
 }

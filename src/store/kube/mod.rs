@@ -391,8 +391,7 @@ impl KubeStore {
             .shared
             .mirror
             .lock()
-            .range(key.kind, Some(&key.namespace))
-            .count();
+            .count(key.kind, &key.namespace);
         if count >= limit {
             return Err(Error::NamespaceFull {
                 namespace: key.namespace.clone(),
@@ -723,7 +722,8 @@ impl Store for KubeStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
         let mirror = self.inner.shared.mirror.lock();
         Ok(mirror
-            .range(query.kind, query.namespace.as_deref())
+            .range(query.first_key())
+            .take_while(|record| !query.is_past(&record.key))
             .filter(|record| query.matches(&record.key))
             .take(query.limit)
             .collect())
