@@ -328,6 +328,10 @@ async fn serve_on(
         tower::util::MapResponseLayer::new(security::value_size_hint(config.api.max_value_bytes));
     let router = limits
         .apply(tonic::transport::Server::builder())
+        // Before any service: a header list too large for the limit is RESOURCE_EXHAUSTED.
+        .layer(tower::filter::FilterLayer::new(
+            security::header_list_limit(limits.max_header_list_bytes),
+        ))
         // tonic reports a request it could not read as INTERNAL (bad bytes) or OUT_OF_RANGE
         // (over the size limit); our contract is INVALID_ARGUMENT and RESOURCE_EXHAUSTED.
         .layer(tower::util::MapResponseLayer::new(

@@ -744,23 +744,48 @@ async fn h23b_broken_grpc_framing_is_invalid_argument() {
 }
 
 #[tokio::test]
-async fn h23c_an_oversized_header_list_is_refused_by_the_http2_layer() {
+async fn h23c_an_oversized_header_list_is_resource_exhausted() {
     case(memory_config(), |_, c| async move {
-        // h2 answers a header list over its 16 KiB limit with HTTP 431 and no gRPC status,
-        // before any service sees it: the client reads the HTTP status as UNKNOWN (or
-        // INTERNAL), the connection and the server carry on.
-        let mut request = tonic::Request::new(GetMetadataRequest {
-            application_name: "app".into(),
-            revision: "r1".into(),
-        });
-        for i in 0..500 {
-            let name: tonic::metadata::AsciiMetadataKey = format!("x-filler-{i}").parse().unwrap();
+        let request = |headers: usize| {
+            let mut request = tonic::Request::new(GetMetadataRequest {
+                application_name: "app".into(),
+                revision: "r1".into(),
+            });
+            for i in 0..headers {
+                let name: tonic::metadata::AsciiMetadataKey =
+                    format!("x-filler-{i}").parse().unwrap();
+                request
+                    .metadata_mut()
+                    .insert(name, "0123456789abcdef0123456789abcdef".parse().unwrap());
+            }
             request
-                .metadata_mut()
-                .insert(name, "0123456789abcdef0123456789abcdef".parse().unwrap());
-        }
+        };
+        // About 37 KiB: over the 16 KiB limit, under the 64 KiB HTTP/2 takes. Refused before
+        // any service reads it, with a status that says why.
         let status = common::metadata_client(c.clone())
-            .get(request)
+            .get(request(500))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("over the limit of 16384")
+                && status.message().contains("--max-header-list-bytes"),
+            "{status:?}"
+        );
+        // Just under the limit: served (NotFound: nothing was published).
+        assert_eq!(
+            common::metadata_client(c.clone())
+                .get(request(150))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound
+        );
+        // About 187 KiB, past what HTTP/2 takes: h2 answers HTTP 431 itself, before any
+        // service and with no gRPC status, so the client reads UNKNOWN (or INTERNAL). The
+        // connection and the server carry on.
+        let status = common::metadata_client(c.clone())
+            .get(request(2_500))
             .await
             .unwrap_err();
         assert!(

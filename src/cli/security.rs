@@ -47,6 +47,14 @@ pub struct SecurityArgs {
         default_value_t = 1000
     )]
     pub max_streams_per_connection: u32,
+    /// Largest request header list in bytes (each header's name and value and 32): a larger
+    /// one is answered `RESOURCE_EXHAUSTED`; HTTP/2 itself refuses four times as much.
+    #[arg(
+        long,
+        env = "PIXIU_METADATA_MAX_HEADER_LIST_BYTES",
+        default_value_t = 16 * 1024
+    )]
+    pub max_header_list_bytes: u32,
     /// Most resource names one ADS stream may subscribe to, across types.
     #[arg(
         long,
@@ -107,6 +115,10 @@ impl SecurityArgs {
         }
         let limits = &mut security.limits;
         limits.max_concurrent_streams_per_connection = self.max_streams_per_connection.max(1);
+        if self.max_header_list_bytes < 1024 {
+            bail!("--max-header-list-bytes must be at least 1024: gRPC's own headers need room");
+        }
+        limits.max_header_list_bytes = self.max_header_list_bytes;
         limits.http2_keepalive_interval = self.http2_keepalive_interval;
         limits.http2_keepalive_timeout = self.http2_keepalive_timeout;
         limits.handshake_timeout = self.handshake_timeout;

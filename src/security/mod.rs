@@ -86,7 +86,16 @@ pub struct Limits {
     pub publish_rate: Option<rate::Rate>,
     /// Most identities whose publish rate is tracked at once (default 100,000).
     pub max_rate_principals: usize,
+    /// Largest request header list, counted as HTTP/2 counts it (each header's name and value
+    /// and 32 bytes; default 16 KiB, hyper's own). A larger one is answered
+    /// `RESOURCE_EXHAUSTED` by [`header_list_limit`]; the HTTP/2 layer itself only refuses,
+    /// with HTTP 431 and no gRPC status, lists over [`HTTP2_HEADER_LIST_FACTOR`] times this.
+    pub max_header_list_bytes: u32,
 }
+
+/// How much larger than [`Limits::max_header_list_bytes`] a header list the HTTP/2 layer
+/// takes before it answers HTTP 431 itself: between the two, a client hears a gRPC status.
+pub const HTTP2_HEADER_LIST_FACTOR: u32 = 4;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -104,6 +113,7 @@ impl Default for Limits {
                 burst: 500,
             }),
             max_rate_principals: 100_000,
+            max_header_list_bytes: 16 * 1024,
         }
     }
 }
@@ -124,6 +134,10 @@ impl Limits {
             .max_concurrent_streams(self.max_concurrent_streams_per_connection)
             .http2_keepalive_interval(Some(self.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(self.http2_keepalive_timeout))
+            .http2_max_header_list_size(
+                self.max_header_list_bytes
+                    .saturating_mul(HTTP2_HEADER_LIST_FACTOR),
+            )
             .tcp_keepalive(Some(Duration::from_secs(60)));
         match self.max_connection_age {
             Some(age) => builder
@@ -614,6 +628,56 @@ pub fn request_error_status<B>(mut response: http::Response<B>) -> http::Respons
     response
 }
 
+/// The size of a request's header list as HTTP/2 counts it against
+/// `SETTINGS_MAX_HEADER_LIST_SIZE` (RFC 9113, section 6.5.2): each field's name and value
+/// and 32 bytes, the pseudo-headers `:method`, `:scheme`, `:authority` and `:path`
+/// included.
+pub fn header_list_bytes<B>(request: &http::Request<B>) -> usize {
+    const ENTRY: usize = 32;
+    let uri = request.uri();
+    let pseudo = [
+        (":method".len(), request.method().as_str().len()),
+        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority".len(),
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path".len(),
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let pseudo: usize = pseudo
+        .iter()
+        .filter(|(_, value)| *value > 0)
+        .map(|(name, value)| name + value + ENTRY)
+        .sum();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ENTRY)
+        .sum();
+    pseudo + fields
+}
+
+/// A predicate for `tower::filter` that answers a request whose header list is larger
+/// than `max` bytes ([`header_list_bytes`]) `RESOURCE_EXHAUSTED`, before any service reads
+/// it. tonic turns the error into the answer's status.
+pub fn header_list_limit<B>(
+    max: u32,
+) -> impl Fn(http::Request<B>) -> Result<http::Request<B>, tonic::Status> + Clone {
+    move |request| {
+        let bytes = header_list_bytes(&request);
+        if bytes > max as usize {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "the request's header list is {bytes} bytes, over the limit of {max} \
+                 (--max-header-list-bytes)"
+            )));
+        }
+        Ok(request)
+    }
+}
+
 /// For the services that take published values, inside [`request_error_status`]: a request
 /// over the size limit (tonic's `OUT_OF_RANGE`, whose message gives only bytes) also hears
 /// what bounds a published value, `max_value_bytes`.
@@ -641,6 +705,36 @@ pub fn value_size_hint<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_list_is_counted_as_http2_counts_it() {
+        let request = http::Request::post("http://127.0.0.1:1/a.B/C")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        // :method POST, :scheme http, :authority 127.0.0.1:1, :path /a.B/C, te: trailers.
+        let expected = (7 + 4 + 32) + (7 + 4 + 32) + (10 + 11 + 32) + (5 + 6 + 32) + (2 + 8 + 32);
+        assert_eq!(header_list_bytes(&request), expected);
+
+        let check = header_list_limit(expected as u32);
+        assert!(check(request).is_ok(), "at the limit is allowed");
+        let mut request = http::Request::post("http://127.0.0.1:1/a.B/C")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("x", http::HeaderValue::from_static(""));
+        let status = check(request).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .contains(&format!("{} bytes", expected + 33)),
+            "{status:?}"
+        );
+        assert!(status.message().contains("--max-header-list-bytes"));
+    }
 
     #[test]
     fn tokens_replace_tokens_but_cannot_turn_them_on() {
