@@ -1312,7 +1312,10 @@ mod tests {
         let key = format!("{ETCD_GET_PREFIX}{}", get_revision(9_999_999));
         assert!(key.as_str() < end.as_str());
         assert!(format!("{ETCD_GET_PREFIX}{}\0", get_revision(0)).as_str() > ETCD_GET_PREFIX);
-        assert!("/bench/gets" > end.as_str(), "a longer name is past the prefix");
+        assert!(
+            "/bench/gets" > end.as_str(),
+            "a longer name is past the prefix"
+        );
     }
 
     #[test]

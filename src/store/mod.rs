@@ -345,7 +345,7 @@ mod tests {
     use super::*;
 
     /// Keys over a small alphabet, so prefixes, namespaces and page starts collide often.
-    fn key() -> impl Strategy<Value = Key> {
+    pub(super) fn key() -> impl Strategy<Value = Key> {
         (0..3usize, "[ab]{0,2}", "[ab/]{0,4}").prop_map(|(kind, namespace, name)| Key {
             kind: Kind::ALL[kind],
             namespace,
@@ -353,13 +353,14 @@ mod tests {
         })
     }
 
-    fn query() -> impl Strategy<Value = ListQuery> {
+    /// Queries over the alphabet of [`key`].
+    pub(super) fn query() -> impl Strategy<Value = ListQuery> {
         (
             0..3usize,
             proptest::option::of("[ab]{0,2}"),
             "[ab/]{0,2}",
             proptest::option::of(("[ab]{0,2}", "[ab/]{0,4}")),
-            1..6usize,
+            0..6usize,
         )
             .prop_map(
                 |(kind, namespace, name_prefix, start_after, limit)| ListQuery {

@@ -101,33 +101,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn key() -> impl Strategy<Value = Key> {
-        (0..3usize, "[ab]{0,2}", "[ab/]{0,4}").prop_map(|(kind, namespace, name)| Key {
-            kind: Kind::ALL[kind],
-            namespace,
-            name,
-        })
-    }
-
-    fn query() -> impl Strategy<Value = ListQuery> {
-        (
-            0..3usize,
-            proptest::option::of("[ab]{0,2}"),
-            "[ab/]{0,2}",
-            proptest::option::of(("[ab]{0,2}", "[ab/]{0,4}")),
-            0..6usize,
-        )
-            .prop_map(
-                |(kind, namespace, name_prefix, start_after, limit)| ListQuery {
-                    kind: Kind::ALL[kind],
-                    namespace,
-                    name_prefix,
-                    start_after,
-                    limit,
-                },
-            )
-    }
+    use crate::store::tests::{key, query};
 
     proptest! {
         /// Under any inserts and removes it answers as one ordered set of whole keys: what
