@@ -396,15 +396,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_page_inside_a_namespace_starts_at_its_token_and_stops_after_the_prefix() {
-        let query = ListQuery {
+    /// A page of `app/` metadata in namespace `ns` after `app/r7`.
+    pub(super) fn page_after_r7() -> ListQuery {
+        ListQuery {
             namespace: Some("ns".into()),
             name_prefix: "app/".into(),
             start_after: Some(("ns".into(), "app/r7".into())),
             limit: 10,
             ..ListQuery::all(Kind::Metadata)
-        };
+        }
+    }
+
+    #[test]
+    fn a_page_inside_a_namespace_starts_at_its_token_and_stops_after_the_prefix() {
+        let query = page_after_r7();
         assert_eq!(query.first_key(), Key::metadata("ns", "app", "r7"));
         assert!(!query.is_past(&Key::metadata("ns", "app", "r8")));
         assert!(query.is_past(&Key::metadata("ns", "apq", "r0")));

@@ -101,7 +101,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::tests::{key, query};
+    use crate::store::tests::{key, page_after_r7, query};
 
     proptest! {
         /// Under any inserts and removes it answers as one ordered set of whole keys: what
@@ -151,13 +151,7 @@ mod tests {
         names.insert(&Key::metadata("ns", "apq", "r0"));
         names.insert(&Key::metadata("nt", "app", "r0"));
         names.insert(&Key::definition("ns", "app/r9"));
-        let query = ListQuery {
-            namespace: Some("ns".into()),
-            name_prefix: "app/".into(),
-            start_after: Some(("ns".into(), "app/r7".into())),
-            limit: 10,
-            ..ListQuery::all(Kind::Metadata)
-        };
+        let query = page_after_r7();
         assert_eq!(
             names.select(&query),
             [
