@@ -69,6 +69,12 @@ pub struct Key {
     pub name: String,
 }
 
+impl AsRef<Key> for Key {
+    fn as_ref(&self) -> &Key {
+        self
+    }
+}
+
 impl Key {
     /// The key of application metadata.
     pub fn metadata(namespace: &str, application: &str, revision: &str) -> Self {

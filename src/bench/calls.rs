@@ -168,34 +168,10 @@ impl Clients {
         &self,
         worker: usize,
         from: String,
-        end: String,
+        end: Vec<u8>,
         limit: usize,
     ) -> anyhow::Result<()> {
-        let found = match self {
-            Self::H2(connections) => {
-                let request = h2streams::frame(&etcdpb::RangeRequest {
-                    key: from.into_bytes(),
-                    range_end: end.into_bytes(),
-                    limit: limit as i64,
-                });
-                let answer = pick(connections, worker)
-                    .unary(etcdpb::RANGE, request)
-                    .await?;
-                etcdpb::RangeResponse::decode(answer)?.kvs.len()
-            }
-            Self::Etcd(clients) => {
-                let options = etcd_client::GetOptions::new()
-                    .with_range(end)
-                    .with_limit(limit as i64);
-                pick(clients, worker)
-                    .kv_client()
-                    .get(from, Some(options))
-                    .await?
-                    .kvs()
-                    .len()
-            }
-            Self::Tonic(_) => bail!("not an etcd client"),
-        };
+        let found = self.range_count(worker, from, end, limit).await?;
         if found != limit {
             bail!("a range of {found} keys, not {limit}");
         }
@@ -204,29 +180,48 @@ impl Clients {
 
     /// etcd's `Range` of one key; fails when the key is missing.
     pub async fn range(&self, worker: usize, key: String) -> anyhow::Result<()> {
-        let found = match self {
+        if self.range_count(worker, key, Vec::new(), 0).await? == 0 {
+            bail!("a missing key");
+        }
+        Ok(())
+    }
+
+    /// How many keys etcd's `Range` answers: of `key` alone when `end` is empty, else of
+    /// `[key, end)`, at most `limit` (0: no limit).
+    async fn range_count(
+        &self,
+        worker: usize,
+        key: String,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> anyhow::Result<usize> {
+        Ok(match self {
             Self::H2(connections) => {
                 let request = h2streams::frame(&etcdpb::RangeRequest {
                     key: key.into_bytes(),
-                    ..Default::default()
+                    range_end: end,
+                    limit: limit as i64,
                 });
                 let answer = pick(connections, worker)
                     .unary(etcdpb::RANGE, request)
                     .await?;
-                !etcdpb::RangeResponse::decode(answer)?.kvs.is_empty()
+                etcdpb::RangeResponse::decode(answer)?.kvs.len()
             }
-            Self::Etcd(clients) => !pick(clients, worker)
-                .kv_client()
-                .get(key, None)
-                .await?
-                .kvs()
-                .is_empty(),
+            Self::Etcd(clients) => {
+                let options = (!end.is_empty()).then(|| {
+                    etcd_client::GetOptions::new()
+                        .with_range(end)
+                        .with_limit(limit as i64)
+                });
+                pick(clients, worker)
+                    .kv_client()
+                    .get(key, options)
+                    .await?
+                    .kvs()
+                    .len()
+            }
             Self::Tonic(_) => bail!("not an etcd client"),
-        };
-        if !found {
-            bail!("a missing key");
-        }
-        Ok(())
+        })
     }
 
     /// etcd's `Put`; fails when the answer carries no revision.

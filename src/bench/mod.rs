@@ -465,15 +465,6 @@ fn get_revision(i: u64) -> String {
 /// Records in a page of the `list` case.
 const LIST_PAGE: usize = 100;
 
-/// The first key past every key that starts with `prefix` (etcd's `range_end` of a prefix;
-/// `prefix` ends in a character below `0xff`).
-fn prefix_end(prefix: &str) -> String {
-    let mut end = prefix.to_string();
-    let last = end.pop().expect("a prefix");
-    end.push(char::from_u32(last as u32 + 1).expect("an ASCII prefix"));
-    end
-}
-
 impl Bench {
     fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
         let dir = self.tmp.path().join(name);
@@ -775,11 +766,11 @@ impl Bench {
             pid: ours_pid,
         }];
         if let Some((etcd, clients)) = etcd {
+            let end = crate::store::etcd::prefix_end(ETCD_GET_PREFIX.as_bytes());
             let op: load::Op = Arc::new(move |worker, seq| {
-                let clients = clients.clone();
+                let (clients, end) = (clients.clone(), end.clone());
                 // The first key after the picked one, as our page token starts after it.
                 let from = format!("{ETCD_GET_PREFIX}{}\0", get_revision(pick(worker, seq)));
-                let end = prefix_end(ETCD_GET_PREFIX);
                 async move { clients.range_page(worker, from, end, LIST_PAGE).await }.boxed()
             });
             contenders.push(Contender {
@@ -1306,16 +1297,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_prefix_end_bounds_exactly_the_keys_of_the_prefix() {
-        let end = prefix_end(ETCD_GET_PREFIX);
-        assert_eq!(end, "/bench/get0");
-        let key = format!("{ETCD_GET_PREFIX}{}", get_revision(9_999_999));
-        assert!(key.as_str() < end.as_str());
-        assert!(format!("{ETCD_GET_PREFIX}{}\0", get_revision(0)).as_str() > ETCD_GET_PREFIX);
-        assert!(
-            "/bench/gets" > end.as_str(),
-            "a longer name is past the prefix"
-        );
+    fn the_list_case_ranges_over_exactly_the_data_set() {
+        let end = crate::store::etcd::prefix_end(ETCD_GET_PREFIX.as_bytes());
+        assert_eq!(end, b"/bench/get0");
+        let last = format!("{ETCD_GET_PREFIX}{}", get_revision(9_999_999));
+        assert!(last.as_bytes() < end.as_slice());
+        // The key after the first record is still inside the data set's range.
+        let after_first = format!("{ETCD_GET_PREFIX}{}\0", get_revision(0));
+        assert!(after_first.as_str() > ETCD_GET_PREFIX && after_first.as_bytes() < end.as_slice());
     }
 
     #[test]

@@ -159,15 +159,7 @@ impl Index {
         self.names
             .select(query)
             .into_iter()
-            .filter_map(|key| {
-                let entry = self.records.get(&key)?;
-                Some(Record {
-                    value: entry.value.clone(),
-                    revision: entry.revision,
-                    refreshed_at_ms: entry.refreshed_at_ms,
-                    key,
-                })
-            })
+            .filter_map(|key| Some(self.records.get(&key)?.record(key)))
             .collect()
     }
 }
@@ -185,9 +177,9 @@ struct Indexed {
 }
 
 impl Indexed {
-    fn record(&self, key: &Key) -> Record {
+    fn record(&self, key: Key) -> Record {
         Record {
-            key: key.clone(),
+            key,
             value: self.value.clone(),
             revision: self.revision,
             refreshed_at_ms: self.refreshed_at_ms,
@@ -672,7 +664,7 @@ impl Inner {
             .read()
             .records
             .get(key)
-            .map(|entry| entry.record(key)))
+            .map(|entry| entry.record(key.clone())))
     }
 
     /// A refresh of `key` to the identical `value` at `now_ms`, answered from memory when the
@@ -732,7 +724,7 @@ impl super::Subscribe for Inner {
         let mut records: Vec<Record> = index
             .records
             .iter()
-            .map(|(key, entry)| entry.record(key))
+            .map(|(key, entry)| entry.record(key.clone()))
             .collect();
         let revision = index.revision;
         drop(index);

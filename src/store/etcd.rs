@@ -534,15 +534,11 @@ impl Store for EtcdStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
         let first = query.first_key();
         let mirror = self.inner.shared.mirror.lock();
-        Ok(mirror
+        let ordered = mirror
             .records
             .range((first.kind, first.namespace, first.name)..)
-            .map(|(_, record)| record)
-            .take_while(|record| !query.is_past(&record.key))
-            .filter(|record| query.matches(&record.key))
-            .take(query.limit)
-            .cloned()
-            .collect())
+            .map(|(_, record)| record);
+        Ok(query.scan(ordered).cloned().collect())
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
@@ -993,8 +989,8 @@ fn record_of(keys: &Keys, kv: &KeyValue) -> Option<Record> {
     })
 }
 
-/// The first key after every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+/// The first key after every key starting with `prefix` (etcd's `range_end` of a prefix).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

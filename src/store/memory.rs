@@ -149,18 +149,12 @@ impl Store for MemoryStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
         let first = query.first_key();
-        Ok(self
-            .inner
-            .state
-            .lock()
+        let state = self.inner.state.lock();
+        let ordered = state
             .records
             .range((first.kind, first.namespace, first.name)..)
-            .map(|(_, record)| record)
-            .take_while(|r| !query.is_past(&r.key))
-            .filter(|r| query.matches(&r.key))
-            .take(query.limit)
-            .cloned()
-            .collect())
+            .map(|(_, record)| record);
+        Ok(query.scan(ordered).cloned().collect())
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {

@@ -44,6 +44,12 @@ pub struct Record {
     pub refreshed_at_ms: u64,
 }
 
+impl AsRef<Key> for Record {
+    fn as_ref(&self) -> &Key {
+        &self.key
+    }
+}
+
 impl Record {
     /// `refreshed_at_ms` as a time.
     pub fn refreshed_at(&self) -> SystemTime {
@@ -182,6 +188,16 @@ impl ListQuery {
             || self.namespace.as_ref().is_some_and(|namespace| {
                 *namespace != key.namespace || !key.name.starts_with(&self.name_prefix)
             })
+    }
+
+    /// What this query selects out of `ordered`, items in key order from
+    /// [`ListQuery::first_key`] on (keys or records): those it matches, until
+    /// [`ListQuery::is_past`], at most `limit`. Every ordered backend pages through this.
+    pub fn scan<T: AsRef<Key>>(&self, ordered: impl Iterator<Item = T>) -> impl Iterator<Item = T> {
+        ordered
+            .take_while(|item| !self.is_past(item.as_ref()))
+            .filter(|item| self.matches(item.as_ref()))
+            .take(self.limit)
     }
 
     /// Whether `key` is selected by this query (ignoring `limit`).
@@ -386,12 +402,7 @@ mod tests {
                 .filter(|k| query.matches(k))
                 .take(query.limit)
                 .collect();
-            let bounded: Vec<&Key> = keys
-                .range(query.first_key()..)
-                .take_while(|k| !query.is_past(k))
-                .filter(|k| query.matches(k))
-                .take(query.limit)
-                .collect();
+            let bounded: Vec<&Key> = query.scan(keys.range(query.first_key()..)).collect();
             prop_assert_eq!(bounded, full);
         }
     }
@@ -418,11 +429,7 @@ mod tests {
         let keys: BTreeSet<Key> = (0..10)
             .map(|i| Key::metadata("ns", "app", &format!("r{i}")))
             .collect();
-        let page: Vec<&Key> = keys
-            .range(query.first_key()..)
-            .take_while(|k| !query.is_past(k))
-            .filter(|k| query.matches(k))
-            .collect();
+        let page: Vec<&Key> = query.scan(keys.range(query.first_key()..)).collect();
         assert_eq!(
             page,
             [

@@ -52,8 +52,8 @@ impl OrderedNames {
             .map_or(0, |sets| sets[kind as usize].len())
     }
 
-    /// The keys `query` selects, in key order, at most `query.limit`: from
-    /// [`ListQuery::first_key`] until [`ListQuery::is_past`].
+    /// The keys `query` selects, in key order ([`ListQuery::scan`] from
+    /// [`ListQuery::first_key`]).
     pub fn select(&self, query: &ListQuery) -> Vec<Key> {
         let first = query.first_key();
         let kind = query.kind;
@@ -69,7 +69,7 @@ impl OrderedNames {
                 .collect(),
         };
         namespaces.sort_unstable();
-        namespaces
+        let ordered = namespaces
             .into_iter()
             .filter_map(|namespace| {
                 let names = &self.namespaces.get(namespace)?[kind as usize];
@@ -88,11 +88,8 @@ impl OrderedNames {
                         }),
                 )
             })
-            .flatten()
-            .take_while(|key| !query.is_past(key))
-            .filter(|key| query.matches(key))
-            .take(query.limit)
-            .collect()
+            .flatten();
+        query.scan(ordered).collect()
     }
 }
 

@@ -721,12 +721,7 @@ impl Store for KubeStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
         let mirror = self.inner.shared.mirror.lock();
-        Ok(mirror
-            .range(query.first_key())
-            .take_while(|record| !query.is_past(&record.key))
-            .filter(|record| query.matches(&record.key))
-            .take(query.limit)
-            .collect())
+        Ok(query.scan(mirror.range(query.first_key())).collect())
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
