@@ -8,7 +8,8 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::{
-    Error, Event, Key, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+    Error, Event, Key, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER,
+    counts::NamespaceCounts, epoch_ms,
 };
 
 /// An in-memory [`Store`].
@@ -29,6 +30,7 @@ struct Shared {
 struct State {
     revision: u64,
     records: BTreeMap<(crate::model::Kind, String, String), Record>,
+    counts: NamespaceCounts,
 }
 
 impl Default for MemoryStore {
@@ -99,12 +101,7 @@ impl Store for MemoryStore {
                 )
             }
             None => {
-                let n_in_namespace = state
-                    .records
-                    .keys()
-                    .filter(|(k, ns, _)| *k == key.kind && *ns == key.namespace)
-                    .count();
-                if n_in_namespace >= self.max_records_per_namespace {
+                if state.counts.get(key.kind, &key.namespace) >= self.max_records_per_namespace {
                     return Err(Error::NamespaceFull {
                         namespace: key.namespace.clone(),
                         limit: self.max_records_per_namespace,
@@ -117,6 +114,7 @@ impl Store for MemoryStore {
                     refreshed_at_ms,
                 };
                 state.records.insert(map_key, record.clone());
+                state.counts.add(key);
                 (PutOutcome::Created { revision }, Event::Put(record))
             }
         };
@@ -136,6 +134,7 @@ impl Store for MemoryStore {
         match state.records.get(&map_key) {
             Some(record) if if_revision.is_none_or(|r| r == record.revision) => {
                 state.records.remove(&map_key);
+                state.counts.remove(key);
                 state.revision += 1;
                 let _ = self.inner.events.send(Event::Delete {
                     key: key.clone(),

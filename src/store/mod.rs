@@ -17,6 +17,7 @@ use tokio::sync::broadcast;
 pub use crate::model::{Key, Kind};
 
 pub mod checkpoint;
+pub(crate) mod counts;
 pub mod embedded;
 pub mod etcd;
 pub mod journal;

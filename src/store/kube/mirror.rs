@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use kube::core::ObjectMeta;
 
 use super::names;
-use crate::store::{Event, Key, Kind, Record};
+use crate::store::{Event, Key, Kind, Record, counts::NamespaceCounts};
 
 /// An object's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,6 +46,8 @@ fn map_key(key: &Key) -> MapKey {
 pub(crate) struct Mirror {
     objects: HashMap<ObjectRef, Object>,
     by_key: BTreeMap<MapKey, BTreeSet<String>>,
+    /// How many records (keys of `by_key`) each namespace holds.
+    counts: NamespaceCounts,
     /// The highest resourceVersion seen on each kind's watch.
     revisions: BTreeMap<Kind, u64>,
 }
@@ -92,10 +94,7 @@ impl Mirror {
 
     /// How many records of `kind` `namespace` holds.
     pub(crate) fn count(&self, kind: Kind, namespace: &str) -> usize {
-        self.by_key
-            .range((kind, namespace.to_string(), String::new())..)
-            .take_while(|((k, ns, _), _)| *k == kind && ns == namespace)
-            .count()
+        self.counts.get(kind, namespace)
     }
 
     /// Every record.
@@ -125,10 +124,11 @@ impl Mirror {
     }
 
     fn insert(&mut self, object: Object) {
-        self.by_key
-            .entry(map_key(&object.record.key))
-            .or_default()
-            .insert(object.at.name.clone());
+        let names = self.by_key.entry(map_key(&object.record.key)).or_default();
+        if names.is_empty() {
+            self.counts.add(&object.record.key);
+        }
+        names.insert(object.at.name.clone());
         self.objects.insert(object.at.clone(), object);
     }
 
@@ -139,6 +139,7 @@ impl Mirror {
             names.remove(&at.name);
             if names.is_empty() {
                 self.by_key.remove(&map_key);
+                self.counts.remove(&object.record.key);
             }
         }
         Some(object)
@@ -240,6 +241,40 @@ mod tests {
                 refreshed_at_ms: revision * 10,
             },
             meta: ObjectMeta::default(),
+        }
+    }
+
+    proptest::proptest! {
+        /// Under any creations, edits (which may rename the record) and deletions of
+        /// objects, the namespace counts are those of walking the records the objects show:
+        /// two objects naming one record count once.
+        #[test]
+        fn counts_follow_the_records(
+            ops in proptest::collection::vec(
+                (crate::store::tests::key(), "o[0-2]", proptest::prelude::any::<bool>()),
+                0..60,
+            ),
+        ) {
+            let mut mirror = Mirror::default();
+            for (revision, (key, name, present)) in (1..).zip(ops) {
+                let at = ObjectRef {
+                    kind: key.kind,
+                    namespace: key.namespace.clone(),
+                    name: name.clone(),
+                };
+                let object = present.then(|| object(&name, &key, "v", revision));
+                mirror.apply(&at, object, revision);
+            }
+            let records = mirror.records();
+            for kind in Kind::ALL {
+                for namespace in ["", "a", "b", "ab", "ba"] {
+                    let walked = records
+                        .iter()
+                        .filter(|r| r.key.kind == kind && r.key.namespace == namespace)
+                        .count();
+                    proptest::prop_assert_eq!(mirror.count(kind, namespace), walked);
+                }
+            }
         }
     }
 
