@@ -36,6 +36,26 @@ use crate::pb::{
 /// What the echo server prints on standard output once bound, before the address.
 pub const LISTENING: &str = "echo listening on ";
 
+/// How the echo serves its Aggregated Discovery Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ads {
+    /// tonic's generated server, as every tonic service runs: hyper's task per stream.
+    Tonic,
+    /// `h2` directly, one task per connection driving all its streams ([`super::h2ads`]);
+    /// it answers `Publish` and the ADS, nothing else.
+    H2,
+}
+
+impl Ads {
+    /// Its value on the command line.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Ads::Tonic => "tonic",
+            Ads::H2 => "h2",
+        }
+    }
+}
+
 /// Answers every `Get` with the same payload; a `Publish` becomes the response every ADS
 /// stream is sent next.
 #[derive(Debug, Clone)]
@@ -45,7 +65,7 @@ struct Echo {
 }
 
 /// The one response every stream is sent: `value` as the resource of the fan-out's type.
-fn response(version: u64, value: String) -> DiscoveryResponse {
+pub(super) fn response(version: u64, value: String) -> DiscoveryResponse {
     DiscoveryResponse {
         version_info: version.to_string(),
         nonce: version.to_string(),
@@ -142,7 +162,7 @@ impl AggregatedDiscoveryService for Echo {
 
 /// Serves the echo on `addr` until the process is killed, printing [`LISTENING`] and the
 /// bound address first.
-pub async fn serve(addr: SocketAddr, payload_bytes: usize) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, payload_bytes: usize, ads: Ads) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -153,6 +173,9 @@ pub async fn serve(addr: SocketAddr, payload_bytes: usize) -> anyhow::Result<()>
         stdout.flush()?;
     }
     let payload = super::payload(payload_bytes, 0);
+    if ads == Ads::H2 {
+        return super::h2ads::serve(listener, payload).await;
+    }
     let (latest, _) = watch::channel(Arc::new(response(0, payload.clone())));
     let echo = Echo {
         payload,

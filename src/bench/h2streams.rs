@@ -49,7 +49,7 @@ pub fn frame(message: &impl prost::Message) -> Bytes {
 }
 
 /// Takes every whole gRPC message out of `data` into `out`, and keeps the rest in `partial`.
-fn split_messages(
+pub(super) fn split_messages(
     partial: &mut BytesMut,
     chunk: Bytes,
     out: &mut Vec<Bytes>,

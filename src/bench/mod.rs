@@ -35,6 +35,7 @@ pub mod calls;
 pub mod echo;
 pub mod etcdpb;
 pub mod fanout;
+pub mod h2ads;
 pub mod h2streams;
 pub mod load;
 pub mod procfs;
@@ -168,6 +169,9 @@ pub enum Helper {
         /// Size of each answer.
         #[arg(long, default_value_t = 1024)]
         payload_bytes: usize,
+        /// How the Aggregated Discovery Service is served.
+        #[arg(long, value_enum, default_value_t = echo::Ads::Tonic)]
+        ads: echo::Ads,
     },
 }
 
@@ -286,9 +290,10 @@ pub async fn run(args: BenchArgs, out: &mut impl std::io::Write) -> anyhow::Resu
     if let Some(Helper::EchoServer {
         addr,
         payload_bytes,
+        ads,
     }) = args.helper
     {
-        return echo::serve(addr, payload_bytes).await;
+        return echo::serve(addr, payload_bytes, ads).await;
     }
     let settings = args.settings()?;
     // 10,000 connections need 10,000 descriptors here and in the servers, which inherit it.
@@ -350,6 +355,7 @@ fn fanout_chart(report: &Report) -> String {
     for (server, name, colour) in [
         (Server::Ours, "pixiu-metadata", "#1f77b4"),
         (Server::Echo, "bare tonic ADS", "#7f7f7f"),
+        (Server::H2Ads, "bare h2 ADS", "#2ca02c"),
         (Server::Etcd, "etcd watch", "#d62728"),
     ] {
         for (dashed, what, pick) in [
@@ -669,7 +675,12 @@ impl Bench {
                     .await?;
             }
         }
-        let echo = servers::echo(payload_bytes, &self.tmp.path().join("echo.log")).await?;
+        let echo = servers::echo(
+            payload_bytes,
+            echo::Ads::Tonic,
+            &self.tmp.path().join("echo.log"),
+        )
+        .await?;
         let etcd = if self.settings.etcd {
             let etcd = self.etcd("etcd-get").await?;
             self.preload_etcd(&etcd.url()).await?;
@@ -871,6 +882,9 @@ impl Bench {
                 contenders.push((fanout::Kind::Delta, Server::Ours));
             }
             contenders.push((fanout::Kind::Sotw, Server::Echo));
+            if n == largest {
+                contenders.push((fanout::Kind::Sotw, Server::H2Ads));
+            }
             if self.settings.etcd {
                 contenders.push((fanout::Kind::EtcdWatch, Server::Etcd));
             }
@@ -925,9 +939,17 @@ impl Bench {
                     Publisher::Etcd(Box::new(client)),
                 )
             }
-            Server::Echo => {
-                let log = self.tmp.path().join("echo-fanout.log");
-                let echo = servers::echo(payload_bytes, &log).await?;
+            Server::Echo | Server::H2Ads => {
+                let ads = if server == Server::H2Ads {
+                    echo::Ads::H2
+                } else {
+                    echo::Ads::Tonic
+                };
+                let log = self
+                    .tmp
+                    .path()
+                    .join(format!("{}-fanout.log", server_label(server)));
+                let echo = servers::echo(payload_bytes, ads, &log).await?;
                 let client = MetadataServiceClient::new(connect(&echo.url()).await?);
                 (Target::Grpc(Box::new(echo)), Publisher::Grpc(client))
             }
@@ -960,7 +982,9 @@ impl Bench {
     /// Measures the publishes of another key while `run`'s streams are still open (ours and
     /// etcd, SotW), stops its server and records its rows.
     async fn fanout_close(&mut self, mut run: FanoutRun) -> anyhow::Result<()> {
-        let unrelated = if run.kind != fanout::Kind::Delta && run.server != Server::Echo {
+        let unrelated = if run.kind != fanout::Kind::Delta
+            && matches!(run.server, Server::Ours | Server::Etcd)
+        {
             Some(
                 self.unrelated(
                     &run.target,
@@ -1202,6 +1226,7 @@ fn server_label(server: Server) -> &'static str {
         Server::Ours => "ours",
         Server::Etcd => "etcd",
         Server::Echo => "echo",
+        Server::H2Ads => "h2 ADS",
     }
 }
 

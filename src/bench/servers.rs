@@ -98,8 +98,13 @@ pub async fn ours(data_dir: &Path, log: &Path) -> anyhow::Result<Process> {
     Ok(process)
 }
 
-/// Starts the bare tonic echo server (`bench echo-server`), answering `payload_bytes`.
-pub async fn echo(payload_bytes: usize, log: &Path) -> anyhow::Result<Process> {
+/// Starts the bare echo server (`bench echo-server`), answering `payload_bytes`, its ADS
+/// served as `ads` says.
+pub async fn echo(
+    payload_bytes: usize,
+    ads: super::echo::Ads,
+    log: &Path,
+) -> anyhow::Result<Process> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let mut command = Command::new(exe);
     command
@@ -110,7 +115,8 @@ pub async fn echo(payload_bytes: usize, log: &Path) -> anyhow::Result<Process> {
             "127.0.0.1:0",
             "--payload-bytes",
         ])
-        .arg(payload_bytes.to_string());
+        .arg(payload_bytes.to_string())
+        .args(["--ads", ads.flag()]);
     let started = Instant::now();
     let (child, lines) = spawn(command, log)?;
     let mut process = from_lines(child, lines, super::echo::LISTENING, None, log).await?;
