@@ -52,7 +52,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::tests::key;
+    use crate::store::tests::{key, walked_counts};
 
     proptest! {
         /// Under any inserts and removes of keys the counts are those of walking a set of
@@ -72,14 +72,8 @@ mod tests {
                     counts.remove(&key);
                 }
             }
-            for kind in Kind::ALL {
-                for namespace in ["", "a", "b", "ab", "ba"] {
-                    let walked = model
-                        .iter()
-                        .filter(|k| k.kind == kind && k.namespace == namespace)
-                        .count();
-                    prop_assert_eq!(counts.get(kind, namespace), walked);
-                }
+            for (kind, namespace, walked) in walked_counts(model.iter()) {
+                prop_assert_eq!(counts.get(kind, namespace), walked);
             }
             let namespaces: BTreeSet<&str> = model.iter().map(|k| k.namespace.as_str()).collect();
             prop_assert_eq!(counts.namespaces.len(), namespaces.len());

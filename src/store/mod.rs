@@ -370,6 +370,23 @@ mod tests {
         })
     }
 
+    /// Every kind and namespace of [`key`]'s alphabet, with how many of `keys` it holds.
+    pub(super) fn walked_counts<'a>(
+        keys: impl Iterator<Item = &'a Key> + Clone,
+    ) -> Vec<(Kind, &'static str, usize)> {
+        let mut counts = Vec::new();
+        for kind in Kind::ALL {
+            for namespace in ["", "a", "b", "ab", "ba"] {
+                let walked = keys
+                    .clone()
+                    .filter(|k| k.kind == kind && k.namespace == namespace)
+                    .count();
+                counts.push((kind, namespace, walked));
+            }
+        }
+        counts
+    }
+
     /// Queries over the alphabet of [`key`].
     pub(super) fn query() -> impl Strategy<Value = ListQuery> {
         (

@@ -98,7 +98,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::tests::{key, page_after_r7, query};
+    use crate::store::tests::{key, page_after_r7, query, walked_counts};
 
     proptest! {
         /// Under any inserts and removes it answers as one ordered set of whole keys: what
@@ -117,14 +117,8 @@ mod tests {
                     prop_assert_eq!(names.remove(&key), model.remove(&key));
                 }
             }
-            for kind in Kind::ALL {
-                for namespace in ["", "a", "b", "ab", "ba"] {
-                    let count = model
-                        .iter()
-                        .filter(|k| k.kind == kind && k.namespace == namespace)
-                        .count();
-                    prop_assert_eq!(names.count(kind, namespace), count);
-                }
+            for (kind, namespace, walked) in walked_counts(model.iter()) {
+                prop_assert_eq!(names.count(kind, namespace), walked);
             }
             for query in queries {
                 let expected: Vec<Key> = model
