@@ -8,7 +8,7 @@
 //!   stream; requests (the ACKs) read by a task of the stream's own and dropped. No
 //!   subscriptions, versions, nonces or ACK bookkeeping: the floor for `fanout`.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc};
+use std::{io::Write, net::SocketAddr, pin::Pin, sync::Arc};
 
 use anyhow::Context;
 use envoy_types::pb::{
@@ -21,7 +21,7 @@ use envoy_types::pb::{
     google::protobuf::Any,
 };
 use futures::{Stream, StreamExt};
-use tokio::sync::watch;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
 
@@ -41,7 +41,7 @@ pub const LISTENING: &str = "echo listening on ";
 pub enum Ads {
     /// tonic's generated server, as every tonic service runs: hyper's task per stream.
     Tonic,
-    /// `h2` directly, one task per connection driving all its streams ([`super::h2ads`]);
+    /// `h2` directly, one task per connection driving all its streams (`h2ads.rs`);
     /// it answers `Publish` and the ADS, nothing else.
     H2,
 }
@@ -160,22 +160,19 @@ impl AggregatedDiscoveryService for Echo {
     }
 }
 
-/// Serves the echo on `addr` until the process is killed, printing [`LISTENING`] and the
-/// bound address first.
-pub async fn serve(addr: SocketAddr, payload_bytes: usize, ads: Ads) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
+/// Binds the echo's `addr` and prints [`LISTENING`] and the bound address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{LISTENING}{}", listener.local_addr()?)?;
-        stdout.flush()?;
-    }
-    let payload = super::payload(payload_bytes, 0);
-    if ads == Ads::H2 {
-        return super::h2ads::serve(listener, payload).await;
-    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{LISTENING}{}", listener.local_addr()?)?;
+    stdout.flush()?;
+    Ok(listener)
+}
+
+/// Serves the echo, its ADS through tonic, on `listener` until the process is killed.
+pub async fn serve(listener: TcpListener, payload: String) -> anyhow::Result<()> {
     let (latest, _) = watch::channel(Arc::new(response(0, payload.clone())));
     let echo = Echo {
         payload,

@@ -293,7 +293,12 @@ pub async fn run(args: BenchArgs, out: &mut impl std::io::Write) -> anyhow::Resu
         ads,
     }) = args.helper
     {
-        return echo::serve(addr, payload_bytes, ads).await;
+        let listener = echo::bind(addr).await?;
+        let payload = payload(payload_bytes, 0);
+        return match ads {
+            echo::Ads::Tonic => echo::serve(listener, payload).await,
+            echo::Ads::H2 => h2ads::serve(listener, payload).await,
+        };
     }
     let settings = args.settings()?;
     // 10,000 connections need 10,000 descriptors here and in the servers, which inherit it.
