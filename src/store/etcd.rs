@@ -110,7 +110,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER, epoch_ms,
+    Error, Event, Key, Kind, ListQuery, MapKey, PutOutcome, Record, Result, Store, WATCH_BUFFER,
+    epoch_ms, map_key,
     probe::{self, Failing},
 };
 
@@ -203,8 +204,6 @@ struct Shared {
     failing: Failing,
 }
 
-type MapKey = (Kind, String, String);
-
 #[derive(Debug, Default)]
 struct Mirror {
     revision: u64,
@@ -213,10 +212,6 @@ struct Mirror {
     /// (a wiped data directory, a restored snapshot). Watch events are ignored until the
     /// prefix has been listed again.
     stale: bool,
-}
-
-fn map_key(key: &Key) -> MapKey {
-    (key.kind, key.namespace.clone(), key.name.clone())
 }
 
 impl fmt::Debug for EtcdStore {
@@ -532,13 +527,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
-        let first = query.first_key();
-        let mirror = self.inner.shared.mirror.lock();
-        let ordered = mirror
-            .records
-            .range((first.kind, first.namespace, first.name)..)
-            .map(|(_, record)| record);
-        Ok(query.scan(ordered).cloned().collect())
+        Ok(query.select(&self.inner.shared.mirror.lock().records))
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {

@@ -8,8 +8,8 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::{
-    Error, Event, Key, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER,
-    counts::NamespaceCounts, epoch_ms,
+    Error, Event, Key, ListQuery, MapKey, PutOutcome, Record, Result, Store, WATCH_BUFFER,
+    counts::NamespaceCounts, epoch_ms, map_key,
 };
 
 /// An in-memory [`Store`].
@@ -29,7 +29,7 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     revision: u64,
-    records: BTreeMap<(crate::model::Kind, String, String), Record>,
+    records: BTreeMap<MapKey, Record>,
     counts: NamespaceCounts,
 }
 
@@ -65,10 +65,6 @@ impl super::Subscribe for Shared {
         };
         (reset, rx)
     }
-}
-
-fn map_key(key: &Key) -> (crate::model::Kind, String, String) {
-    (key.kind, key.namespace.clone(), key.name.clone())
 }
 
 #[async_trait::async_trait]
@@ -147,13 +143,7 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
-        let first = query.first_key();
-        let state = self.inner.state.lock();
-        let ordered = state
-            .records
-            .range((first.kind, first.namespace, first.name)..)
-            .map(|(_, record)| record);
-        Ok(query.scan(ordered).cloned().collect())
+        Ok(query.select(&self.inner.state.lock().records))
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {

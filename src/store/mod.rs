@@ -7,6 +7,7 @@
 //! [`etcd`] and [`kube`] (shared by any number of replicas).
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -43,6 +44,15 @@ pub struct Record {
     pub revision: u64,
     /// When a publish last created, changed or refreshed it, in milliseconds since the epoch.
     pub refreshed_at_ms: u64,
+}
+
+/// A key as the ordered maps of the memory store and of the etcd and Kubernetes stores'
+/// mirrors hold it, which order it as [`Key`] is ordered.
+pub(crate) type MapKey = (Kind, String, String);
+
+/// `key` as a [`MapKey`].
+pub(crate) fn map_key(key: &Key) -> MapKey {
+    (key.kind, key.namespace.clone(), key.name.clone())
 }
 
 impl AsRef<Key> for Record {
@@ -178,6 +188,25 @@ impl ListQuery {
             namespace: namespace.to_string(),
             name: name.to_string(),
         }
+    }
+
+    /// [`ListQuery::first_key`] as a [`MapKey`].
+    pub(crate) fn first_map_key(&self) -> MapKey {
+        let Key {
+            kind,
+            namespace,
+            name,
+        } = self.first_key();
+        (kind, namespace, name)
+    }
+
+    /// What this query selects out of `records`, read from [`ListQuery::first_map_key`] on
+    /// ([`ListQuery::scan`]).
+    pub(crate) fn select(&self, records: &BTreeMap<MapKey, Record>) -> Vec<Record> {
+        let ordered = records
+            .range(self.first_map_key()..)
+            .map(|(_, record)| record);
+        self.scan(ordered).cloned().collect()
     }
 
     /// Whether a scan in key order that started at [`ListQuery::first_key`] has passed every

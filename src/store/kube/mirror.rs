@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use kube::core::ObjectMeta;
 
 use super::names;
-use crate::store::{Event, Key, Kind, Record, counts::NamespaceCounts};
+use crate::store::{Event, Key, Kind, MapKey, Record, counts::NamespaceCounts, map_key};
 
 /// An object's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,12 +33,6 @@ pub(crate) struct Object {
     pub(crate) record: Record,
     /// Its metadata without managed fields, for replacing it without losing what others set.
     pub(crate) meta: ObjectMeta,
-}
-
-type MapKey = (Kind, String, String);
-
-fn map_key(key: &Key) -> MapKey {
-    (key.kind, key.namespace.clone(), key.name.clone())
 }
 
 /// The objects and, per record, which objects name it.
@@ -80,9 +74,9 @@ impl Mirror {
     }
 
     /// Every record from `start` on, in key order.
-    pub(crate) fn range(&self, start: Key) -> impl Iterator<Item = Record> + '_ {
+    pub(crate) fn range(&self, start: MapKey) -> impl Iterator<Item = Record> + '_ {
         self.by_key
-            .range((start.kind, start.namespace, start.name)..)
+            .range(start..)
             .filter_map(|((kind, namespace, name), _)| {
                 self.get(&Key {
                     kind: *kind,
@@ -100,12 +94,8 @@ impl Mirror {
     /// Every record.
     pub(crate) fn records(&self) -> Vec<Record> {
         // The least key: the first kind's, with an empty namespace and name.
-        self.range(Key {
-            kind: Kind::ALL[0],
-            namespace: String::new(),
-            name: String::new(),
-        })
-        .collect()
+        self.range((Kind::ALL[0], String::new(), String::new()))
+            .collect()
     }
 
     /// The highest resourceVersion seen for `kind`.
@@ -370,11 +360,7 @@ mod tests {
         assert_eq!(mirror.count(Kind::Metadata, "a"), 1);
         assert_eq!(mirror.count(Kind::Metadata, ""), 0);
         let from_a: Vec<_> = mirror
-            .range(Key {
-                kind: Kind::Metadata,
-                namespace: "a".into(),
-                name: String::new(),
-            })
+            .range((Kind::Metadata, "a".into(), String::new()))
             .map(|r| r.key)
             .collect();
         assert_eq!(from_a, vec![keys[1].clone(), keys[0].clone(), def]);

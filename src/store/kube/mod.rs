@@ -721,7 +721,7 @@ impl Store for KubeStore {
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Record>> {
         let mirror = self.inner.shared.mirror.lock();
-        Ok(query.scan(mirror.range(query.first_key())).collect())
+        Ok(query.scan(mirror.range(query.first_map_key())).collect())
     }
 
     fn watch(&self) -> BoxStream<'static, Event> {
