@@ -46,16 +46,6 @@ pub enum Ads {
     H2,
 }
 
-impl Ads {
-    /// Its value on the command line.
-    pub fn flag(self) -> &'static str {
-        match self {
-            Ads::Tonic => "tonic",
-            Ads::H2 => "h2",
-        }
-    }
-}
-
 /// Answers every `Get` with the same payload; a `Publish` becomes the response every ADS
 /// stream is sent next.
 #[derive(Debug, Clone)]

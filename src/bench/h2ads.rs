@@ -120,8 +120,7 @@ fn ads_requests(body: RecvStream) -> impl Stream<Item = ()> + Send {
     futures::stream::unfold(
         (body, BytesMut::new(), Vec::new()),
         |(mut body, mut partial, mut messages)| async move {
-            let chunk = body.data().await?.ok()?;
-            let _ = body.flow_control().release_capacity(chunk.len());
+            let chunk = h2streams::next_chunk(&mut body).await?.ok()?;
             h2streams::split_messages(&mut partial, chunk, &mut messages).ok()?;
             for message in messages.drain(..) {
                 DiscoveryRequest::decode(message).ok()?;
@@ -138,10 +137,8 @@ async fn publish(
     publisher: Arc<watch::Sender<Latest>>,
 ) -> anyhow::Result<()> {
     let (mut partial, mut messages) = (BytesMut::new(), Vec::new());
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        h2streams::split_messages(&mut partial, chunk, &mut messages)?;
+    while let Some(chunk) = h2streams::next_chunk(&mut body).await {
+        h2streams::split_messages(&mut partial, chunk?, &mut messages)?;
     }
     let request = proto::PublishMetadataRequest::decode(
         messages.pop().context("a Publish without a message")?,

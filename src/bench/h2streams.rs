@@ -259,7 +259,7 @@ impl Opened {
 
 /// The next chunk of `recv`'s body, the flow-control capacity it took given back; `None` at
 /// the body's end.
-async fn next_chunk(recv: &mut RecvStream) -> Option<Result<Bytes, h2::Error>> {
+pub(super) async fn next_chunk(recv: &mut RecvStream) -> Option<Result<Bytes, h2::Error>> {
     let chunk = recv.data().await?;
     if let Ok(chunk) = &chunk {
         let _ = recv.flow_control().release_capacity(chunk.len());

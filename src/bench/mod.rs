@@ -357,11 +357,11 @@ pub async fn run(args: BenchArgs, out: &mut impl std::io::Write) -> anyhow::Resu
 
 fn fanout_chart(report: &Report) -> String {
     let mut series = Vec::new();
-    for (server, name, colour) in [
-        (Server::Ours, "pixiu-metadata", "#1f77b4"),
-        (Server::Echo, "bare tonic ADS", "#7f7f7f"),
-        (Server::H2Ads, "bare h2 ADS", "#2ca02c"),
-        (Server::Etcd, "etcd watch", "#d62728"),
+    for (server, colour) in [
+        (Server::Ours, "#1f77b4"),
+        (Server::Echo, "#7f7f7f"),
+        (Server::H2Ads, "#2ca02c"),
+        (Server::Etcd, "#d62728"),
     ] {
         for (dashed, what, pick) in [
             (
@@ -382,7 +382,7 @@ fn fanout_chart(report: &Report) -> String {
                 .filter_map(|r| pick(&r.figures).map(|us| (r.concurrency as f64, us / 1000.0)))
                 .collect();
             series.push(svg::Series {
-                label: format!("{name} {what}"),
+                label: format!("{} {what}", server.ads_label()),
                 colour,
                 dashed,
                 points,

@@ -116,7 +116,12 @@ pub async fn echo(
             "--payload-bytes",
         ])
         .arg(payload_bytes.to_string())
-        .args(["--ads", ads.flag()]);
+        .arg("--ads")
+        .arg(
+            clap::ValueEnum::to_possible_value(&ads)
+                .expect("every variant is a value")
+                .get_name(),
+        );
     let started = Instant::now();
     let (child, lines) = spawn(command, log)?;
     let mut process = from_lines(child, lines, super::echo::LISTENING, None, log).await?;
