@@ -52,9 +52,6 @@ pub enum Error {
     /// Reflection could not load the descriptor sets.
     #[error("building server reflection")]
     Reflection(#[source] tonic_reflection::server::Error),
-    /// The gRPC transport failed.
-    #[error("serving gRPC")]
-    Transport(#[source] tonic::transport::Error),
     /// The TLS, token, policy or admin token settings could not be loaded.
     #[error("loading the security settings")]
     Security(#[source] security::Error),
@@ -326,18 +323,7 @@ async fn serve_on(
     // Only the services that take published values say what bounds one.
     let value_hint =
         tower::util::MapResponseLayer::new(security::value_size_hint(config.api.max_value_bytes));
-    let router = limits
-        .apply(tonic::transport::Server::builder())
-        // Before any service: a header list too large for the limit is RESOURCE_EXHAUSTED.
-        .layer(tower::filter::FilterLayer::new(
-            security::header_list_limit(limits.max_header_list_bytes),
-        ))
-        // tonic reports a request it could not read as INTERNAL (bad bytes) or OUT_OF_RANGE
-        // (over the size limit); our contract is INVALID_ARGUMENT and RESOURCE_EXHAUSTED.
-        .layer(tower::util::MapResponseLayer::new(
-            security::request_error_status,
-        ))
-        .add_service(value_hint.named_layer(api.metadata_service()))
+    let routes = tonic::service::Routes::new(value_hint.named_layer(api.metadata_service()))
         .add_service(value_hint.named_layer(api.definition_service()))
         .add_service(api.mapping_service())
         .add_service(value_hint.named_layer(api.upstream_mapping_service()))
@@ -347,7 +333,19 @@ async fn serve_on(
         .add_service(csds.into_service())
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(reflection_v1alpha)
+        .prepare();
+    let service = tower::ServiceBuilder::new()
+        // Before any service: a header list too large for the limit is RESOURCE_EXHAUSTED.
+        .layer(tower::filter::FilterLayer::new(
+            security::header_list_limit(limits.max_header_list_bytes),
+        ))
+        // tonic reports a request it could not read as INTERNAL (bad bytes) or OUT_OF_RANGE
+        // (over the size limit); our contract is INVALID_ARGUMENT and RESOURCE_EXHAUSTED.
+        .layer(tower::util::MapResponseLayer::new(
+            security::request_error_status,
+        ))
+        .service(routes);
     let reload_interval = config
         .security
         .tls_reload_interval
@@ -379,16 +377,12 @@ async fn serve_on(
                     Arc::new(HandshakeMetrics(metrics.clone())),
                     shutdown.clone(),
                 );
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
-                    .await
+                transport::driven::serve(incoming, service, limits.http2(), shutdown.clone()).await;
             }
             None => {
                 let incoming =
                     security::tls::incoming_plain(grpc, limits.accept(), shutdown.clone());
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
-                    .await
+                transport::driven::serve(incoming, service, limits.http2(), shutdown.clone()).await;
             }
         }
     };
@@ -400,7 +394,7 @@ async fn serve_on(
         tokio::time::sleep(drain_timeout).await;
     };
     let result = tokio::select! {
-        result = serving => result.map_err(Error::Transport),
+        () = serving => Ok(()),
         () = drained => {
             tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
             Ok(())
