@@ -52,6 +52,9 @@ pub enum Error {
     /// Reflection could not load the descriptor sets.
     #[error("building server reflection")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The gRPC transport failed.
+    #[error("serving gRPC")]
+    Transport(#[source] tonic::transport::Error),
     /// The TLS, token, policy or admin token settings could not be loaded.
     #[error("loading the security settings")]
     Security(#[source] security::Error),
@@ -323,19 +326,8 @@ async fn serve_on(
     // Only the services that take published values say what bounds one.
     let value_hint =
         tower::util::MapResponseLayer::new(security::value_size_hint(config.api.max_value_bytes));
-    let routes = tonic::service::Routes::new(value_hint.named_layer(api.metadata_service()))
-        .add_service(value_hint.named_layer(api.definition_service()))
-        .add_service(api.mapping_service())
-        .add_service(value_hint.named_layer(api.upstream_mapping_service()))
-        .add_service(ads.into_service())
-        .add_service(ecds.into_service())
-        .add_service(value_hint.named_layer(api.upstream_metadata_service()))
-        .add_service(csds.into_service())
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .prepare();
-    let service = tower::ServiceBuilder::new()
+    let router = limits
+        .apply(tonic::transport::Server::builder())
         // Before any service: a header list too large for the limit is RESOURCE_EXHAUSTED.
         .layer(tower::filter::FilterLayer::new(
             security::header_list_limit(limits.max_header_list_bytes),
@@ -345,7 +337,17 @@ async fn serve_on(
         .layer(tower::util::MapResponseLayer::new(
             security::request_error_status,
         ))
-        .service(routes);
+        .add_service(value_hint.named_layer(api.metadata_service()))
+        .add_service(value_hint.named_layer(api.definition_service()))
+        .add_service(api.mapping_service())
+        .add_service(value_hint.named_layer(api.upstream_mapping_service()))
+        .add_service(ads.into_service())
+        .add_service(ecds.into_service())
+        .add_service(value_hint.named_layer(api.upstream_metadata_service()))
+        .add_service(csds.into_service())
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let reload_interval = config
         .security
         .tls_reload_interval
@@ -377,12 +379,16 @@ async fn serve_on(
                     Arc::new(HandshakeMetrics(metrics.clone())),
                     shutdown.clone(),
                 );
-                transport::driven::serve(incoming, service, limits.http2(), shutdown.clone()).await;
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                    .await
             }
             None => {
                 let incoming =
                     security::tls::incoming_plain(grpc, limits.accept(), shutdown.clone());
-                transport::driven::serve(incoming, service, limits.http2(), shutdown.clone()).await;
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                    .await
             }
         }
     };
@@ -394,7 +400,7 @@ async fn serve_on(
         tokio::time::sleep(drain_timeout).await;
     };
     let result = tokio::select! {
-        () = serving => Ok(()),
+        result = serving => result.map_err(Error::Transport),
         () = drained => {
             tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
             Ok(())

@@ -1,16 +1,16 @@
 //! Fewer, larger socket writes: a connection's flush waits for one turn of the scheduler.
 //!
-//! When a snapshot changes, the streams it concerns queue their responses with their HTTP/2
-//! connections, and the HTTP/2 layer writes a DATA frame of more than 256 bytes as a system
-//! call of its own; without help a connection writes one response per system call: 10,000
-//! streams over 100 connections cost 10,000 loopback writes, each paying for the TCP stack and
-//! for waking the reader. (A connection's streams run in its own task, [`driven`], so the
-//! responses of one change reach the HTTP/2 layer in one turn of that task.)
+//! When a snapshot changes, every subscribed stream's task is woken at once, and each one
+//! hands its response to its HTTP/2 connection, waking the connection's task. Tokio runs a
+//! task woken by the running one next, and the HTTP/2 layer writes a DATA frame of more than
+//! 256 bytes as a system call of its own; without help a connection writes one response per
+//! system call: 10,000 streams over 100 connections cost 10,000 loopback writes, each paying
+//! for the TCP stack and for waking the reader.
 //!
 //! [`Batched`] takes the connection's writes into a buffer of its own, and the first flush
 //! after new bytes arrived waits for one turn: it asks to be polled again and answers
 //! `Pending`, so the connection's task goes to the back of the run queue, behind the other
-//! tasks woken by the same change. When it runs again, it takes what its streams queued
+//! streams woken by the same change. When it runs again, it takes what those streams queued
 //! in the meantime, and once a turn brought nothing new (or the buffer holds
 //! [`HIGH_WATER`] bytes) it writes everything in one system call.
 //!
@@ -21,8 +21,6 @@
 //! write of the HTTP/2 layer; then the writes wait for the socket, as they did before.
 //! Bytes held when the object is dropped without a flush or a shutdown are lost: the TLS
 //! acceptor shuts down a connection whose handshake failed, so that its alert still leaves.
-
-pub mod driven;
 
 use std::{
     io,

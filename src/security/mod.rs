@@ -128,20 +128,22 @@ impl Limits {
         }
     }
 
-    /// The HTTP/2 settings and deadlines of the gRPC port's connections.
-    pub fn http2(&self) -> crate::transport::driven::Http2 {
-        crate::transport::driven::Http2 {
-            max_concurrent_streams: self.max_concurrent_streams_per_connection,
-            max_header_list_size: self
-                .max_header_list_bytes
-                .saturating_mul(HTTP2_HEADER_LIST_FACTOR),
-            keepalive: Some(crate::transport::driven::KeepAlive {
-                interval: self.http2_keepalive_interval,
-                timeout: self.http2_keepalive_timeout,
-            }),
-            max_connection_age: self.max_connection_age,
-            max_connection_age_grace: self.max_connection_age_grace,
-            ..Default::default()
+    /// Applies the HTTP/2 limits to a tonic server builder.
+    pub fn apply<L>(&self, builder: tonic::transport::Server<L>) -> tonic::transport::Server<L> {
+        let builder = builder
+            .max_concurrent_streams(self.max_concurrent_streams_per_connection)
+            .http2_keepalive_interval(Some(self.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(self.http2_keepalive_timeout))
+            .http2_max_header_list_size(
+                self.max_header_list_bytes
+                    .saturating_mul(HTTP2_HEADER_LIST_FACTOR),
+            )
+            .tcp_keepalive(Some(Duration::from_secs(60)));
+        match self.max_connection_age {
+            Some(age) => builder
+                .max_connection_age(age)
+                .max_connection_age_grace(self.max_connection_age_grace),
+            None => builder,
         }
     }
 }

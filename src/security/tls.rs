@@ -8,9 +8,8 @@
 //!
 //! [`incoming_tls`] accepts TCP connections and runs each TLS handshake in its own task with a
 //! deadline, so one slow handshake never holds up the accept loop, and yields the finished
-//! `TlsStream`s to the gRPC port's server (`transport::driven::serve`). tonic's `Connected`
-//! impl for `TlsStream`, whose connect info that server puts into every request's extensions,
-//! carries the verified peer certificate chain
+//! `TlsStream`s to tonic's `serve_with_incoming`. tonic's `Connected` impl for `TlsStream`
+//! puts the verified peer certificate chain into every request's extensions
 //! (`TlsConnectInfo`), where [`super::identity`] reads the SPIFFE ID.
 
 use std::{
@@ -366,7 +365,7 @@ pub trait AcceptObserver: Send + Sync + 'static {
 }
 
 /// A stream of accepted plaintext connections, each guarded by the handshake and idle
-/// timeouts and with its writes batched ([`Batched`]), for the gRPC port's server.
+/// timeouts and with its writes batched ([`Batched`]), for tonic's `serve_with_incoming`.
 pub fn incoming_plain(
     listener: TcpListener,
     limits: AcceptLimits,
@@ -390,7 +389,8 @@ pub fn incoming_plain(
     ReceiverStream::new(rx)
 }
 
-/// A stream of connections that finished their TLS handshake, for the gRPC port's server.
+/// A stream of connections that finished their TLS handshake, for tonic's
+/// `serve_with_incoming`.
 pub fn incoming_tls(
     listener: TcpListener,
     tls: ReloadingTls,
