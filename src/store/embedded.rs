@@ -1004,7 +1004,8 @@ struct Overlay<'a> {
     index: &'a RwLock<Index>,
     /// `None`: deleted in this batch.
     records: HashMap<Key, Option<(Arc<str>, u64)>>,
-    counts: HashMap<(Kind, String), isize>,
+    /// This batch's change of each namespace's record count, by kind.
+    counts: HashMap<String, [isize; Kind::ALL.len()]>,
 }
 
 impl Overlay<'_> {
@@ -1024,17 +1025,17 @@ impl Overlay<'_> {
         let stored = self.index.read().names.count(key.kind, &key.namespace);
         let delta = self
             .counts
-            .get(&(key.kind, key.namespace.clone()))
-            .copied()
-            .unwrap_or(0);
+            .get(key.namespace.as_str())
+            .map_or(0, |deltas| deltas[key.kind as usize]);
         stored.saturating_add_signed(delta)
     }
 
     fn add(&mut self, key: &Key, delta: isize) {
-        *self
-            .counts
-            .entry((key.kind, key.namespace.clone()))
-            .or_default() += delta;
+        let deltas = match self.counts.get_mut(key.namespace.as_str()) {
+            Some(deltas) => deltas,
+            None => self.counts.entry(key.namespace.clone()).or_default(),
+        };
+        deltas[key.kind as usize] += delta;
     }
 }
 
@@ -1936,6 +1937,48 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), usize::MAX).unwrap();
         let refreshed = store.put(&a, "value a2", at(4_000)).await.unwrap();
         assert_eq!(refreshed, PutOutcome::Refreshed { revision: 6 });
+    }
+
+    /// Puts that arrive together share a batch: each creation in it counts against its
+    /// namespace and kind for the ones after it, before any of them is in the index.
+    #[tokio::test]
+    async fn creations_in_one_batch_count_against_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), 20).unwrap();
+        let puts = (0..50).flat_map(|i| {
+            let store = &store;
+            [
+                Key::metadata("ns", "a", &i.to_string()),
+                Key::definition("ns", &format!("svc{i}")),
+                Key::metadata("other", "a", &i.to_string()),
+            ]
+            .map(|key| async move {
+                (
+                    key.namespace.clone(),
+                    key.kind,
+                    store.put(&key, "v", at(1)).await,
+                )
+            })
+        });
+        let mut created: HashMap<(String, Kind), usize> = HashMap::new();
+        for (namespace, kind, outcome) in futures::future::join_all(puts).await {
+            match outcome {
+                Ok(_) => *created.entry((namespace, kind)).or_default() += 1,
+                Err(Error::NamespaceFull { limit: 20, .. }) => {}
+                Err(error) => panic!("{error:?}"),
+            }
+        }
+        assert_eq!(created.len(), 3, "{created:?}");
+        assert!(created.values().all(|n| *n == 20), "{created:?}");
+        // A deletion sent ahead of a creation (most often in the same batch) makes room.
+        let (old, new) = (
+            Key::metadata("ns", "a", "0"),
+            Key::metadata("ns", "a", "new"),
+        );
+        let (deleted, created) =
+            tokio::join!(store.delete(&old, None), store.put(&new, "v", at(2)));
+        assert!(deleted.unwrap());
+        created.unwrap();
     }
 
     #[tokio::test]
