@@ -978,6 +978,7 @@ impl Bench {
             streams,
             rss_before,
             samples: Vec::new(),
+            publish_max_us: 0,
             missing: 0,
             server_cpu: 0.0,
             generator_cpu: 0.0,
@@ -1032,6 +1033,7 @@ impl Bench {
                     _ => None,
                 },
                 store_watch_resets,
+                publish_max_us: Some(run.publish_max_us as f64),
                 errors: missing + failed,
                 first_error: (missing + failed > 0)
                     .then(|| format!("{missing} deliveries missing, {failed} streams ended")),
@@ -1247,6 +1249,8 @@ struct FanoutRun {
     streams: fanout::Streams,
     rss_before: Option<u64>,
     samples: Vec<u64>,
+    /// The slowest publish's acknowledgement so far, in microseconds from its start.
+    publish_max_us: u64,
     missing: u64,
     server_cpu: f64,
     generator_cpu: f64,
@@ -1260,6 +1264,8 @@ impl FanoutRun {
         let generator0 = procfs::cpu_seconds("self")?;
         let t0 = Instant::now();
         self.publish.publish(payload(payload_bytes, update)).await?;
+        let acknowledged = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.publish_max_us = self.publish_max_us.max(acknowledged);
         let result = self
             .streams
             .collect(update, t0, Duration::from_secs(60))

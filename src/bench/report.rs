@@ -69,6 +69,11 @@ pub struct Figures {
     /// its `/metrics`; read when the server stops, so every case it served shares the figure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_watch_resets: Option<u64>,
+    /// Fan-out: the slowest acknowledgement of an update's publish (ours: durable), in
+    /// microseconds from its start. Every delivery waits for the publish to commit, so an
+    /// update whose deliveries all came late because its commit did shows here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_max_us: Option<f64>,
     /// Failed operations, or streams that missed an update.
     pub errors: u64,
     /// The first failure, if any.
@@ -425,6 +430,26 @@ pub fn markdown(report: &Report) -> String {
             resets.join(", ")
         ));
     }
+    let publishes: Vec<String> = report
+        .rows
+        .iter()
+        .filter_map(|row| {
+            let max = row.figures.publish_max_us?;
+            Some(format!(
+                "{} {} {:.2} ms",
+                row.case,
+                row.server.label(),
+                max / 1000.0
+            ))
+        })
+        .collect();
+    if !publishes.is_empty() {
+        out.push_str(&format!(
+            "\nThe slowest publish of a fan-out update, start to acknowledgement (the deliveries \
+             of that update waited for it): {}.\n",
+            publishes.join(", ")
+        ));
+    }
     out.push_str("\n| scenario | case | vs | figure | ours / peer | better when |\n|---|---|---|---|--:|---|\n");
     for r in &report.ratios {
         out.push_str(&format!(
@@ -578,6 +603,38 @@ mod tests {
         echo.connections = 3;
         let rows = vec![row("get", "hot", Server::Ours, thr(900.0, 10.0)), echo];
         assert!(ratios(&rows).is_empty());
+    }
+
+    #[test]
+    fn markdown_names_the_slowest_publish_of_each_fanout_run() {
+        let fanout = Figures {
+            publish_max_us: Some(695_700.0),
+            ..Figures::default()
+        };
+        let rows = vec![
+            row("fanout", "sotw-20x5", Server::Ours, fanout),
+            row("fanout", "unrelated-20x5", Server::Ours, Figures::default()),
+        ];
+        let ratios = ratios(&rows);
+        let report = Report {
+            environment: serde_json::json!({}),
+            scenarios: vec!["fanout".into()],
+            goals: goals(&rows, &ratios),
+            rows,
+            ratios,
+        };
+        let text = markdown(&report);
+        assert!(
+            text.contains("acknowledgement (the deliveries of that update waited for it): sotw-20x5 pixiu-metadata 695.70 ms."),
+            "{text}"
+        );
+        // Without the figure, no line.
+        let mut report = report;
+        report.rows[0].figures.publish_max_us = None;
+        assert!(!markdown(&report).contains("acknowledgement"));
+        // The JSON has it only where it was measured.
+        let json = serde_json::to_value(&report.rows[1]).unwrap();
+        assert!(json["figures"].get("publish_max_us").is_none());
     }
 
     #[test]
