@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use smallvec::SmallVec;
 
 use crate::{
     status::{Nack, Notice, TypeStatus},
@@ -159,20 +160,22 @@ impl Quirks {
     }
 }
 
-/// What one step of a state machine produced.
+/// What one step of a state machine produced. A step of a stream's one type (the ACK of a
+/// response, the push of a change) has one response or one notice: those are held inline,
+/// so the step of every stream woken by a change allocates no vector.
 #[derive(Debug)]
 pub struct Step<R> {
     /// Responses to send, in order.
-    pub responses: Vec<R>,
+    pub responses: SmallVec<[R; 1]>,
     /// ACKs, NACKs and stale nonces seen.
-    pub notices: Vec<Notice>,
+    pub notices: SmallVec<[Notice; 1]>,
 }
 
 impl<R> Default for Step<R> {
     fn default() -> Self {
         Self {
-            responses: Vec::new(),
-            notices: Vec::new(),
+            responses: SmallVec::new(),
+            notices: SmallVec::new(),
         }
     }
 }
@@ -197,7 +200,15 @@ impl Nonces {
 
     pub(crate) fn next(&mut self) -> Nonce {
         self.n_issued += 1;
-        Nonce::from(format!("{}-{}", self.prefix, self.n_issued))
+        // Written on the stack, then one allocation for the nonce itself: a push to 10,000
+        // streams makes 10,000 of them.
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(self.n_issued);
+        let mut nonce = SmallVec::<[u8; 64]>::new();
+        nonce.extend_from_slice(self.prefix.as_bytes());
+        nonce.push(b'-');
+        nonce.extend_from_slice(n.as_bytes());
+        Nonce::new(std::str::from_utf8(&nonce).expect("a string, a dash and digits"))
     }
 }
 
@@ -265,5 +276,21 @@ pub(crate) fn read_response_nonce(
                 version,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_are_the_prefix_a_dash_and_a_count_from_one() {
+        let mut nonces = Nonces::new("3f".into());
+        let issued: Vec<Nonce> = (0..12).map(|_| nonces.next()).collect();
+        assert_eq!(issued[0].as_str(), "3f-1");
+        assert_eq!(issued[11].as_str(), "3f-12");
+        let mut nonces = Nonces::new("ffffffffffffffff".into());
+        nonces.n_issued = u64::MAX - 1;
+        assert_eq!(nonces.next().as_str(), "ffffffffffffffff-18446744073709551615");
     }
 }

@@ -5,6 +5,8 @@
 
 use std::{borrow::Borrow, fmt, sync::Arc};
 
+use smallvec::SmallVec;
+
 macro_rules! string_newtype {
     ($(#[$meta:meta])* $name:ident) => {
         $(#[$meta])*
@@ -149,14 +151,39 @@ impl Version {
     /// Used for State-of-the-World `version_info`: the same resources give the same label on
     /// every replica.
     pub fn of_set<'a>(items: impl IntoIterator<Item = (&'a ResourceName, &'a Version)>) -> Self {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        // The hash of the names and versions, each followed by a zero byte. A set that fits
+        // the stack buffer (every stream subscribed to a few resources) is hashed in one call:
+        // a streaming hasher copies its secret and clears its buffer first, per stream and
+        // push. A larger one streams, from what the buffer holds on. Both give the same hash.
+        const INLINE: usize = 512;
+        let mut buffer = SmallVec::<[u8; INLINE]>::new();
+        let mut hasher: Option<xxhash_rust::xxh3::Xxh3> = None;
         for (name, version) in items {
-            hasher.update(name.as_str().as_bytes());
-            hasher.update(&[0]);
-            hasher.update(version.as_str().as_bytes());
-            hasher.update(&[0]);
+            for part in [name.as_str().as_bytes(), version.as_str().as_bytes()] {
+                match &mut hasher {
+                    Some(hasher) => {
+                        hasher.update(part);
+                        hasher.update(&[0]);
+                    }
+                    None if buffer.len() + part.len() < INLINE => {
+                        buffer.extend_from_slice(part);
+                        buffer.push(0);
+                    }
+                    None => {
+                        let mut streaming = xxhash_rust::xxh3::Xxh3::new();
+                        streaming.update(&buffer);
+                        streaming.update(part);
+                        streaming.update(&[0]);
+                        hasher = Some(streaming);
+                    }
+                }
+            }
         }
-        Self::of_hash(hasher.digest128())
+        let hash = match hasher {
+            Some(hasher) => hasher.digest128(),
+            None => xxhash_rust::xxh3::xxh3_128(&buffer),
+        };
+        Self::of_hash(hash)
     }
 
     /// A hash as 32 lowercase hex digits, most significant first (as `{:032x}` writes it).
