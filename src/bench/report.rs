@@ -605,6 +605,18 @@ mod tests {
         assert!(ratios(&rows).is_empty());
     }
 
+    /// A report of `rows` of one scenario, with their ratios and goals.
+    fn report_of(scenario: &str, rows: Vec<Row>) -> Report {
+        let ratios = ratios(&rows);
+        Report {
+            environment: serde_json::json!({}),
+            scenarios: vec![scenario.into()],
+            goals: goals(&rows, &ratios),
+            rows,
+            ratios,
+        }
+    }
+
     #[test]
     fn markdown_names_the_slowest_publish_of_each_fanout_run() {
         let fanout = Figures {
@@ -615,14 +627,7 @@ mod tests {
             row("fanout", "sotw-20x5", Server::Ours, fanout),
             row("fanout", "unrelated-20x5", Server::Ours, Figures::default()),
         ];
-        let ratios = ratios(&rows);
-        let report = Report {
-            environment: serde_json::json!({}),
-            scenarios: vec!["fanout".into()],
-            goals: goals(&rows, &ratios),
-            rows,
-            ratios,
-        };
+        let report = report_of("fanout", rows);
         let text = markdown(&report);
         assert!(
             text.contains("acknowledgement (the deliveries of that update waited for it): sotw-20x5 pixiu-metadata 695.70 ms."),
@@ -639,15 +644,10 @@ mod tests {
 
     #[test]
     fn markdown_has_a_line_per_row_and_goal() {
-        let rows = vec![row("get", "hot", Server::Ours, thr(900.0, 10.0))];
-        let ratios = ratios(&rows);
-        let report = Report {
-            environment: serde_json::json!({}),
-            scenarios: vec!["get".into()],
-            goals: goals(&rows, &ratios),
-            rows,
-            ratios,
-        };
+        let report = report_of(
+            "get",
+            vec![row("get", "hot", Server::Ours, thr(900.0, 10.0))],
+        );
         let text = markdown(&report);
         assert!(text.contains("| get | hot | pixiu-metadata | 8 | 2 | 900 |"));
         // Nothing to compare with: every goal is unmeasured, in both columns.

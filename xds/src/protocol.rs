@@ -291,6 +291,9 @@ mod tests {
         assert_eq!(issued[11].as_str(), "3f-12");
         let mut nonces = Nonces::new("ffffffffffffffff".into());
         nonces.n_issued = u64::MAX - 1;
-        assert_eq!(nonces.next().as_str(), "ffffffffffffffff-18446744073709551615");
+        assert_eq!(
+            nonces.next().as_str(),
+            "ffffffffffffffff-18446744073709551615"
+        );
     }
 }
