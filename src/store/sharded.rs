@@ -5,14 +5,18 @@
 //! doubling, under the lock every read and write of the store waits for. [`ShardedMap`]
 //! keeps [`SHARDS`] tables and picks one by the key's hash, so a table that doubles holds a
 //! sixty-fourth of the entries and the pause shrinks with it. Lookups cost one hash, as in a
-//! single table; an ordered map avoids the pause too, but each lookup in it compares keys down
-//! a tree of nodes, and a random `get` measured slower.
+//! single table: the shard and the bucket come from the same hash, the tables being
+//! `hashbrown`'s `HashTable`s, which take a hash computed outside. An ordered map avoids the
+//! pause too, but each lookup in it compares keys down a tree of nodes, and a random `get`
+//! measured slower.
 
 use std::{
     borrow::Borrow,
-    collections::{HashMap, hash_map::RandomState},
+    collections::hash_map::RandomState,
     hash::{BuildHasher, Hash},
 };
+
+use hashbrown::{HashTable, hash_table::Entry};
 
 /// How many tables a [`ShardedMap`] keeps.
 pub const SHARDS: usize = 64;
@@ -21,22 +25,25 @@ pub const SHARDS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ShardedMap<K, V> {
     hasher: RandomState,
-    shards: Box<[HashMap<K, V>]>,
+    shards: Box<[HashTable<(K, V)>]>,
 }
 
 impl<K, V> Default for ShardedMap<K, V> {
     fn default() -> Self {
         Self {
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
         }
     }
 }
 
 impl<K: Hash + Eq, V> ShardedMap<K, V> {
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
-        // The tables hash with keys of their own, so this hash says nothing of their buckets.
-        (self.hasher.hash_one(key) % SHARDS as u64) as usize
+    /// The key's one hash, and the shard it picks. The shard comes from bits 40 to 45, which
+    /// a table reads neither for its bucket (the low bits) nor for its control byte (the top
+    /// seven): within a shard the hashes stay as spread as in one table.
+    fn locate<Q: Hash + ?Sized>(&self, key: &Q) -> (u64, usize) {
+        let hash = self.hasher.hash_one(key);
+        (hash, ((hash >> 40) % SHARDS as u64) as usize)
     }
 
     /// The value under `key`.
@@ -45,7 +52,10 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.shards[self.shard(key)].get(key)
+        let (hash, shard) = self.locate(key);
+        self.shards[shard]
+            .find(hash, |(k, _)| k.borrow() == key)
+            .map(|(_, v)| v)
     }
 
     /// The value under `key`, to change.
@@ -54,14 +64,24 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let shard = self.shard(key);
-        self.shards[shard].get_mut(key)
+        let (hash, shard) = self.locate(key);
+        self.shards[shard]
+            .find_mut(hash, |(k, _)| k.borrow() == key)
+            .map(|(_, v)| v)
     }
 
-    /// Puts `value` under `key`, returning the value it replaced.
+    /// Puts `value` under `key`, returning the value it replaced (the stored key stays, as
+    /// `HashMap::insert` keeps it).
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        let shard = self.shard(&key);
-        self.shards[shard].insert(key, value)
+        let (hash, shard) = self.locate(&key);
+        let hasher = &self.hasher;
+        match self.shards[shard].entry(hash, |(k, _)| *k == key, |(k, _)| hasher.hash_one(k)) {
+            Entry::Occupied(mut entry) => Some(std::mem::replace(&mut entry.get_mut().1, value)),
+            Entry::Vacant(entry) => {
+                entry.insert((key, value));
+                None
+            }
+        }
     }
 
     /// Takes the value under `key` out.
@@ -70,33 +90,38 @@ impl<K: Hash + Eq, V> ShardedMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let shard = self.shard(key);
-        self.shards[shard].remove(key)
+        let (hash, shard) = self.locate(key);
+        let entry = self.shards[shard].find_entry(hash, |(k, _)| k.borrow() == key);
+        entry.ok().map(|entry| entry.remove().0.1)
     }
 
     /// How many entries it holds.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
+        self.shards.iter().map(HashTable::len).sum()
     }
 
     /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(HashMap::is_empty)
+        self.shards.iter().all(HashTable::is_empty)
     }
 
     /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.shards.iter().flat_map(HashMap::iter)
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.iter().map(|(k, v)| (k, v)))
     }
 
     /// Removes every entry; the shards keep their capacity.
     pub fn clear(&mut self) {
-        self.shards.iter_mut().for_each(HashMap::clear);
+        self.shards.iter_mut().for_each(HashTable::clear);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -160,7 +185,7 @@ mod tests {
         }
         assert!(map.shards.iter().all(|shard| !shard.is_empty()));
         assert!(
-            map.shards.iter().map(HashMap::len).max().unwrap() < 2 * 10_000 / SHARDS,
+            map.shards.iter().map(HashTable::len).max().unwrap() < 2 * 10_000 / SHARDS,
             "no shard holds twice its share"
         );
         assert_eq!(map.get(&77), Some(&()));
