@@ -2,15 +2,13 @@
 //! that creates a record checks its namespace's limit in one lookup instead of walking the
 //! namespace's keys under the store's lock. Pure.
 
-use std::collections::HashMap;
-
-use super::Key;
+use super::{ByNamespace, Key};
 use crate::model::Kind;
 
 /// Per namespace, the number of records of each kind. A namespace with none is not held.
 #[derive(Debug, Default)]
 pub(crate) struct NamespaceCounts {
-    namespaces: HashMap<String, [usize; Kind::ALL.len()]>,
+    namespaces: ByNamespace<[usize; Kind::ALL.len()]>,
 }
 
 impl NamespaceCounts {
@@ -23,11 +21,9 @@ impl NamespaceCounts {
 
     /// `key` became a record.
     pub(crate) fn add(&mut self, key: &Key) {
-        let counts = match self.namespaces.get_mut(key.namespace.as_str()) {
-            Some(counts) => counts,
-            None => self.namespaces.entry(key.namespace.clone()).or_default(),
-        };
-        counts[key.kind as usize] += 1;
+        self.namespaces
+            .entry_ref(key.namespace.as_str())
+            .or_default()[key.kind as usize] += 1;
     }
 
     /// `key` stopped being a record. It must have been added: a count never goes below zero.

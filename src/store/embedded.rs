@@ -86,8 +86,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store, WATCH_BUFFER,
-    checkpoint::Checkpoints, epoch_ms, journal, ordered::OrderedNames, sharded::ShardedMap,
+    ByNamespace, Error, Event, Key, Kind, ListQuery, PutOutcome, Record, Result, Store,
+    WATCH_BUFFER, checkpoint::Checkpoints, epoch_ms, journal, ordered::OrderedNames,
+    sharded::ShardedMap,
 };
 
 /// The data file's name inside the data directory.
@@ -1005,7 +1006,7 @@ struct Overlay<'a> {
     /// `None`: deleted in this batch.
     records: HashMap<Key, Option<(Arc<str>, u64)>>,
     /// This batch's change of each namespace's record count, by kind.
-    counts: HashMap<String, [isize; Kind::ALL.len()]>,
+    counts: ByNamespace<[isize; Kind::ALL.len()]>,
 }
 
 impl Overlay<'_> {
@@ -1031,11 +1032,7 @@ impl Overlay<'_> {
     }
 
     fn add(&mut self, key: &Key, delta: isize) {
-        let deltas = match self.counts.get_mut(key.namespace.as_str()) {
-            Some(deltas) => deltas,
-            None => self.counts.entry(key.namespace.clone()).or_default(),
-        };
-        deltas[key.kind as usize] += delta;
+        self.counts.entry_ref(key.namespace.as_str()).or_default()[key.kind as usize] += delta;
     }
 }
 
@@ -1148,7 +1145,7 @@ impl Writer {
         let mut overlay = Overlay {
             index: &self.index,
             records: HashMap::new(),
-            counts: HashMap::new(),
+            counts: ByNamespace::default(),
         };
         let mut revision = self.index.read().revision;
         for op in batch {

@@ -50,6 +50,10 @@ pub struct Record {
 /// mirrors hold it, which order it as [`Key`] is ordered.
 pub(crate) type MapKey = (Kind, String, String);
 
+/// A map by namespace whose entries are found and made from a borrowed name
+/// (`entry_ref(namespace).or_default()`): only a namespace new to the map has its name copied.
+pub(crate) type ByNamespace<T> = hashbrown::HashMap<String, T, std::hash::RandomState>;
+
 /// `key` as a [`MapKey`].
 pub(crate) fn map_key(key: &Key) -> MapKey {
     (key.kind, key.namespace.clone(), key.name.clone())

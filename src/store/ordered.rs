@@ -9,28 +9,24 @@
 //! with one set of shared keys (`docs/benchmarks.md`). The size of a set is the namespace's
 //! record count, which the store checks against its limit.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    ops::Bound,
-};
+use std::{collections::BTreeSet, ops::Bound};
 
-use super::{Key, ListQuery};
+use super::{ByNamespace, Key, ListQuery};
 use crate::model::Kind;
 
 /// Per namespace, the names of each kind, in order.
 #[derive(Debug, Default)]
 pub struct OrderedNames {
-    namespaces: HashMap<String, [BTreeSet<Box<str>>; Kind::ALL.len()]>,
+    namespaces: ByNamespace<[BTreeSet<Box<str>>; Kind::ALL.len()]>,
 }
 
 impl OrderedNames {
     /// Adds `key`; false when it was there.
     pub fn insert(&mut self, key: &Key) -> bool {
-        let sets = match self.namespaces.get_mut(key.namespace.as_str()) {
-            Some(sets) => sets,
-            None => self.namespaces.entry(key.namespace.clone()).or_default(),
-        };
-        sets[key.kind as usize].insert(key.name.as_str().into())
+        self.namespaces
+            .entry_ref(key.namespace.as_str())
+            .or_default()[key.kind as usize]
+            .insert(key.name.as_str().into())
     }
 
     /// Removes `key`; false when it was not there.
